@@ -1,0 +1,95 @@
+"""The Python API; the CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from onnxcomp import data as datasets
+from onnxcomp import model_io, recipe
+from onnxcomp.errors import BudgetExceeded, InputError
+from onnxcomp.manager import PassManager
+from onnxcomp.pass_base import Pass, PassContext
+from onnxcomp.report import Report
+from onnxcomp.validate import Validation, validate
+
+DEFAULT_PASSES = "fuse-bn,cleanup"
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    return model_io.load(path)
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
+    return model_io.save(model, path, source=source)
+
+
+def resolve_passes(passes: str | list[Pass] | None = None, recipe_file: str | os.PathLike | None = None) -> list[Pass]:
+    """A pass list from a recipe string, a TOML recipe file, or configured Pass objects."""
+    if passes is not None and recipe_file is not None:
+        raise InputError("give either passes or a recipe file, not both")
+    if recipe_file is not None:
+        return recipe.load_toml(recipe_file)
+    if passes is None:
+        return recipe.parse(DEFAULT_PASSES)
+    if isinstance(passes, str):
+        return recipe.parse(passes)
+    return list(passes)
+
+
+def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass] | None = None, *,
+             recipe_file: str | os.PathLike | None = None, data=None, calib_data=None, preprocess=None,
+             output: str | os.PathLike | None = None, validate_result: bool = True, providers=("cpu",),
+             limit: int | None = None, latency_runs: int = 50, optimization: str = "all",
+             seed: int = 0) -> tuple[onnx.ModelProto, Report]:
+    """Run passes over a model, optionally save it, and validate it against the original.
+
+    `model` is a path or a ModelProto (never modified). `data` is evaluation data and `calib_data` calibration
+    data for the passes that need it (paths, arrays or Datasets; see onnxcomp.data). Returns the optimized
+    model and its report.
+    """
+    source = None if isinstance(model, onnx.ModelProto) else str(model)
+    original = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
+    pipeline = resolve_passes(passes, recipe_file)
+    if output is not None and source is not None:
+        model_io.check_output_path(source, output)
+    ctx = PassContext(seed=seed, provider=providers[0] if providers else "cpu")
+    if calib_data is not None:
+        ctx.calibration_data = datasets.open_data(calib_data, original, preprocess=preprocess, seed=seed)
+    evaluation = None
+    if validate_result and data is not None:
+        evaluation = datasets.open_data(data, original, preprocess=preprocess, limit=limit, seed=seed)
+    optimized, records = PassManager(pipeline).run(original, ctx)
+    if output is not None:
+        model_io.save(optimized, output, source=source)
+    report = Report(model=source or "(in memory)", output=None if output is None else str(output), passes=records)
+    if validate_result:
+        report.validation = validate(source or original, str(output) if output is not None else optimized,
+                                     evaluation, providers=providers, latency_runs=latency_runs,
+                                     optimization=optimization)
+    return optimized, report
+
+
+def check_budgets(result: Validation, *, max_accuracy_drop: float | None = None,
+                  max_latency_ratio: float | None = None) -> None:
+    """Raise BudgetExceeded when the measured result breaks a limit the user set."""
+    if max_accuracy_drop is not None:
+        if result.random_data:
+            raise InputError("--max-accuracy-drop needs real data (--data); random inputs measure no accuracy")
+        drop = result.accuracy_drop
+        if drop is None:
+            raise InputError("--max-accuracy-drop: the model's outputs are not class scores, so no accuracy "
+                             "or agreement could be measured")
+        if drop > max_accuracy_drop:
+            kind = "top-1 accuracy" if result.labelled else "agreement with the original"
+            raise BudgetExceeded(f"{kind} dropped {drop:.2f} points, over the budget of {max_accuracy_drop} "
+                                 "(--max-accuracy-drop)")
+    if max_latency_ratio is not None:
+        ratio = result.latency_ratio
+        if ratio is None:
+            raise InputError("--max-latency-ratio: latency was not measured")
+        if ratio > max_latency_ratio:
+            raise BudgetExceeded(f"latency ratio {ratio:.2f} is over the budget of {max_latency_ratio} "
+                                 "(--max-latency-ratio)")

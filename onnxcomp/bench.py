@@ -1,0 +1,47 @@
+"""Latency at batch 1: warm-up, then many timed runs; quantiles, not means, because machines are noisy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    runs: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *,
+                        runs: int = 50, warmup: int = 5) -> list[Latency]:
+    """Time each session on the same feed, alternating between them run by run.
+
+    Alternating spreads background noise (other processes, frequency changes) evenly over the models
+    being compared, so their ratio is fairer than timing one model after the other.
+    """
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
+    for current in sessions:
+        for _ in range(warmup):
+            current.run(None, feed)
+    timings = [[] for _ in sessions]
+    for _ in range(runs):
+        for index, current in enumerate(sessions):
+            started = time.perf_counter()
+            current.run(None, feed)
+            timings[index].append((time.perf_counter() - started) * 1000)
+    return [_summary(t) for t in timings]
+
+
+def _summary(milliseconds: list[float]) -> Latency:
+    values = np.asarray(milliseconds)
+    return Latency(float(np.median(values)), float(np.percentile(values, 90)), float(np.percentile(values, 99)),
+                   len(values))

@@ -1,0 +1,157 @@
+"""Command line: a thin layer over onnxcomp.api. Errors become one line and an exit status, not a traceback.
+
+Exit status: 0 success, 1 a budget (--max-accuracy-drop, --max-latency-ratio) was exceeded, 2 bad input or
+usage, 3 an internal check failed (a bug: please report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from onnxcomp import api, inspection, model_io, registry
+from onnxcomp.errors import InputError, OnnxcompError
+from onnxcomp.report import Report
+from onnxcomp.validate import validate
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxcomp", description="Optimize ONNX models for ONNX Runtime and measure the cost.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    optimize = commands.add_parser("optimize", help="run passes over a model, save it, validate it")
+    optimize.add_argument("model", help="input .onnx model (never modified)")
+    which = optimize.add_mutually_exclusive_group()
+    which.add_argument("--passes", help=f"comma-separated passes with options, e.g. "
+                                        f"'fuse-bn,cleanup' (default: {api.DEFAULT_PASSES}); see `onnxcomp passes`")
+    which.add_argument("--recipe", help="TOML recipe file with [[pass]] tables")
+    optimize.add_argument("-o", "--output", help="output model (default: MODEL.opt.onnx beside the input)")
+    optimize.add_argument("--calib-data", help="calibration data for the passes that need it "
+                                               "(.npz, .npy, image folder, or 'random')")
+    optimize.add_argument("--no-validate", action="store_true", help="skip validation against the original")
+    _add_validation_options(optimize)
+
+    check = commands.add_parser("validate", help="compare a candidate model with a reference model")
+    check.add_argument("reference", help="the original model")
+    check.add_argument("candidate", help="the optimized model")
+    _add_validation_options(check)
+
+    show = commands.add_parser("inspect", help="opset, interface, operators, parameters and weights of a model")
+    show.add_argument("model")
+    show.add_argument("--top", type=int, default=20, help="how many of the largest weights to list")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    commands.add_parser("passes", help="list the available passes")
+    return parser
+
+
+def _add_validation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="evaluation data: .npz/.npy (arrays named after the inputs, optional "
+                                       "'labels') or an image folder; without it, random inputs")
+    parser.add_argument("--preprocess", help="image preprocessing, e.g. "
+                                             "'resize=256,crop=224,scale=1/255,mean=0.485|0.456|0.406,"
+                                             "std=0.229|0.224|0.225,layout=NCHW'")
+    parser.add_argument("--providers", default="cpu", help="execution providers to validate on: cpu, cuda")
+    parser.add_argument("--limit", type=int, help="use at most this many samples")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs for latency at batch 1 (default 50)")
+    parser.add_argument("--ort-opt", default="all", choices=["disable", "basic", "extended", "all"],
+                        help="ONNX Runtime graph optimization level for validation (default all)")
+    parser.add_argument("--report", help="write the report as JSON to this file")
+    parser.add_argument("--max-accuracy-drop", type=float,
+                        help="exit 1 when top-1 (or agreement, without labels) drops more points than this")
+    parser.add_argument("--max-latency-ratio", type=float,
+                        help="exit 1 when new/original median latency exceeds this")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except OnnxcompError as exc:
+        print(f"onnxcomp: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxcomp: interrupted", file=sys.stderr)
+        return 130
+
+
+def _optimize(args) -> int:
+    output = args.output or str(_default_output(Path(args.model)))
+    _check_validation_args(args)
+    _, report = api.optimize(args.model, args.passes, recipe_file=args.recipe, data=args.data,
+                             calib_data=args.calib_data, preprocess=args.preprocess, output=output,
+                             validate_result=not args.no_validate, providers=_providers(args), limit=args.limit,
+                             latency_runs=args.runs, optimization=args.ort_opt)
+    return _finish(report, args)
+
+
+def _validate(args) -> int:
+    _check_validation_args(args)
+    result = validate(args.reference, args.candidate, args.data, preprocess=args.preprocess,
+                      providers=_providers(args), limit=args.limit, latency_runs=args.runs,
+                      optimization=args.ort_opt)
+    return _finish(Report(model=args.reference, output=args.candidate, validation=result), args)
+
+
+def _finish(report: Report, args) -> int:
+    print(report.render())
+    if args.report:
+        model_io.save_text(report.to_json(), args.report)
+    if report.validation is not None:
+        api.check_budgets(report.validation, max_accuracy_drop=args.max_accuracy_drop,
+                          max_latency_ratio=args.max_latency_ratio)
+    return 0
+
+
+def _inspect(args) -> int:
+    summary = inspection.summarize(model_io.load(args.model))
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(f"{args.model}: {model_io.file_size(args.model):,} bytes on disk")
+        print(summary.render(top=args.top))
+    return 0
+
+
+def _passes(args) -> int:
+    passes = registry.available()
+    width = max(len(name) for name in passes)
+    for name, cls in passes.items():
+        print(f"{name:{width}s}  {cls.summary}")
+    return 0
+
+
+def _providers(args) -> list[str]:
+    from onnxcomp.runtime import parse_providers
+
+    return parse_providers(args.providers)
+
+
+def _check_validation_args(args) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise InputError("--limit must be at least 1")
+    if args.runs < 0:
+        raise InputError("--runs must be 0 (no latency) or more")
+    if (args.max_latency_ratio is not None and args.runs == 0) or getattr(args, "no_validate", False) and (
+            args.max_accuracy_drop is not None or args.max_latency_ratio is not None):
+        raise InputError("budgets need validation with latency runs; drop --no-validate / --runs 0")
+
+
+def _default_output(model: Path) -> Path:
+    return model.with_name(model.stem + ".opt.onnx")
+
+
+_COMMANDS = {"optimize": _optimize, "validate": _validate, "inspect": _inspect, "passes": _passes}
+
+if __name__ == "__main__":
+    sys.exit(main())

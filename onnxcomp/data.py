@@ -1,0 +1,353 @@
+"""Evaluation and calibration data: `.npz` / `.npy` files, folders of images, arrays in memory, or random.
+
+A `Dataset` yields feed dictionaries `{input name: batch}` that match the model's inputs in name, shape and
+dtype; every mismatch is found when the data is opened, not in the middle of a run. Image folders are read
+batch by batch, so memory does not grow with the number of images.
+
+Image folders: labels come from a `labels.csv` (columns `file,class_index`) in the folder, or from one
+sub-folder per class (sorted names → 0, 1, …); otherwise there are no labels. A `.npz` holds one array per
+model input, named as the input (a single-input model also accepts a file with one array of images under any
+name), and optionally `labels`.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from onnxcomp.errors import InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+LABEL_KEYS = ("labels", "label", "targets")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, numpy dtype and shape (ints, or strings / None for free dimensions)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The real inputs of a model (graph inputs that are not initializers)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in tensor_type.shape.dim)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model input: resize the shorter side, centre-crop, (x·scale − mean) / std, layout.
+
+    Text form: `resize=256,crop=224,scale=0.003921569,mean=0.485|0.456|0.406,std=0.229|0.224|0.225,layout=NCHW`.
+    `channels=BGR` reverses the colour order; `channels=L` makes grey images.
+    """
+
+    resize: int | None = None
+    crop: int | None = None
+    scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: str = "NCHW"
+    channels: str = "RGB"
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Preprocess":
+        if not text:
+            return cls()
+        values: dict = {}
+        for item in (part.strip() for part in text.split(",") if part.strip()):
+            key, equals, raw = item.partition("=")
+            key = key.strip().lower()
+            try:
+                if not equals:
+                    raise ValueError
+                if key in ("resize", "crop"):
+                    values[key] = int(raw)
+                elif key == "scale":
+                    values[key] = _number(raw)
+                elif key in ("mean", "std"):
+                    values[key] = tuple(_number(v) for v in raw.split("|"))
+                elif key == "layout":
+                    if raw.upper() not in ("NCHW", "NHWC"):
+                        raise ValueError
+                    values[key] = raw.upper()
+                elif key == "channels":
+                    if raw.upper() not in ("RGB", "BGR", "L"):
+                        raise ValueError
+                    values[key] = raw.upper()
+                else:
+                    raise InputError(f"preprocess option '{key}' is unknown; valid: resize, crop, scale, mean, "
+                                     "std, layout, channels")
+            except (ValueError, ZeroDivisionError):
+                raise InputError(f"preprocess item '{item}' is not valid; example: resize=256,crop=224,"
+                                 "scale=1/255,mean=0.485|0.456|0.406,std=0.229|0.224|0.225,layout=NCHW") from None
+        return cls(**values)
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """[N, H, W, C] (or [N, H, W]) pixels → float32 batch in the model's layout."""
+        x = images.astype(np.float32)
+        if x.ndim == 3:
+            x = x[..., None]
+        if self.channels == "BGR":
+            x = x[..., ::-1]
+        x = (x * self.scale - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        if self.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def load_image(self, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if self.channels == "L" else "RGB")
+                if self.resize:
+                    width, height = image.size
+                    ratio = self.resize / min(width, height)
+                    image = image.resize((max(1, round(width * ratio)), max(1, round(height * ratio))),
+                                         Image.BILINEAR)
+                if self.crop:
+                    width, height = image.size
+                    if width < self.crop or height < self.crop:
+                        raise InputError(f"{path}: image {width}x{height} is smaller than crop={self.crop}; "
+                                         "add resize= to the preprocessing")
+                    left, top = (width - self.crop) // 2, (height - self.crop) // 2
+                    image = image.crop((left, top, left + self.crop, top + self.crop))
+                return np.asarray(image)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read image ({exc})") from None
+
+
+@dataclass
+class Dataset:
+    """Samples for a model: a function giving the feed for a range of sample indices, and optional labels."""
+
+    source: str
+    num_samples: int
+    inputs: list[InputSpec]
+    _take: object = field(repr=False)  # (start, stop) -> {name: array}
+    labels: np.ndarray | None = None
+    is_random: bool = False
+
+    def batch(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return self._take(start, stop)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(first sample index, feed) for consecutive batches covering every sample."""
+        for start in range(0, self.num_samples, batch_size):
+            yield start, self.batch(start, min(start + batch_size, self.num_samples))
+
+
+def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | None = None,
+              limit: int | None = None, seed: int = 0) -> Dataset:
+    """Open `source` (path, `random`, dict of arrays, or Dataset) as samples for `model`."""
+    inputs = model_inputs(model)
+    if isinstance(preprocess, str) or preprocess is None:
+        preprocess = Preprocess.parse(preprocess) if preprocess else None
+    if isinstance(source, Dataset):
+        dataset = source
+    elif isinstance(source, dict):
+        dataset = _from_arrays("arrays", dict(source), inputs, preprocess)
+    elif str(source) == "random":
+        dataset = random_data(model, seed=seed)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"{path}: data not found; give an .npz/.npy file or a folder of images")
+        if path.is_dir():
+            dataset = _from_image_folder(path, inputs, preprocess)
+        elif path.suffix == ".npz":
+            dataset = _from_arrays(str(path), _read_npz(path), inputs, preprocess)
+        elif path.suffix == ".npy":
+            dataset = _from_arrays(str(path), {inputs[0].name if inputs else "input": _read_npy(path)},
+                                   inputs, preprocess)
+        else:
+            raise InputError(f"{path}: unknown data format; use .npz, .npy or a folder of images")
+    if dataset.num_samples == 0:
+        raise InputError(f"{dataset.source}: holds no samples")
+    if limit is not None and limit < dataset.num_samples:
+        dataset = Dataset(dataset.source, limit, dataset.inputs, dataset._take,
+                          None if dataset.labels is None else dataset.labels[:limit], dataset.is_random)
+    return dataset
+
+
+def random_data(model: onnx.ModelProto, *, samples: int = 32, seed: int = 0) -> Dataset:
+    """Random inputs of the model's shapes (free dimensions become 1): for agreement checks only."""
+    inputs = model_inputs(model)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in inputs:
+        per_sample = tuple(d if isinstance(d, int) else 1 for d in spec.shape[1:])
+        if np.issubdtype(spec.dtype, np.floating):
+            arrays[spec.name] = rng.standard_normal((samples,) + per_sample).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            arrays[spec.name] = rng.integers(0, 2, (samples,) + per_sample).astype(np.bool_)
+        else:
+            arrays[spec.name] = rng.integers(0, 10, (samples,) + per_sample).astype(spec.dtype)
+    dataset = _from_arrays("random", arrays, inputs, None)
+    dataset.is_random = True
+    return dataset
+
+
+def _from_arrays(source: str, arrays: dict[str, np.ndarray], inputs: list[InputSpec],
+                 preprocess: Preprocess | None) -> Dataset:
+    labels = None
+    for key in LABEL_KEYS:
+        if key in arrays:
+            labels = arrays.pop(key)
+            break
+    feeds = {}
+    names = [spec.name for spec in inputs]
+    if len(inputs) == 1 and names[0] not in arrays:
+        candidates = [k for k, v in arrays.items() if v.dtype.kind in "biuf" and v.ndim >= 2]
+        if len(candidates) == 1:
+            arrays = {names[0]: arrays[candidates[0]]}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise InputError(f"{source}: has arrays [{', '.join(arrays) or 'none'}] but the model's inputs are "
+                         f"[{', '.join(names)}]; name the arrays after the inputs")
+    for spec in inputs:
+        array = arrays[spec.name]
+        if preprocess is not None and array.ndim in (3, 4) and len(spec.shape) == 4:
+            array = preprocess.apply(array)
+        feeds[spec.name] = _check_array(source, spec, array)
+    counts = {len(a) for a in feeds.values()}
+    if len(counts) > 1:
+        raise InputError(f"{source}: input arrays have different numbers of samples: "
+                         + ", ".join(f"{k}={len(v)}" for k, v in feeds.items()))
+    count = counts.pop() if counts else 0
+    labels = _check_labels(source, labels, count)
+    return Dataset(source, count, inputs, lambda a, b: {k: v[a:b] for k, v in feeds.items()}, labels)
+
+
+def _check_array(source: str, spec: InputSpec, array: np.ndarray) -> np.ndarray:
+    expected = "[" + ", ".join(str(d) if d is not None else "?" for d in spec.shape) + "]"
+    if array.ndim != len(spec.shape):
+        raise InputError(f"{source}: array for input '{spec.name}' has shape {list(array.shape)}, the model expects "
+                         f"{expected} (the first axis counts samples)")
+    for axis, (want, got) in enumerate(zip(spec.shape[1:], array.shape[1:]), start=1):
+        if isinstance(want, int) and want != got:
+            raise InputError(f"{source}: array for input '{spec.name}' has shape {list(array.shape)}, the model "
+                             f"expects {expected}: axis {axis} is {got}, not {want}")
+    if array.dtype == spec.dtype:
+        return array
+    lossless = np.can_cast(array.dtype, spec.dtype, "safe") or (
+        array.dtype.kind in "biu" and spec.dtype.kind == "f") or (
+        array.dtype.kind == "f" and spec.dtype.kind == "f")
+    if not lossless:
+        raise InputError(f"{source}: array for input '{spec.name}' is {array.dtype}, the model expects "
+                         f"{spec.dtype}; convert the data")
+    return array.astype(spec.dtype)
+
+
+def _check_labels(source: str, labels, count: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.ndim == 2:  # one-hot
+        labels = labels.argmax(axis=1)
+    if labels.ndim != 1 or len(labels) != count or labels.dtype.kind not in "biu":
+        raise InputError(f"{source}: labels must be {count} integer class indices, got {labels.dtype} "
+                         f"shape {list(labels.shape)}")
+    return labels.astype(np.int64)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npy file ({exc})") from None
+
+
+def _from_image_folder(folder: Path, inputs: list[InputSpec], preprocess: Preprocess | None) -> Dataset:
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise InputError(f"{folder}: image folders feed models with one 4-D image input; this model has "
+                         f"inputs {[s.name for s in inputs]}")
+    spec = inputs[0]
+    preprocess = preprocess or _default_preprocess(spec)
+    files, labels = _list_images(folder)
+    if not files:
+        raise InputError(f"{folder}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+
+    def take(start: int, stop: int) -> dict[str, np.ndarray]:
+        images = np.stack([preprocess.load_image(p) for p in files[start:stop]])
+        return {spec.name: _check_array(str(folder), spec, preprocess.apply(images))}
+
+    take(0, 1)  # fail now, not mid-run, when the preprocessing does not fit the model
+    return Dataset(f"{folder} ({len(files)} images)", len(files), inputs, take,
+                   _check_labels(str(folder), labels, len(files)) if labels is not None else None)
+
+
+def _default_preprocess(spec: InputSpec) -> Preprocess:
+    """Resize and crop to the model's spatial size, scale to [0, 1], layout from where the channels are."""
+    layout = "NHWC" if spec.shape[-1] in (1, 3) and spec.shape[1] not in (1, 3) else "NCHW"
+    size = spec.shape[2] if layout == "NCHW" else spec.shape[1]
+    channels = spec.shape[1] if layout == "NCHW" else spec.shape[-1]
+    size = size if isinstance(size, int) else None
+    return Preprocess(resize=size, crop=size, layout=layout, channels="L" if channels == 1 else "RGB")
+
+
+def _list_images(folder: Path) -> tuple[list[Path], np.ndarray | None]:
+    label_file = folder / "labels.csv"
+    if label_file.exists():
+        files, labels = [], []
+        with label_file.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        if rows and (len(rows[0]) < 2 or not rows[0][1].strip().isdigit()):
+            rows = rows[1:]  # a header such as file,class_index
+        for row in rows:
+            if len(row) < 2:
+                raise InputError(f"{label_file}: each row needs file,class_index; got {row}")
+            try:
+                labels.append(int(row[1]))
+            except ValueError:
+                raise InputError(f"{label_file}: class index '{row[1]}' is not an integer") from None
+            files.append(folder / row[0])
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise InputError(f"{label_file}: lists {len(missing)} missing image(s), e.g. {missing[0]}")
+        return files, np.asarray(labels, dtype=np.int64)
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if class_dirs:
+        files, labels = [], []
+        for index, class_dir in enumerate(class_dirs):
+            for image in sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                files.append(image)
+                labels.append(index)
+        return files, np.asarray(labels, dtype=np.int64)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), None
+
+
+def _number(text: str) -> float:
+    if "/" in text:
+        numerator, denominator = text.split("/", 1)
+        return float(numerator) / float(denominator)
+    return float(text)

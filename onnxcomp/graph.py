@@ -1,0 +1,100 @@
+"""Small helpers over onnx-graphsurgeon graphs.
+
+graphsurgeon names edges from the tensor's point of view: `tensor.inputs` are the nodes that produce it and
+`tensor.outputs` the nodes that consume it. These helpers say what they mean instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.logger import G_LOGGER
+
+G_LOGGER.severity = G_LOGGER.ERROR  # graphsurgeon's warnings are about its own optional colour output
+
+
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph` keeping the model-level fields of `template` that graphsurgeon does not carry."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = template.ir_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    del model.functions[:]
+    model.functions.extend(template.functions)
+    return model
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that computes `tensor`, or None for graph inputs and initializers."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    """The nodes that read `tensor`."""
+    return list(tensor.outputs)
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(tensor is out for out in graph.outputs)
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a tensor known before inference: an initializer or the output of a Constant node.
+
+    Returns None when the value depends on inputs. Weights live in Constant nodes in some exporters (Paddle).
+    """
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is None or node.op != "Constant" or not is_standard(node):
+        return None
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        return np.asarray(value.values if isinstance(value, gs.Constant) else numpy_helper.to_array(value))
+    if "value_float" in attrs:
+        return np.array(attrs["value_float"], dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(attrs["value_floats"], dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"], dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(attrs["value_ints"], dtype=np.int64)
+    return None  # sparse_value and string values are not weights we rewrite
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """A tensor or node name not yet used in `graph`, derived from `base`."""
+    taken = set(graph.tensors().keys())
+    taken.update(node.name for node in graph.nodes)
+    if base not in taken:
+        return base
+    for index in itertools.count(1):
+        candidate = f"{base}_{index}"
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def make_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
+    """A new initializer with a fresh name; never reuses a tensor another node may share."""
+    return gs.Constant(unique_name(graph, base), np.ascontiguousarray(values))
+
+
+def is_standard(node: gs.Node) -> bool:
+    """True for operators of the default ONNX domain."""
+    return node.domain in (None, "", "ai.onnx")
+
+
+def weight_initializers(graph: gs.Graph) -> dict[str, gs.Constant]:
+    """Initializers (gs.Constant tensors) of the main graph by name."""
+    return {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}

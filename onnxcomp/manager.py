@@ -1,0 +1,80 @@
+"""PassManager: runs configured passes in order on a copy of a model and records what each did."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import onnx
+
+from onnxcomp import graph as graphs
+from onnxcomp.pass_base import Pass, PassContext, PassResult, PostconditionError
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    stats: dict = field(default_factory=dict)
+    automatic: bool = False  # run by the manager (final cleanup), not asked for by the user
+
+
+class PassManager:
+    """Run passes in order: requires → run → ensures, then clean up, sort and check the model.
+
+    The input model is never modified. After the last pass, `cleanup` runs once more if any pass changed the
+    graph and the pipeline did not already end with it.
+    """
+
+    def __init__(self, passes: list[Pass], *, final_cleanup: bool = True, check: bool = True):
+        self.passes = list(passes)
+        self.final_cleanup = final_cleanup
+        self.check = check
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
+        ctx = ctx or PassContext()
+        working = onnx.ModelProto()
+        working.CopyFrom(model)
+        graph = graphs.import_model(working)
+        records: list[PassRecord] = []
+        pipeline = list(self.passes)
+        any_modified = False
+        index = 0
+        while index < len(pipeline):
+            current = pipeline[index]
+            record = self._run_one(current, graph, ctx)
+            record.automatic = index >= len(self.passes)
+            records.append(record)
+            any_modified |= record.modified
+            if record.modified and self.check:
+                _check(graphs.export_model(graph, model), current.name)
+            index += 1
+            if (index == len(self.passes) and self.final_cleanup and any_modified
+                    and current.name != "cleanup"):
+                from onnxcomp.registry import get
+
+                pipeline.append(get("cleanup")())
+        return graphs.export_model(graph, model), records
+
+    @staticmethod
+    def _run_one(current: Pass, graph, ctx: PassContext) -> PassRecord:
+        started = time.perf_counter()
+        current.requires(graph, ctx)
+        result = current.run(graph, ctx)
+        if not isinstance(result, PassResult):
+            raise PostconditionError(f"pass '{current.name}' returned {type(result).__name__}, not PassResult")
+        if result.modified:
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        current.ensures(graph, ctx)
+        seconds = time.perf_counter() - started
+        ctx.log.info("%s: %s in %.3f s %s", current.name, "modified" if result.modified else "no change",
+                     seconds, result.stats)
+        return PassRecord(current.name, result.modified, seconds, dict(result.stats))
+
+
+def _check(model: onnx.ModelProto, pass_name: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise PostconditionError(f"pass '{pass_name}' produced an invalid model: {str(exc).splitlines()[0]}") from None

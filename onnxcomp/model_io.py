@@ -1,0 +1,195 @@
+"""All file-system access for models: loading (with external data) and atomic saving.
+
+Nothing else in onnxcomp opens model files. Loading refuses external-data locations that escape the model's
+folder, so a downloaded model cannot make us read arbitrary files. Saving writes to temporary files in the
+destination folder and renames them into place, so a crash never leaves a half-written model, and it refuses
+to write over the model it was loaded from.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnxcomp.errors import InputError
+
+# Protobuf refuses to serialize messages of 2 GiB or more; stay clear of it with a margin for the graph itself.
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX model and its external data; raise InputError with a clear message when it cannot."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the path to the ONNX model")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected an .onnx model file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)}); is the file complete?") from None
+    if not model.graph.node and not model.graph.output:
+        # protobuf happily decodes many non-ONNX byte strings into an empty message
+        raise InputError(f"{path}: not an ONNX model (no graph found); pass an .onnx file")
+    locations = external_data_locations(model)
+    base = path.resolve().parent
+    for location in locations:
+        _check_external_location(path, base, location)
+    if locations:
+        try:
+            onnx.load_external_data_for_model(model, str(base))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
+    return model
+
+
+def external_data_locations(model: onnx.ModelProto) -> list[str]:
+    """The distinct external-data file names a model refers to, in order of first use."""
+    seen: dict[str, None] = {}
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    seen.setdefault(entry.value, None)
+    return list(seen)
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None,
+         external_data: bool | None = None) -> Path:
+    """Write `model` to `path` atomically and return the path.
+
+    `source` is the file the model was read from: writing over it (or over its external data) is refused.
+    `external_data=None` stores weights in `<name>.data` beside the model only when the model would exceed the
+    protobuf limit; True or False forces the choice.
+    """
+    path = Path(path)
+    check_output_path(source, path)
+    folder = path.resolve().parent
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        _write_atomically(path, model.SerializeToString())
+        return path
+
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".onnxcomp-") as staging:
+        staged_model = Path(staging) / path.name
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(staged_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        staged_data = Path(staging) / data_name
+        # Data first: a reader that sees the new model file also sees its data.
+        if staged_data.exists():
+            os.replace(staged_data, folder / data_name)
+        os.replace(staged_model, path)
+    return path
+
+
+def check_output_path(source: str | os.PathLike | None, output: str | os.PathLike) -> None:
+    """Refuse an output path that is a folder, lies in a missing folder, or is the input model or its data."""
+    output = Path(output)
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; give the output as a file name such as model.opt.onnx")
+    if not output.resolve().parent.is_dir():
+        raise InputError(f"{output.parent}: output folder does not exist; create it first")
+    if source is not None:
+        _refuse_overwrite(Path(source), output)
+
+
+def save_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a report or other text file atomically."""
+    path = Path(path)
+    if path.is_dir() or not path.resolve().parent.is_dir():
+        raise InputError(f"{path}: cannot write here; give a file name in an existing folder")
+    _write_atomically(path, text.encode("utf-8"))
+    return path
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus the external-data files it refers to."""
+    path = Path(path)
+    total = path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    for location in external_data_locations(model):
+        total += (path.resolve().parent / location).stat().st_size
+    return total
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor payload held in the model (initializers and Constant values, subgraphs included)."""
+    total = 0
+    for tensor in _all_tensors(model):
+        if tensor.HasField("raw_data"):
+            total += len(tensor.raw_data)
+        else:
+            count = 1
+            for dim in tensor.dims:
+                count *= dim
+            total += count * max(1, onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+    return total
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def _check_external_location(model_path: Path, base: Path, location: str) -> None:
+    problem = None
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        problem = "is an absolute path"
+    elif ".." in Path(location.replace("\\", "/")).parts:
+        problem = "goes up out of the model's folder"
+    else:
+        resolved = (base / location).resolve()
+        if resolved != base and base not in resolved.parents:
+            problem = "resolves (through a link) outside the model's folder"
+    if problem:
+        raise InputError(
+            f"{model_path}: external data location '{location}' {problem}; refusing to read it. "
+            "Keep external data files next to the model and refer to them by plain file name")
+
+
+def _refuse_overwrite(source: Path, target: Path) -> None:
+    if not source.exists():
+        return
+    protected = [source]
+    try:
+        source_model = onnx.load(str(source), load_external_data=False)
+        protected += [source.resolve().parent / loc for loc in external_data_locations(source_model)]
+    except Exception:  # noqa: BLE001 - an unreadable source still protects its own path
+        pass
+    candidates = [target, target.resolve().parent / (target.name + ".data")]
+    for existing in protected:
+        for candidate in candidates:
+            if candidate.exists() and os.path.samefile(existing, candidate):
+                raise InputError(
+                    f"{target}: is the input model (or its data); onnxcomp never writes over its input. "
+                    "Choose another output path with -o")
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    folder = path.resolve().parent
+    fd, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

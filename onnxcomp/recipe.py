@@ -1,0 +1,76 @@
+"""Recipes: which passes to run, with which options.
+
+On the command line: `fuse-bn,prune:sparsity=0.5,granularity=tensor,share:bits=5`. A comma starts a new pass,
+unless the next item is `key=value`, which adds an option to the pass before it. List options separate their
+items with `|`.
+
+In a TOML file, a list of tables:
+
+    [[pass]]
+    name = "fuse-bn"
+
+    [[pass]]
+    name = "prune"
+    sparsity = 0.5
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from onnxcomp import registry
+from onnxcomp.errors import InputError
+from onnxcomp.pass_base import Pass
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def parse(text: str) -> list[Pass]:
+    """Turn `name[:key=value[,key=value]][,name...]` into configured passes."""
+    specs: list[tuple[str, dict[str, str]]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, first_option = item.partition(":")
+        if "=" in name:  # `key=value` continues the previous pass's options
+            if not specs:
+                raise InputError(f"recipe '{text}': option '{item}' comes before any pass name")
+            key, _, value = item.partition("=")
+            specs[-1][1][key.strip()] = value.strip()
+            continue
+        options: dict[str, str] = {}
+        if first_option:
+            key, equals, value = first_option.partition("=")
+            if not equals:
+                raise InputError(f"recipe '{text}': option '{first_option}' of '{name}' needs the form key=value")
+            options[key.strip()] = value.strip()
+        specs.append((name.strip(), options))
+    if not specs:
+        raise InputError("the recipe names no pass; see `onnxcomp passes` for the list")
+    return [registry.get(name).from_options(options) for name, options in specs]
+
+
+def load_toml(path: str | Path) -> list[Pass]:
+    """Read a TOML recipe file (see the module docstring)."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: recipe file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a valid TOML recipe ({exc})") from None
+    entries = document.get("pass")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{path}: a recipe needs one or more [[pass]] tables, each with a name")
+    passes = []
+    for position, entry in enumerate(entries, start=1):
+        options = dict(entry)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise InputError(f"{path}: [[pass]] number {position} has no name")
+        passes.append(registry.get(name).from_options(options))
+    return passes

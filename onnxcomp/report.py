@@ -1,0 +1,107 @@
+"""One report per run: the passes with their stats and timing, and the validation; as text or JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from onnxcomp.manager import PassRecord
+from onnxcomp.validate import Validation
+
+
+@dataclass
+class Report:
+    model: str
+    output: str | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+    validation: Validation | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "output": self.output,
+            "passes": [asdict(record) for record in self.passes],
+            "validation": self.validation.to_dict() if self.validation else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(_finite(self.to_dict()), indent=2)
+
+    def render(self) -> str:
+        lines = []
+        if self.passes:
+            lines.append(f"passes on {self.model}" + (f" → {self.output}" if self.output else ""))
+            rows = [("pass", "changed", "time", "stats")]
+            for record in self.passes:
+                stats = ", ".join(f"{k}={_short(v)}" for k, v in record.stats.items() if v not in (0, "", None))
+                name = record.name + (" (auto)" if record.automatic else "")
+                rows.append((name, "yes" if record.modified else "no", f"{record.seconds * 1000:.0f} ms",
+                             stats or "-"))
+            lines += _table(rows)
+        if self.validation:
+            lines += ([""] if lines else []) + render_validation(self.validation)
+        return "\n".join(lines)
+
+
+def render_validation(result: Validation) -> list[str]:
+    lines = [f"validation on {result.data_source}"]
+    rows = [("provider", "samples", "top-1 ref", "top-1 new", "agreement", "max |err|", "cosine", "SQNR dB",
+             "latency ref", "latency new", "ratio")]
+    for p in result.providers:
+        first = p.outputs[0]
+        rows.append((p.provider, str(p.samples), _pct(p.reference_accuracy), _pct(p.candidate_accuracy),
+                     _pct(p.agreement), f"{first.max_abs_error:.3g}", f"{first.cosine:.6f}", _db(first.sqnr_db),
+                     _ms(p.reference_latency), _ms(p.candidate_latency),
+                     f"{p.latency_ratio:.2f}x" if p.latency_ratio else "-"))
+    lines += _table(rows)
+    extra_outputs = [(p.provider, o) for p in result.providers for o in p.outputs[1:]]
+    for provider, output in extra_outputs:
+        lines.append(f"  {provider} output {output.name}: max |err| {output.max_abs_error:.3g}, "
+                     f"cosine {output.cosine:.6f}, SQNR {_db(output.sqnr_db)} dB")
+    lines.append(f"size: {_bytes(result.reference_bytes)} → {_bytes(result.candidate_bytes)} "
+                 f"({result.size_ratio:.3f}x)")
+    lines += [f"note: {note}" for note in result.notes]
+    return lines
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def _ms(latency) -> str:
+    return "-" if latency is None else f"{latency.median_ms:.3f} ms"
+
+
+def _db(value: float) -> str:
+    return "inf" if math.isinf(value) and value > 0 else f"{value:.1f}"
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _finite(value):
+    """JSON has no infinity: write it as the string "inf" (SQNR of identical outputs)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,50 @@
+"""ONNX Runtime sessions per execution provider, with a clear error when a provider is missing."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+
+from onnxcomp.errors import InputError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def parse_providers(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    names = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    for name in names:
+        if name not in PROVIDERS:
+            raise InputError(f"unknown execution provider '{name}'; valid: {', '.join(PROVIDERS)}")
+    return names or ["cpu"]
+
+
+def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: str = "all",
+            threads: int | None = None) -> ort.InferenceSession:
+    """An inference session on exactly the provider asked for; never a silent fallback to the CPU."""
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise InputError(f"unknown ORT optimization level '{optimization}'; valid: {', '.join(OPTIMIZATION_LEVELS)}")
+    provider_name = PROVIDERS[provider]
+    if provider_name not in ort.get_available_providers():
+        raise InputError(
+            f"onnxruntime {ort.__version__} has no {provider.upper()} execution provider; "
+            "install the GPU build: pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model if isinstance(model, str) else model.SerializeToString()
+    try:
+        created = ort.InferenceSession(source, options, providers=[provider_name])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a model it rejects
+        raise InputError(f"onnxruntime cannot load the model on {provider}: {str(exc).splitlines()[0]}") from None
+    if created.get_providers()[0] != provider_name:
+        raise InputError(f"onnxruntime could not start the {provider.upper()} execution provider (no GPU, or "
+                         "CUDA / cuDNN libraries missing); see onnxruntime's CUDA requirements")
+    return created

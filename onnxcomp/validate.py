@@ -1,0 +1,212 @@
+"""Reference vs candidate under ONNX Runtime: accuracy, agreement, numerical error, latency and size.
+
+Both models see the same samples on each execution provider. Errors are accumulated batch by batch, so memory
+does not grow with the data set. Accuracy is measured only against labels; without labels, agreement (same
+top-1 class as the reference) is reported instead; with random inputs, only agreement and error are meaningful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxcomp import data as datasets
+from onnxcomp import model_io, runtime
+from onnxcomp.bench import Latency, interleaved_latency
+from onnxcomp.errors import InputError
+
+
+@dataclass
+class OutputError:
+    name: str
+    max_abs_error: float
+    mean_abs_error: float
+    max_abs_reference: float
+    cosine: float
+    sqnr_db: float  # 10·log10(Σ ref² / Σ (ref − cand)²); inf when identical
+
+
+@dataclass
+class ProviderResult:
+    provider: str
+    samples: int
+    reference_accuracy: float | None  # %, against labels
+    candidate_accuracy: float | None
+    agreement: float | None  # %, same top-1 as the reference
+    outputs: list[OutputError]
+    reference_latency: Latency | None
+    candidate_latency: Latency | None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Points of top-1 lost against labels, or points of disagreement when there are no labels."""
+        if self.reference_accuracy is not None and self.candidate_accuracy is not None:
+            return self.reference_accuracy - self.candidate_accuracy
+        return None if self.agreement is None else 100.0 - self.agreement
+
+    @property
+    def latency_ratio(self) -> float | None:
+        if not (self.reference_latency and self.candidate_latency):
+            return None
+        return self.candidate_latency.median_ms / self.reference_latency.median_ms
+
+
+@dataclass
+class Validation:
+    data_source: str
+    random_data: bool
+    labelled: bool
+    reference_bytes: int
+    candidate_bytes: int
+    providers: list[ProviderResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.candidate_bytes / self.reference_bytes
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        drops = [p.accuracy_drop for p in self.providers if p.accuracy_drop is not None]
+        return max(drops) if drops else None
+
+    @property
+    def latency_ratio(self) -> float | None:
+        ratios = [p.latency_ratio for p in self.providers if p.latency_ratio is not None]
+        return max(ratios) if ratios else None
+
+    def to_dict(self) -> dict:
+        result = asdict(self)
+        result["size_ratio"] = self.size_ratio
+        for entry, provider in zip(result["providers"], self.providers):
+            entry["accuracy_drop"] = provider.accuracy_drop
+            entry["latency_ratio"] = provider.latency_ratio
+        return result
+
+
+def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, data=None, *,
+             preprocess=None, providers=("cpu",), limit: int | None = None, batch_size: int = 32,
+             latency_runs: int = 50, warmup: int = 5, optimization: str = "all") -> Validation:
+    """Compare `candidate` with `reference` on `data` (a path, arrays, Dataset, or None for random inputs)."""
+    reference_model = _as_model(reference)
+    candidate_model = _as_model(candidate)
+    _check_same_interface(reference_model, candidate_model)
+    dataset = datasets.random_data(reference_model) if data is None else datasets.open_data(
+        data, reference_model, preprocess=preprocess, limit=limit)
+    notes = []
+    if dataset.is_random:
+        notes.append("no data given: random inputs were used, so accuracy was NOT measured; "
+                     "agreement and error on random inputs only")
+    elif dataset.labels is None:
+        notes.append("the data has no labels: accuracy was not measured, agreement with the reference was")
+    result = Validation(dataset.source, dataset.is_random, dataset.labels is not None,
+                        _size(reference, reference_model), _size(candidate, candidate_model), notes=notes)
+    for provider in runtime.parse_providers(list(providers)):
+        result.providers.append(_compare_on(provider, reference, reference_model, candidate, candidate_model,
+                                            dataset, batch_size, latency_runs, warmup, optimization))
+    return result
+
+
+def _compare_on(provider, reference, reference_model, candidate, candidate_model, dataset, batch_size,
+                latency_runs, warmup, optimization) -> ProviderResult:
+    ref_session = runtime.session(_source(reference, reference_model), provider, optimization)
+    cand_session = runtime.session(_source(candidate, candidate_model), provider, optimization)
+    fixed = [spec.fixed_batch for spec in dataset.inputs if spec.fixed_batch is not None]
+    step = fixed[0] if fixed else batch_size
+    output_names = [o.name for o in ref_session.get_outputs()]
+    errors = {name: _ErrorAccumulator() for name in output_names}
+    ref_top1, cand_top1 = [], []
+    usable = dataset.num_samples - dataset.num_samples % step if fixed else dataset.num_samples
+    for start in range(0, usable, step):
+        feed = dataset.batch(start, min(start + step, usable))
+        ref_out = ref_session.run(None, feed)
+        cand_out = cand_session.run(None, feed)
+        for name, r, c in zip(output_names, ref_out, cand_out):
+            errors[name].add(np.asarray(r), np.asarray(c))
+        if _is_scores(ref_out[0]):
+            ref_top1.append(ref_out[0].reshape(len(ref_out[0]), -1).argmax(axis=1))
+            cand_top1.append(cand_out[0].reshape(len(cand_out[0]), -1).argmax(axis=1))
+    ref_acc = cand_acc = agreement = None
+    if ref_top1:
+        ref_classes, cand_classes = np.concatenate(ref_top1), np.concatenate(cand_top1)
+        agreement = 100.0 * float(np.mean(ref_classes == cand_classes))
+        if dataset.labels is not None and len(ref_classes) <= len(dataset.labels):
+            labels = dataset.labels[:len(ref_classes)]
+            ref_acc = 100.0 * float(np.mean(ref_classes == labels))
+            cand_acc = 100.0 * float(np.mean(cand_classes == labels))
+    ref_latency = cand_latency = None
+    if latency_runs > 0:
+        one = dataset.batch(0, fixed[0] if fixed else 1)
+        ref_latency, cand_latency = interleaved_latency([ref_session, cand_session], one,
+                                                        runs=latency_runs, warmup=warmup)
+    return ProviderResult(provider, usable, ref_acc, cand_acc, agreement,
+                          [errors[name].result(name) for name in output_names], ref_latency, cand_latency)
+
+
+def _is_scores(output: np.ndarray) -> bool:
+    """Class scores: one row per sample and more than one class."""
+    return output.ndim >= 2 and int(np.prod(output.shape[1:])) > 1 and output.dtype.kind == "f"
+
+
+class _ErrorAccumulator:
+    def __init__(self):
+        self.count = 0
+        self.max_abs = 0.0
+        self.max_ref = 0.0
+        self.sum_abs = 0.0
+        self.sum_ref_sq = 0.0
+        self.sum_cand_sq = 0.0
+        self.sum_diff_sq = 0.0
+        self.dot = 0.0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if reference.shape != candidate.shape:
+            raise InputError(f"output shapes differ: reference {list(reference.shape)}, candidate "
+                             f"{list(candidate.shape)}")
+        r = reference.astype(np.float64).ravel()
+        c = candidate.astype(np.float64).ravel()
+        diff = np.abs(r - c)
+        self.count += r.size
+        if r.size:
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.max_ref = max(self.max_ref, float(np.abs(r).max()))
+        self.sum_abs += float(diff.sum())
+        self.sum_ref_sq += float(r @ r)
+        self.sum_cand_sq += float(c @ c)
+        self.sum_diff_sq += float(diff @ diff)
+        self.dot += float(r @ c)
+
+    def result(self, name: str) -> OutputError:
+        norms = np.sqrt(self.sum_ref_sq * self.sum_cand_sq)
+        cosine = self.dot / norms if norms > 0 else (1.0 if self.sum_diff_sq == 0 else 0.0)
+        if self.sum_diff_sq == 0:
+            sqnr = float("inf")
+        else:
+            sqnr = 10 * np.log10(self.sum_ref_sq / self.sum_diff_sq) if self.sum_ref_sq > 0 else float("-inf")
+        return OutputError(name, self.max_abs, self.sum_abs / max(self.count, 1), self.max_ref, float(cosine),
+                           float(sqnr))
+
+
+def _check_same_interface(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    ref_inputs = [s.name for s in datasets.model_inputs(reference)]
+    cand_inputs = [s.name for s in datasets.model_inputs(candidate)]
+    ref_outputs = [o.name for o in reference.graph.output]
+    cand_outputs = [o.name for o in candidate.graph.output]
+    if ref_inputs != cand_inputs or ref_outputs != cand_outputs:
+        raise InputError(f"the models do not have the same inputs and outputs: reference {ref_inputs} → "
+                         f"{ref_outputs}, candidate {cand_inputs} → {cand_outputs}")
+
+
+def _as_model(model: onnx.ModelProto | str) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else model_io.load(model)
+
+
+def _source(original, loaded: onnx.ModelProto):
+    """Give ORT the path when there is one (external data, >2 GB), else the model itself."""
+    return str(original) if not isinstance(original, onnx.ModelProto) else loaded
+
+
+def _size(original, loaded: onnx.ModelProto) -> int:
+    return model_io.file_size(original) if not isinstance(original, onnx.ModelProto) else loaded.ByteSize()
