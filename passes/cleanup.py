@@ -5,6 +5,7 @@ Before:                                         After:
     W1 = W2 (same dtype, shape, bytes)              W1 used by both nodes, W2 gone
     nodes whose outputs nobody reads                removed, with the initializers only they used
 
+Initializers that nothing reads in the input model are dropped when the model is imported, before any pass.
 An Identity that connects a graph input (or initializer) directly to a graph output is kept: removing it would
 rename an input or output of the model. Graph inputs and outputs are never renamed.
 """

@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# torch is pinned: this version is the CPU build; an unpinned torch pulls several GB of CUDA libraries.
+TORCH := torch==2.13.0
+
+.PHONY: demo test bench model clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]' '$(TORCH)'
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/onnxcomp inspect models/digits_cnn.onnx --top 5
+	$(BIN)/onnxcomp optimize models/digits_cnn.onnx --data models/digits_test.npz
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q
+
+bench: $(INSTALLED)
+	$(BIN)/python benchmarks/fuse_bn_vs_onnxoptimizer.py
+
+# Retrain the demo model from scikit-learn's digits (deterministic; rewrites models/digits_*).
+model: $(INSTALLED)
+	$(BIN)/python models/train_digits.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache models/*.opt.onnx

@@ -1,0 +1,26 @@
+"""Helpers for tests: run the CLI as a user's shell would, and run models under ONNX Runtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `onnxcomp ARGS` in a fresh interpreter, as a user's shell would."""
+    return subprocess.run([sys.executable, "-m", "onnxcomp.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def run_model(model: onnx.ModelProto | str | Path, feed: dict[str, np.ndarray],
+              level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_DISABLE_ALL) -> list[np.ndarray]:
+    """Outputs of a model under ONNX Runtime with its own graph optimizations off (they would hide our bugs)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run(None, feed)

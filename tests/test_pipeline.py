@@ -1,0 +1,119 @@
+"""Pass machinery: registry, recipes (text and TOML), options, the manager's automatic cleanup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from onnxcomp import registry
+from onnxcomp.errors import InputError
+from onnxcomp.manager import PassManager
+from onnxcomp.pass_base import Pass, PassResult, PostconditionError
+from onnxcomp.recipe import load_toml, parse
+
+import onnxcomp
+
+
+def test_registry_lists_the_foundation_passes_with_summaries():
+    passes = registry.available()
+    assert {"fuse-bn", "cleanup"} <= set(passes)
+    assert all(cls.summary for cls in passes.values())
+
+
+def test_unknown_pass_lists_the_valid_ones():
+    with pytest.raises(InputError, match=r"unknown pass 'fuse-b'; valid passes: .*fuse-bn"):
+        parse("fuse-b")
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(InputError, match=r"pass 'fuse-bn' has no option 'foo'; valid options: none"):
+        parse("fuse-bn:foo=1")
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    factor: float = 1.0
+    exclude: tuple[str, ...] = ()
+    exact: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.factor <= 10:
+            raise ValueError("factor must be in (0, 10]")
+
+
+class ScalePass(Pass):
+    name = "scale-test"
+    summary = "test pass with options"
+    Config = ScaleConfig
+
+    def run(self, graph, ctx):
+        return PassResult(False, {"factor": self.config.factor})
+
+
+@pytest.fixture
+def scale_pass():
+    registry.register(ScalePass)
+    yield ScalePass
+    registry._PASSES.pop(ScalePass.name)
+
+
+def test_options_are_converted_to_their_declared_types(scale_pass):
+    passes = parse("cleanup,scale-test:factor=2.5,exclude=a|b,exact=yes,fuse-bn")
+    assert [p.name for p in passes] == ["cleanup", "scale-test", "fuse-bn"]
+    assert passes[1].config == ScaleConfig(2.5, ("a", "b"), True)
+    assert passes[1].describe() == "scale-test:factor=2.5,exclude=('a', 'b'),exact=True"
+
+
+def test_bad_option_values_are_input_errors(scale_pass):
+    with pytest.raises(InputError, match="option 'factor' must be float, got 'big'"):
+        parse("scale-test:factor=big")
+    with pytest.raises(InputError, match=r"factor must be in \(0, 10\]"):
+        parse("scale-test:factor=20")
+    with pytest.raises(InputError, match="needs the form key=value"):
+        parse("scale-test:factor")
+    with pytest.raises(InputError, match="comes before any pass name"):
+        parse("factor=2,fuse-bn")
+
+
+def test_toml_recipe(tmp_path, scale_pass):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[[pass]]\nname = "fuse-bn"\n\n[[pass]]\nname = "scale-test"\nfactor = 3\n'
+                      'exclude = ["conv1"]\n')
+    passes = load_toml(recipe)
+    assert [p.name for p in passes] == ["fuse-bn", "scale-test"]
+    assert passes[1].config == ScaleConfig(3.0, ("conv1",), False)
+
+
+def test_toml_recipe_errors(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("pass = 3")
+    with pytest.raises(InputError, match=r"\[\[pass\]\] tables"):
+        load_toml(recipe)
+    recipe.write_text("[[pass]\n")
+    with pytest.raises(InputError, match="not a valid TOML recipe"):
+        load_toml(recipe)
+    with pytest.raises(InputError, match="recipe file not found"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_manager_runs_cleanup_after_modifying_passes_and_times_each(digits_model):
+    model = onnxcomp.load(digits_model)
+    _, records = PassManager(parse("fuse-bn")).run(model)
+    assert [(r.name, r.automatic) for r in records] == [("fuse-bn", False), ("cleanup", True)]
+    assert all(r.seconds > 0 for r in records)
+    _, records = PassManager(parse("fuse-bn,cleanup")).run(model)
+    assert [r.name for r in records] == ["fuse-bn", "cleanup"]
+
+
+def test_manager_rejects_a_pass_that_breaks_the_model(digits_model):
+    class Breaker(Pass):
+        name = "breaker"
+        summary = "makes an invalid graph"
+
+        def run(self, graph, ctx):
+            graph.nodes[0].op = "NoSuchOperator"
+            return PassResult(True, {})
+
+    with pytest.raises(PostconditionError, match="pass 'breaker' produced an invalid model"):
+        PassManager([Breaker()]).run(onnxcomp.load(digits_model))

@@ -1,0 +1,63 @@
+"""Validation metrics on tiny models whose differences are known exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp.validate import validate
+
+
+def scaled(factor: float, offset: float = 0.0) -> onnx.ModelProto:
+    """y = x·factor + offset on [N, 4] inputs."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "f"], ["m"]), helper.make_node("Add", ["m", "o"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[numpy_helper.from_array(np.array(factor, np.float32), "f"),
+                     numpy_helper.from_array(np.array([offset, 0, 0, 0], np.float32), "o")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_identical_models_have_zero_error_and_full_agreement():
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    result = validate(scaled(2.0), scaled(2.0), {"x": x, "labels": x.argmax(1)}, latency_runs=5)
+    provider = result.providers[0]
+    assert provider.samples == 50
+    assert provider.outputs[0].max_abs_error == 0 and provider.outputs[0].sqnr_db == float("inf")
+    assert provider.agreement == 100.0
+    assert provider.reference_accuracy == provider.candidate_accuracy == 100.0
+    assert provider.reference_latency.runs == 5 and provider.latency_ratio > 0
+
+
+def test_error_metrics_match_a_known_difference():
+    x = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
+    result = validate(scaled(1.0), scaled(1.1), {"x": x}, latency_runs=0, batch_size=10)
+    out = result.providers[0].outputs[0]
+    assert out.max_abs_error == pytest.approx(0.1 * np.abs(x).max(), rel=1e-5)
+    assert out.mean_abs_error == pytest.approx(0.1 * np.abs(x).mean(), rel=1e-5)
+    assert out.sqnr_db == pytest.approx(20.0, abs=1e-3)  # 10·log10(1 / 0.1²)
+    assert out.cosine == pytest.approx(1.0, abs=1e-6)  # a scaled copy points the same way
+    assert result.providers[0].agreement == 100.0
+    assert result.notes == ["the data has no labels: accuracy was not measured, agreement with the reference was"]
+
+
+def test_disagreement_and_accuracy_drop():
+    # The offset on class 0 makes the candidate pick class 0 where the reference's margin is small.
+    x = np.random.default_rng(2).normal(size=(200, 4)).astype(np.float32)
+    labels = x.argmax(1)
+    result = validate(scaled(1.0), scaled(1.0, offset=0.5), {"x": x, "labels": labels}, latency_runs=0)
+    provider = result.providers[0]
+    changed = (x + np.array([0.5, 0, 0, 0], np.float32)).argmax(1) != labels
+    assert provider.agreement == pytest.approx(100.0 * (1 - changed.mean()))
+    assert provider.accuracy_drop == pytest.approx(100.0 * changed.mean())
+    assert result.accuracy_drop == provider.accuracy_drop
+
+
+def test_random_inputs_say_accuracy_was_not_measured():
+    result = validate(scaled(1.0), scaled(1.0), None, latency_runs=0)
+    assert result.random_data
+    assert "accuracy was NOT measured" in result.notes[0]
+    assert result.providers[0].reference_accuracy is None
