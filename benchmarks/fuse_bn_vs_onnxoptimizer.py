@@ -214,8 +214,7 @@ def measure(tool_name: str, tool, model: onnx.ModelProto, feeds: list[dict], ref
     record.update(nodes_after=len(optimized.graph.node), bn_after=count_bn(optimized),
                   initializers_after=len(optimized.graph.initializer),
                   ops_after=dict(sorted(_op_counts(optimized).items())),
-                  first_run_s=first, median_s=statistics.median(times) if times else first,
-                  times_s=times)
+                  first_run_s=first, median_s=statistics.median(times), min_s=min(times), times_s=times)
     try:
         onnx.checker.check_model(optimized)
         record["checker"] = "ok"

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from onnxcomp import data as datasets
-from onnxcomp import model_io, recipe
+from onnxcomp import model_io, recipe, runtime
 from onnxcomp.errors import BudgetExceeded, InputError
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import Pass, PassContext
@@ -50,6 +50,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     data for the passes that need it (paths, arrays or Datasets; see onnxcomp.data). Returns the optimized
     model and its report.
     """
+    if validate_result:  # fail on what can be checked now, before any work or any file is written
+        runtime.require_available(runtime.parse_providers(list(providers)))
+    if isinstance(preprocess, str):
+        preprocess = datasets.Preprocess.parse(preprocess)
     source = None if isinstance(model, onnx.ModelProto) else str(model)
     original = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
     pipeline = resolve_passes(passes, recipe_file)

@@ -20,7 +20,7 @@ from onnxcomp.validate import validate
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"onnxcomp: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,9 +142,13 @@ def _check_validation_args(args) -> None:
         raise InputError("--limit must be at least 1")
     if args.runs < 0:
         raise InputError("--runs must be 0 (no latency) or more")
-    if (args.max_latency_ratio is not None and args.runs == 0) or getattr(args, "no_validate", False) and (
-            args.max_accuracy_drop is not None or args.max_latency_ratio is not None):
-        raise InputError("budgets need validation with latency runs; drop --no-validate / --runs 0")
+    if getattr(args, "no_validate", False) and (args.max_accuracy_drop is not None
+                                                 or args.max_latency_ratio is not None):
+        raise InputError("budgets need validation; drop --no-validate")
+    if args.max_latency_ratio is not None and args.runs == 0:
+        raise InputError("--max-latency-ratio needs latency runs; drop --runs 0")
+    if args.max_accuracy_drop is not None and (args.data is None or args.data == "random"):
+        raise InputError("--max-accuracy-drop needs real data (--data); random inputs measure no accuracy")
 
 
 def _default_output(model: Path) -> Path:

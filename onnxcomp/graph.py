@@ -6,8 +6,6 @@ graphsurgeon names edges from the tensor's point of view: `tensor.inputs` are th
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -18,6 +16,16 @@ G_LOGGER.severity = G_LOGGER.ERROR  # graphsurgeon's warnings are about its own 
 
 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
+    """A graphsurgeon graph of `model` (which this may edit: pass a copy).
+
+    From IR 4 on, an initializer that is also a graph input is a default the caller may override: it enters
+    the graph as a plain input, so no pass folds it as a constant. `export_model` gives it back its value.
+    """
+    if model.ir_version >= 4:
+        overridable = _overridable_initializers(model)
+        kept = [t for t in model.graph.initializer if t.name not in overridable]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     return gs.import_onnx(model)
 
 
@@ -30,7 +38,19 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(template.metadata_props)
     del model.functions[:]
     model.functions.extend(template.functions)
+    inputs = {value.name for value in model.graph.input}
+    if template.ir_version >= 4:
+        overridable = _overridable_initializers(template)
+        model.graph.initializer.extend(t for t in template.graph.initializer
+                                       if t.name in overridable and t.name in inputs)
+    else:  # IR 3 requires every initializer to be listed as a graph input too
+        model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in model.graph.initializer if t.name not in inputs)
     return model
+
+
+def _overridable_initializers(model: onnx.ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer} & {value.name for value in model.graph.input}
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -72,22 +92,25 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None  # sparse_value and string values are not weights we rewrite
 
 
-def unique_name(graph: gs.Graph, base: str) -> str:
-    """A tensor or node name not yet used in `graph`, derived from `base`."""
-    taken = set(graph.tensors().keys())
-    taken.update(node.name for node in graph.nodes)
-    if base not in taken:
-        return base
-    for index in itertools.count(1):
-        candidate = f"{base}_{index}"
-        if candidate not in taken:
-            return candidate
-    raise AssertionError("unreachable")
+class Names:
+    """Fresh tensor and node names for one pass run: the names in use are collected once, not per call."""
 
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.taken = set(graph.tensors().keys())
+        self.taken.update(node.name for node in graph.nodes)
 
-def make_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
-    """A new initializer with a fresh name; never reuses a tensor another node may share."""
-    return gs.Constant(unique_name(graph, base), np.ascontiguousarray(values))
+    def new(self, base: str) -> str:
+        candidate, index = base, 0
+        while candidate in self.taken:
+            index += 1
+            candidate = f"{base}_{index}"
+        self.taken.add(candidate)
+        return candidate
+
+    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        """A new initializer; never reuses a tensor another node may share."""
+        return gs.Constant(self.new(base), np.ascontiguousarray(values))
 
 
 def is_standard(node: gs.Node) -> bool:

@@ -43,7 +43,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if locations:
         try:
             onnx.load_external_data_for_model(model, str(base))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
     return model
 
@@ -84,10 +84,20 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
         onnx.save_model(copy, str(staged_model), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
         staged_data = Path(staging) / data_name
-        # Data first: a reader that sees the new model file also sees its data.
-        if staged_data.exists():
-            os.replace(staged_data, folder / data_name)
-        os.replace(staged_model, path)
+        target_data = folder / data_name
+        previous_data = Path(staging) / (data_name + ".previous")
+        # Data first, so a reader that sees the new model also sees its data. Should the model's rename
+        # fail, the previous data goes back, so the previous model never reads the new weights.
+        if target_data.exists():
+            os.replace(target_data, previous_data)
+        try:
+            if staged_data.exists():
+                os.replace(staged_data, target_data)
+            os.replace(staged_model, path)
+        except BaseException:
+            if previous_data.exists():
+                os.replace(previous_data, target_data)
+            raise
     return path
 
 

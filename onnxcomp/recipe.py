@@ -68,6 +68,8 @@ def load_toml(path: str | Path) -> list[Pass]:
         raise InputError(f"{path}: a recipe needs one or more [[pass]] tables, each with a name")
     passes = []
     for position, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            raise InputError(f"{path}: a recipe needs one or more [[pass]] tables, each with a name")
         options = dict(entry)
         name = options.pop("name", None)
         if not isinstance(name, str):

@@ -24,16 +24,22 @@ def parse_providers(text: str | list[str] | tuple[str, ...]) -> list[str]:
     return names or ["cpu"]
 
 
+def require_available(providers: list[str]) -> None:
+    """Fail before any work when onnxruntime lacks a provider the user asked for."""
+    for name in providers:
+        if PROVIDERS[name] not in ort.get_available_providers():
+            raise InputError(
+                f"onnxruntime {ort.__version__} has no {name.upper()} execution provider; "
+                "install the GPU build: pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+
+
 def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: str = "all",
             threads: int | None = None) -> ort.InferenceSession:
     """An inference session on exactly the provider asked for; never a silent fallback to the CPU."""
     if optimization not in OPTIMIZATION_LEVELS:
         raise InputError(f"unknown ORT optimization level '{optimization}'; valid: {', '.join(OPTIMIZATION_LEVELS)}")
-    provider_name = PROVIDERS[provider]
-    if provider_name not in ort.get_available_providers():
-        raise InputError(
-            f"onnxruntime {ort.__version__} has no {provider.upper()} execution provider; "
-            "install the GPU build: pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+    provider_name = PROVIDERS[parse_providers([provider])[0]]
+    require_available([provider])
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.log_severity_level = 3

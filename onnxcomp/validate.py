@@ -90,6 +90,10 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
              preprocess=None, providers=("cpu",), limit: int | None = None, batch_size: int = 32,
              latency_runs: int = 50, warmup: int = 5, optimization: str = "all") -> Validation:
     """Compare `candidate` with `reference` on `data` (a path, arrays, Dataset, or None for random inputs)."""
+    providers = runtime.parse_providers(list(providers))
+    runtime.require_available(providers)
+    if isinstance(preprocess, str):
+        preprocess = datasets.Preprocess.parse(preprocess)
     reference_model = _as_model(reference)
     candidate_model = _as_model(candidate)
     _check_same_interface(reference_model, candidate_model)
@@ -103,7 +107,7 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
         notes.append("the data has no labels: accuracy was not measured, agreement with the reference was")
     result = Validation(dataset.source, dataset.is_random, dataset.labels is not None,
                         _size(reference, reference_model), _size(candidate, candidate_model), notes=notes)
-    for provider in runtime.parse_providers(list(providers)):
+    for provider in providers:
         result.providers.append(_compare_on(provider, reference, reference_model, candidate, candidate_model,
                                             dataset, batch_size, latency_runs, warmup, optimization))
     return result

@@ -43,14 +43,14 @@ class FuseBatchNorm(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         fused: Counter[str] = Counter()
         skipped: Counter[str] = Counter()
+        names = graphs.Names(graph)
         for bn in [node for node in graph.nodes if node.op == "BatchNormalization"]:
             plan = _plan(graph, bn)
             if isinstance(plan, str):
                 skipped[plan] += 1
                 ctx.log.info("fuse-bn: kept %s (%s)", bn.name or bn.outputs[0].name, plan)
                 continue
-            layer_op = plan()
-            fused[layer_op] += 1
+            fused[plan(names)] += 1
         stats: dict[str, int | float | str] = {"fused": sum(fused.values()), "skipped": sum(skipped.values())}
         stats.update({f"fused:{op}": count for op, count in sorted(fused.items())})
         stats.update({f"skipped:{reason}": count for reason, count in sorted(skipped.items())})
@@ -62,7 +62,7 @@ class FuseBatchNorm(Pass):
                 raise PostconditionError(f"fuse-bn left a foldable BatchNormalization: {bn.name}")
 
 
-def _plan(graph: gs.Graph, bn: gs.Node) -> Callable[[], str] | str:
+def _plan(graph: gs.Graph, bn: gs.Node) -> Callable[[graphs.Names], str] | str:
     """A function that performs the fold and returns the layer's op type, or the reason it cannot be done."""
     if not graphs.is_standard(bn):
         return "custom-domain"
@@ -135,10 +135,10 @@ def _plan_conv(graph, bn, conv, params: BatchNormParams):
         return "channel-mismatch"
     new_bias = (bias if has_bias else 0.0) * params.scale + params.offset
 
-    def fold() -> str:
+    def fold(names: graphs.Names) -> str:
         base = conv.name or conv.outputs[0].name
-        conv.inputs[1] = graphs.make_constant(graph, f"{base}_fused_weight", new_weight.astype(weight.dtype))
-        bias_tensor = graphs.make_constant(graph, f"{base}_fused_bias", new_bias.astype(weight.dtype))
+        conv.inputs[1] = names.constant(f"{base}_fused_weight", new_weight.astype(weight.dtype))
+        bias_tensor = names.constant(f"{base}_fused_bias", new_bias.astype(weight.dtype))
         if len(conv.inputs) > 2:
             conv.inputs[2] = bias_tensor
         else:
@@ -168,10 +168,10 @@ def _plan_gemm(graph, bn, gemm, params: BatchNormParams):
     except ValueError:  # bias that does not broadcast against the output channels
         return "channel-mismatch"
 
-    def fold() -> str:
+    def fold(names: graphs.Names) -> str:
         base = gemm.name or gemm.outputs[0].name
-        gemm.inputs[1] = graphs.make_constant(graph, f"{base}_fused_weight", new_weight.astype(weight.dtype))
-        bias_tensor = graphs.make_constant(graph, f"{base}_fused_bias", new_bias.astype(weight.dtype))
+        gemm.inputs[1] = names.constant(f"{base}_fused_weight", new_weight.astype(weight.dtype))
+        bias_tensor = names.constant(f"{base}_fused_bias", new_bias.astype(weight.dtype))
         if len(gemm.inputs) > 2:
             gemm.inputs[2] = bias_tensor
         else:
@@ -215,10 +215,10 @@ def _plan_matmul(graph, bn, matmul, add_and_bias, params: BatchNormParams):
         new_bias = params.offset
     new_weight = weight * params.scale[None, :]
 
-    def fold() -> str:
+    def fold(names: graphs.Names) -> str:
         base = matmul.name or matmul.outputs[0].name
-        matmul.inputs[1] = graphs.make_constant(graph, f"{base}_fused_weight", new_weight.astype(weight.dtype))
-        bias_tensor = graphs.make_constant(graph, f"{base}_fused_bias", new_bias.astype(weight.dtype))
+        matmul.inputs[1] = names.constant(f"{base}_fused_weight", new_weight.astype(weight.dtype))
+        bias_tensor = names.constant(f"{base}_fused_bias", new_bias.astype(weight.dtype))
         if add_and_bias is not None:
             add.inputs[bias_position] = bias_tensor
             _take_output(add, bn)
@@ -226,7 +226,7 @@ def _plan_matmul(graph, bn, matmul, add_and_bias, params: BatchNormParams):
             y = bn.outputs[0]
             bn.outputs.clear()
             bn.inputs.clear()
-            graph.nodes.append(gs.Node("Add", name=graphs.unique_name(graph, f"{base}_fused_add"),
+            graph.nodes.append(gs.Node("Add", name=names.new(f"{base}_fused_add"),
                                        inputs=[matmul.outputs[0], bias_tensor], outputs=[y]))
         return "MatMul"
 

@@ -87,12 +87,17 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def assert_input_error(result, *keywords: str, status: int = 2) -> None:
-    """The CLI's error contract: status, one line on stderr that names the problem, no traceback."""
+def assert_input_error(result, *keywords: str, status: int = 2, argparse: bool = False) -> None:
+    """The CLI's error contract: status, one line on stderr that names the problem, no traceback.
+
+    `argparse`: a usage error found by the argument parser, which names the sub-command ("onnxcomp optimize:
+    error: ... (see onnxcomp optimize --help)").
+    """
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     assert result.returncode == status, output
-    assert result.stderr.startswith("onnxcomp: error:"), output
+    prefixes = ("onnxcomp: error:",) + (("onnxcomp optimize: error:", "onnxcomp validate: error:") if argparse else ())
+    assert result.stderr.startswith(prefixes), output
     assert result.stderr.endswith("\n") and result.stderr.count("\n") == 1, f"not one line: {result.stderr!r}"
     for keyword in keywords:
         assert keyword.lower() in result.stderr.lower(), f"{keyword!r} not in {result.stderr!r}"
@@ -105,11 +110,11 @@ def work(tmp_path, digits_model) -> Path:
     return tmp_path
 
 
-def check_rejected(folder: Path, args: list, *keywords: str, cwd: Path | None = None):
+def check_rejected(folder: Path, args: list, *keywords: str, cwd: Path | None = None, argparse: bool = False):
     """Run the CLI on files in `folder`; assert the error contract and that no file changed or appeared."""
     before = snapshot(folder)
     result = run_cli(*args, cwd=cwd)
-    assert_input_error(result, *keywords)
+    assert_input_error(result, *keywords, argparse=argparse)
     after = snapshot(folder)
     assert sorted(after) == sorted(before), f"files appeared or vanished: {sorted(set(after) ^ set(before))}"
     for name, content in before.items():
@@ -278,7 +283,7 @@ def test_passes_and_recipe_together(work):
     recipe = work / "recipe.toml"
     recipe.write_text('[[pass]]\nname = "fuse-bn"\n', encoding="utf-8")
     check_rejected(work, ["optimize", work / "model.onnx", "--passes", "fuse-bn", "--recipe", recipe],
-                   "not allowed with")
+                   "not allowed with", argparse=True)
 
 
 def test_recipe_not_valid_toml(work):
@@ -350,16 +355,26 @@ def test_data_float_into_int_input(tmp_path):
 def test_data_strings_into_float_input(work):
     data = work / "data.npz"
     np.savez(data, input=np.full((4, 1, 8, 8), "a"))
-    check_rejected(work, ["optimize", work / "model.onnx", "--data", data, "--runs", "0"], "input")
+    check_rejected(work, ["optimize", work / "model.onnx", "--data", data, "--runs", "0"], "float32")
 
 
-def test_data_labels_wrong_length(work, digits_data):
+@pytest.mark.parametrize("bad", ["short", "float"])
+def test_data_labels_wrong(work, digits_data, bad):
     with np.load(digits_data) as archive:
         images, labels = archive["input"], archive["labels"]
+    labels = labels[:-1] if bad == "short" else labels.astype(np.float32) + 0.5
     data = work / "data.npz"
-    np.savez(data, input=images, labels=labels[:-1])
+    np.savez(data, input=images, labels=labels)
     check_rejected(work, ["optimize", work / "model.onnx", "--data", data, "--runs", "0"], "labels",
                    str(len(images)))
+
+
+def test_data_object_array_is_refused(work):
+    data = work / "data.npz"
+    objects = np.empty((4, 1, 8, 8), dtype=object)
+    objects[...] = 0.5
+    np.savez(data, input=objects)  # pickled: never unpickled from a user's file
+    check_rejected(work, ["optimize", work / "model.onnx", "--data", data, "--runs", "0"], "data.npz")
 
 
 def test_data_npz_with_no_arrays(work):
@@ -464,13 +479,21 @@ def test_max_accuracy_drop_without_data_validate(work):
 @pytest.mark.parametrize("extra, keyword", [
     (["--limit", "0"], "--limit"),
     (["--runs", "-1"], "--runs"),
-    (["--runs", "0", "--max-latency-ratio", "2"], "budgets"),
-    (["--no-validate", "--max-accuracy-drop", "1"], "budgets"),
-    (["--ort-opt", "max"], "--ort-opt"),
-    (["--no-such-flag"], "--no-such-flag"),
+    (["--runs", "0", "--max-latency-ratio", "2"], "--runs 0"),
+    (["--no-validate", "--max-accuracy-drop", "1"], "--no-validate"),
+    (["--no-validate", "--max-latency-ratio", "2"], "--no-validate"),
 ])
 def test_bad_validation_options(work, extra, keyword):
     check_rejected(work, ["optimize", work / "model.onnx", *extra], keyword)
+
+
+@pytest.mark.parametrize("extra, keyword", [
+    (["--ort-opt", "max"], "--ort-opt"),
+    (["--runs", "many"], "--runs"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_usage_errors(work, extra, keyword):
+    check_rejected(work, ["optimize", work / "model.onnx", *extra], keyword, argparse=True)
 
 
 def test_latency_budget_exceeded_exits_1_after_writing(work, digits_data):

@@ -226,3 +226,39 @@ def test_input_model_is_not_modified():
     before = original.SerializeToString()
     fuse(original)
     assert original.SerializeToString() == before
+
+
+def test_ir3_model_lists_new_initializers_as_inputs():
+    # IR 3 (opset 8 era) requires every initializer to be a graph input as well.
+    inits = [weight("W", 4, 3, 3, 3)] + bn_params("bn", 4)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("bn", "c", "y")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])]
+        + [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], initializer=inits)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
+    onnx.checker.check_model(original)
+    fused, record = fuse(original)
+    assert record.stats["fused"] == 1 and fused.ir_version == 3
+    onnx.checker.check_model(fused)
+    assert {t.name for t in fused.graph.initializer} <= {i.name for i in fused.graph.input}
+    assert_same_outputs(original, fused, image(1, 3, 6, 6))
+
+
+def test_overridable_weight_is_not_folded_and_stays_an_input():
+    # From IR 4 on, an initializer listed as a graph input is a default the caller may replace at run time.
+    inits = [weight("W", 3, 3, 1, 1), weight("V", 3, 3, 1, 1)] + bn_params("bn1", 3) + bn_params("bn2", 3)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c1"]), bn_node("bn1", "c1", "b1"),
+             helper.make_node("Conv", ["b1", "V"], ["c2"]), bn_node("bn2", "c2", "y")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]),
+                                           helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 3, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              initializer=inits)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    fused, record = fuse(original)
+    assert record.stats == {"fused": 1, "skipped": 1, "fused:Conv": 1, "skipped:non-constant-weight": 1}
+    assert [i.name for i in fused.graph.input] == ["x", "W"]
+    assert "W" in {t.name for t in fused.graph.initializer}
+    assert_same_outputs(original, fused, image(1, 3, 4, 4))
+    other_w = {"W": RNG.normal(0, 1, (3, 3, 1, 1)).astype(np.float32)}
+    assert_same_outputs(original, fused, {**image(1, 3, 4, 4), **other_w})
