@@ -112,7 +112,7 @@ def _all_nodes(graph: onnx.GraphProto):
 
 def _elem(value: onnx.ValueInfoProto) -> str:
     elem_type = value.type.tensor_type.elem_type
-    return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "unknown"
+    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))) if elem_type else "unknown"
 
 
 def _shape(value: onnx.ValueInfoProto) -> list:
