@@ -47,7 +47,7 @@ class Report:
 def render_validation(result: Validation) -> list[str]:
     lines = [f"validation on {result.data_source}"]
     rows = [("provider", "samples", "top-1 ref", "top-1 new", "agreement", "max |err|", "cosine", "SQNR dB",
-             "latency ref", "latency new", "ratio")]
+             "ref p50/p90 ms", "new p50/p90 ms", "ratio")]
     for p in result.providers:
         first = p.outputs[0]
         rows.append((p.provider, str(p.samples), _pct(p.reference_accuracy), _pct(p.candidate_accuracy),
@@ -77,7 +77,7 @@ def _pct(value) -> str:
 
 
 def _ms(latency) -> str:
-    return "-" if latency is None else f"{latency.median_ms:.3f} ms"
+    return "-" if latency is None else f"{latency.median_ms:.3f}/{latency.p90_ms:.3f}"
 
 
 def _db(value: float) -> str:

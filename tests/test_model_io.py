@@ -161,18 +161,23 @@ def test_failed_external_save_keeps_previous_file_and_leaves_no_temp(tmp_path, m
     assert listing(tmp_path) == ["model.onnx"]  # no staging folder, no data file
 
 
-def test_failed_external_rename_leaves_no_staging_folder(tmp_path, monkeypatch):
-    path = tmp_path / "model.onnx"
-    model_io.save(dense_model(), path)
-    before = path.read_bytes()
+def fail_rename_onto(monkeypatch, name: str) -> None:
+    """Make os.replace fail, as a full or failing disk would, when its target is called `name`."""
     real_replace = os.replace
 
     def replace(source, target):
-        if Path(target).name == "model.onnx":
+        if Path(target).name == name:
             raise OSError(errno.EIO, "I/O error")
         real_replace(source, target)
 
     monkeypatch.setattr(model_io.os, "replace", replace)
+
+
+def test_failed_external_rename_leaves_no_staging_folder(tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    model_io.save(dense_model(), path)
+    before = path.read_bytes()
+    fail_rename_onto(monkeypatch, "model.onnx")
     with pytest.raises((OSError, InputError)):
         model_io.save(dense_model(), path, external_data=True)
     monkeypatch.undo()
@@ -188,14 +193,7 @@ def test_failed_external_rename_keeps_previous_model_usable(tmp_path, monkeypatc
     model_io.save(dense_model(), path, external_data=True)
     changed = dense_model()
     changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(WEIGHT * 2, "W"))
-    real_replace = os.replace
-
-    def replace(source, target):
-        if Path(target).name == "model.onnx":
-            raise OSError(errno.EIO, "I/O error")
-        real_replace(source, target)
-
-    monkeypatch.setattr(model_io.os, "replace", replace)
+    fail_rename_onto(monkeypatch, "model.onnx")
     with pytest.raises((OSError, InputError)):
         model_io.save(changed, path, external_data=True)
     monkeypatch.undo()
