@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -16,13 +16,10 @@ class Latency:
     p99_ms: float
     runs: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *,
                         runs: int = 50, warmup: int = 5) -> list[Latency]:
-    """Time each session on the same feed, alternating between them run by run.
+    """Time each session on the same feed, taking turns run by run.
 
     Alternating spreads background noise (other processes, frequency changes) evenly over the models
     being compared, so their ratio is fairer than timing one model after the other.
@@ -33,8 +30,11 @@ def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np
         for _ in range(warmup):
             current.run(None, feed)
     timings = [[] for _ in sessions]
+    order = list(range(len(sessions)))
     for _ in range(runs):
-        for index, current in enumerate(sessions):
+        order.reverse()  # neither model always runs first, with a warmer cache
+        for index in order:
+            current = sessions[index]
             started = time.perf_counter()
             current.run(None, feed)
             timings[index].append((time.perf_counter() - started) * 1000)

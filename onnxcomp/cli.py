@@ -83,11 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug must not look like "budget exceeded" (exit 1)
+        if args.verbose:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"onnxcomp: internal error: {type(exc).__name__}: {first} (rerun with -v for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 3
 
 
 def _optimize(args) -> int:
     output = args.output or str(_default_output(Path(args.model)))
-    _check_validation_args(args)
+    _check_validation_args(args, models=(args.model, output))
     _, report = api.optimize(args.model, args.passes, recipe_file=args.recipe, data=args.data,
                              calib_data=args.calib_data, preprocess=args.preprocess, output=output,
                              validate_result=not args.no_validate, providers=_providers(args), limit=args.limit,
@@ -96,7 +103,7 @@ def _optimize(args) -> int:
 
 
 def _validate(args) -> int:
-    _check_validation_args(args)
+    _check_validation_args(args, models=(args.reference, args.candidate))
     result = validate(args.reference, args.candidate, args.data, preprocess=args.preprocess,
                       providers=_providers(args), limit=args.limit, latency_runs=args.runs,
                       optimization=args.ort_opt)
@@ -106,7 +113,7 @@ def _validate(args) -> int:
 def _finish(report: Report, args) -> int:
     print(report.render())
     if args.report:
-        model_io.save_text(report.to_json(), args.report)
+        model_io.save_text(report.to_json(), args.report, protect=(report.model, report.output))
     if report.validation is not None:
         api.check_budgets(report.validation, max_accuracy_drop=args.max_accuracy_drop,
                           max_latency_ratio=args.max_latency_ratio)
@@ -137,7 +144,9 @@ def _providers(args) -> list[str]:
     return parse_providers(args.providers)
 
 
-def _check_validation_args(args) -> None:
+def _check_validation_args(args, models: tuple[str, ...]) -> None:
+    if args.report and any(Path(args.report).resolve() == Path(m).resolve() for m in models):
+        raise InputError(f"--report {args.report} would overwrite a model of this run; choose another file")
     if args.limit is not None and args.limit < 1:
         raise InputError("--limit must be at least 1")
     if args.runs < 0:

@@ -40,18 +40,44 @@ class InputSpec:
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The real inputs of a model (graph inputs that are not initializers)."""
+    """The real inputs of a model (graph inputs that are not initializers), which must be numeric tensors."""
     initializers = {t.name for t in model.graph.initializer}
     specs = []
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        tensor_type = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                     for d in tensor_type.shape.dim)
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        specs.append(InputSpec(value.name, dtype, dims))
+        type_name = value_type(value)
+        if type_name not in NUMERIC_TYPES:
+            raise InputError(f"model input '{value.name}' is {type_name}; onnxcomp feeds numeric tensors only")
+        specs.append(InputSpec(value.name, np.dtype(type_name), tuple(value_dims(value))))
+    if not specs:
+        raise InputError("the model has no inputs, so there is nothing to feed it; onnxcomp needs a model "
+                         "with inputs")
     return specs
+
+
+NUMERIC_TYPES = {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                 "uint64", "bool"}
+
+
+def value_type(value: onnx.ValueInfoProto) -> str:
+    """numpy name of a tensor's element type ("float32"), or what else the value is ("sequence", "bfloat16")."""
+    if not value.type.HasField("tensor_type"):
+        return value.type.WhichOneof("value") or "unknown"
+    elem_type = value.type.tensor_type.elem_type
+    if not elem_type:
+        return "unknown"
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return "bfloat16"
+    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+
+
+def value_dims(value: onnx.ValueInfoProto) -> list:
+    """A tensor's dimensions: ints, names of free dimensions, or None where unknown."""
+    if not value.type.HasField("tensor_type"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in value.type.tensor_type.shape.dim]
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,8 @@ class Preprocess:
                     values[key] = _number(raw)
                 elif key in ("mean", "std"):
                     values[key] = tuple(_number(v) for v in raw.split("|"))
+                    if key == "std" and 0 in values[key]:
+                        raise ValueError
                 elif key == "layout":
                     if raw.upper() not in ("NCHW", "NHWC"):
                         raise ValueError
@@ -108,6 +136,10 @@ class Preprocess:
         x = images.astype(np.float32)
         if x.ndim == 3:
             x = x[..., None]
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, x.shape[-1]):
+                raise InputError(f"preprocess {name} has {len(values)} values but the images have "
+                                 f"{x.shape[-1]} channels; give 1 or {x.shape[-1]}")
         if self.channels == "BGR":
             x = x[..., ::-1]
         x = (x * self.scale - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
@@ -197,7 +229,11 @@ def random_data(model: onnx.ModelProto, *, samples: int = 32, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in inputs:
-        per_sample = tuple(d if isinstance(d, int) else 1 for d in spec.shape[1:])
+        free = [str(d) for d in spec.shape[1:] if not isinstance(d, int)]
+        if not spec.shape or free:
+            raise InputError(f"model input '{spec.name}' has shape {list(spec.shape)}: random inputs cannot guess "
+                             f"{'its free dimensions ' + ', '.join(free) if free else 'a batch axis'}; give --data")
+        per_sample = tuple(spec.shape[1:])
         if np.issubdtype(spec.dtype, np.floating):
             arrays[spec.name] = rng.standard_normal((samples,) + per_sample).astype(spec.dtype)
         elif spec.dtype == np.bool_:
@@ -241,6 +277,9 @@ def _from_arrays(source: str, arrays: dict[str, np.ndarray], inputs: list[InputS
 
 
 def _check_array(source: str, spec: InputSpec, array: np.ndarray) -> np.ndarray:
+    if not spec.shape:
+        raise InputError(f"model input '{spec.name}' is a scalar, so samples cannot be stacked along a first "
+                         "axis; onnxcomp validates models whose inputs have a batch axis")
     expected = "[" + ", ".join(str(d) if d is not None else "?" for d in spec.shape) + "]"
     if array.ndim != len(spec.shape):
         raise InputError(f"{source}: array for input '{spec.name}' has shape {list(array.shape)}, the model expects "
@@ -264,6 +303,8 @@ def _check_labels(source: str, labels, count: int) -> np.ndarray | None:
     if labels is None:
         return None
     labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
     if labels.ndim == 2:  # one-hot
         labels = labels.argmax(axis=1)
     if labels.ndim != 1 or len(labels) != count or labels.dtype.kind not in "biu":
@@ -298,7 +339,12 @@ def _from_image_folder(folder: Path, inputs: list[InputSpec], preprocess: Prepro
         raise InputError(f"{folder}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
 
     def take(start: int, stop: int) -> dict[str, np.ndarray]:
-        images = np.stack([preprocess.load_image(p) for p in files[start:stop]])
+        images = [preprocess.load_image(p) for p in files[start:stop]]
+        sizes = {image.shape for image in images}
+        if len(sizes) > 1:
+            raise InputError(f"{folder}: images differ in size ({', '.join(str(s[:2]) for s in sorted(sizes))}); "
+                             "add resize= and crop= to --preprocess")
+        images = np.stack(images)
         return {spec.name: _check_array(str(folder), spec, preprocess.apply(images))}
 
     take(0, 1)  # fail now, not mid-run, when the preprocessing does not fit the model
@@ -319,8 +365,11 @@ def _list_images(folder: Path) -> tuple[list[Path], np.ndarray | None]:
     label_file = folder / "labels.csv"
     if label_file.exists():
         files, labels = [], []
-        with label_file.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
+        try:
+            with label_file.open(newline="", encoding="utf-8") as handle:
+                rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+        except UnicodeDecodeError:
+            raise InputError(f"{label_file}: not UTF-8 text; save it as UTF-8 CSV (file,class_index)") from None
         if rows and (len(rows[0]) < 2 or not rows[0][1].strip().isdigit()):
             rows = rows[1:]  # a header such as file,class_index
         for row in rows:
@@ -335,7 +384,8 @@ def _list_images(folder: Path) -> tuple[list[Path], np.ndarray | None]:
         if missing:
             raise InputError(f"{label_file}: lists {len(missing)} missing image(s), e.g. {missing[0]}")
         return files, np.asarray(labels, dtype=np.int64)
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    # hidden and tool folders (.ipynb_checkpoints, __MACOSX) are not classes
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
     if class_dirs:
         files, labels = [], []
         for index, class_dir in enumerate(class_dirs):

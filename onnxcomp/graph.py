@@ -21,6 +21,7 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     From IR 4 on, an initializer that is also a graph input is a default the caller may override: it enters
     the graph as a plain input, so no pass folds it as a constant. `export_model` gives it back its value.
     """
+    _densify_sparse_initializers(model)
     if model.ir_version >= 4:
         overridable = _overridable_initializers(model)
         kept = [t for t in model.graph.initializer if t.name not in overridable]
@@ -34,6 +35,8 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     model.doc_string = template.doc_string
+    model.domain = template.domain
+    model.model_version = template.model_version
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
     del model.functions[:]
@@ -47,6 +50,35 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                  for t in model.graph.initializer if t.name not in inputs)
     return model
+
+
+def unused_initializer_count(model: onnx.ModelProto) -> int:
+    """Initializers no node (in any subgraph) or graph output reads, leaving out overridable ones."""
+    read = {value.name for value in model.graph.output}
+    pending = [model.graph]
+    while pending:
+        current = pending.pop()
+        for node in current.node:
+            read.update(node.input)
+            for attribute in node.attribute:
+                pending.extend(attribute.graphs)
+                if attribute.HasField("g"):
+                    pending.append(attribute.g)
+    inputs = {value.name for value in model.graph.input}
+    return sum(t.name not in read and t.name not in inputs for t in model.graph.initializer)
+
+
+def _densify_sparse_initializers(model: onnx.ModelProto) -> None:
+    """Store sparse initializers densely: graphsurgeon drops them, and ONNX Runtime densifies them at load."""
+    for sparse in model.graph.sparse_initializer:
+        values = numpy_helper.to_array(sparse.values)
+        indices = numpy_helper.to_array(sparse.indices)
+        dims = tuple(sparse.dims)
+        dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+        flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)
+        dense[flat] = values
+        model.graph.initializer.append(numpy_helper.from_array(dense.reshape(dims), sparse.values.name))
+    del model.graph.sparse_initializer[:]
 
 
 def _overridable_initializers(model: onnx.ModelProto) -> set[str]:
@@ -96,9 +128,10 @@ class Names:
     """Fresh tensor and node names for one pass run: the names in use are collected once, not per call."""
 
     def __init__(self, graph: gs.Graph):
-        self.graph = graph
-        self.taken = set(graph.tensors().keys())
-        self.taken.update(node.name for node in graph.nodes)
+        self.taken: set[str] = set()
+        for scope in [graph] + list(graph.subgraphs(recursive=True)):  # subgraphs see outer names
+            self.taken.update(scope.tensors().keys())
+            self.taken.update(node.name for node in scope.nodes)
 
     def new(self, base: str) -> str:
         candidate, index = base, 0

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcomp.data import model_inputs
+from onnxcomp.data import value_dims, value_type
 
 
 @dataclass
@@ -93,12 +93,15 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         weights.append(info)
         by_op[op]["parameters"] += int(values.size)
         by_op[op]["bytes"] += info.bytes
-    outputs = [{"name": o.name, "dtype": _elem(o), "shape": _shape(o)} for o in graph.output]
+    initializers = {t.name for t in graph.initializer}
+    inputs = [{"name": v.name, "dtype": value_type(v), "shape": value_dims(v)} for v in graph.input
+              if v.name not in initializers]
+    outputs = [{"name": v.name, "dtype": value_type(v), "shape": value_dims(v)} for v in graph.output]
     return ModelSummary(
         ir_version=model.ir_version,
         opsets={entry.domain: entry.version for entry in model.opset_import},
         producer=" ".join(filter(None, [model.producer_name, model.producer_version])),
-        inputs=[{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in model_inputs(model)],
+        inputs=inputs,
         outputs=outputs, op_counts=dict(op_counts), parameters_by_op=dict(by_op), weights=weights)
 
 
@@ -108,13 +111,3 @@ def _all_nodes(graph: onnx.GraphProto):
         for attribute in node.attribute:
             for subgraph in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []):
                 yield from _all_nodes(subgraph)
-
-
-def _elem(value: onnx.ValueInfoProto) -> str:
-    elem_type = value.type.tensor_type.elem_type
-    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))) if elem_type else "unknown"
-
-
-def _shape(value: onnx.ValueInfoProto) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in value.type.tensor_type.shape.dim]

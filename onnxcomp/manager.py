@@ -42,28 +42,27 @@ class PassManager:
                             _check_error(model))
         working = onnx.ModelProto()
         working.CopyFrom(model)
+        ctx.unused_initializers = graphs.unused_initializer_count(working)
         graph = graphs.import_model(working)
         records: list[PassRecord] = []
-        pipeline = list(self.passes)
-        any_modified = False
-        index = 0
-        while index < len(pipeline):
-            current = pipeline[index]
+
+        def step(current: Pass, automatic: bool) -> None:
             record = self._run_one(current, graph, ctx)
-            record.automatic = index >= len(self.passes)
+            record.automatic = automatic
             records.append(record)
-            any_modified |= record.modified
             if record.modified and check:
                 error = _check_error(graphs.export_model(graph, model))
                 if error:
                     raise PostconditionError(f"pass '{current.name}' produced an invalid model: {error}")
-            index += 1
-            if (index == len(self.passes) and self.final_cleanup and any_modified
-                    and current.name != "cleanup"):
-                from onnxcomp.registry import get
 
-                pipeline.append(get("cleanup")())
-        if not any_modified:
+        for current in self.passes:
+            step(current, automatic=False)
+        modified = any(record.modified for record in records)
+        if self.final_cleanup and modified and self.passes[-1].name != "cleanup":
+            from onnxcomp.registry import get
+
+            step(get("cleanup")(), automatic=True)
+        if not modified:
             unchanged = onnx.ModelProto()
             unchanged.CopyFrom(model)
             return unchanged, records  # byte for byte the input: a no-op pipeline must not reformat the model

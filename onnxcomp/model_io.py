@@ -84,6 +84,9 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
         onnx.save_model(copy, str(staged_model), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
         staged_data = Path(staging) / data_name
+        for staged in (staged_model, staged_data):
+            if staged.exists():
+                os.chmod(staged, _default_mode())
         target_data = folder / data_name
         previous_data = Path(staging) / (data_name + ".previous")
         # Data first, so a reader that sees the new model also sees its data. Should the model's rename
@@ -112,11 +115,14 @@ def check_output_path(source: str | os.PathLike | None, output: str | os.PathLik
         _refuse_overwrite(Path(source), output)
 
 
-def save_text(text: str, path: str | os.PathLike) -> Path:
-    """Write a report or other text file atomically."""
+def save_text(text: str, path: str | os.PathLike, *, protect: tuple = ()) -> Path:
+    """Write a report or other text file atomically; refuse to write over the model files in `protect`."""
     path = Path(path)
     if path.is_dir() or not path.resolve().parent.is_dir():
         raise InputError(f"{path}: cannot write here; give a file name in an existing folder")
+    for model_path in protect:
+        if model_path is not None and path.exists() and Path(model_path).exists() and os.path.samefile(path, model_path):
+            raise InputError(f"{path}: is a model file of this run; write the report to another file")
     _write_atomically(path, text.encode("utf-8"))
     return path
 
@@ -186,18 +192,31 @@ def _refuse_overwrite(source: Path, target: Path) -> None:
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
+    if path.exists() and not path.is_file():
+        # /dev/null, /dev/stdout, a pipe: the user asked to stream there; renaming over it would replace it
+        with open(path, "wb") as handle:
+            handle.write(payload)
+        return
     folder = path.resolve().parent
+    mode = path.stat().st_mode & 0o777 if path.exists() else _default_mode()
     fd, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temp_name, mode)  # mkstemp makes 0600; a saved model should be as readable as any new file
         os.replace(temp_name, path)
     except BaseException:
         if os.path.exists(temp_name):
             os.unlink(temp_name)
         raise
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _first_line(exc: BaseException) -> str:

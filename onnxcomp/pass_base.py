@@ -42,6 +42,8 @@ class PassContext:
     calibration_data: Any = None  # onnxcomp.data.Dataset or None
     provider: str = "cpu"
     seed: int = 0
+    # Initializers of the input model that nothing reads: the import already dropped them, cleanup reports them.
+    unused_initializers: int = 0
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcomp"))
 
 

@@ -61,6 +61,8 @@ def load_toml(path: str | Path) -> list[Pass]:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: recipe file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the recipe ({exc.strerror or exc}); give a TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a valid TOML recipe ({exc})") from None
     entries = document.get("pass")

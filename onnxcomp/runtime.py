@@ -33,8 +33,7 @@ def require_available(providers: list[str]) -> None:
                 "install the GPU build: pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
 
 
-def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: str = "all",
-            threads: int | None = None) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: str = "all") -> ort.InferenceSession:
     """An inference session on exactly the provider asked for; never a silent fallback to the CPU."""
     if optimization not in OPTIMIZATION_LEVELS:
         raise InputError(f"unknown ORT optimization level '{optimization}'; valid: {', '.join(OPTIMIZATION_LEVELS)}")
@@ -42,9 +41,7 @@ def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: s
     require_available([provider])
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    options.log_severity_level = 4  # fatal only: failures reach the user as our one-line errors
     source = model if isinstance(model, str) else model.SerializeToString()
     try:
         created = ort.InferenceSession(source, options, providers=[provider_name])

@@ -99,59 +99,89 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
     _check_same_interface(reference_model, candidate_model)
     dataset = datasets.random_data(reference_model) if data is None else datasets.open_data(
         data, reference_model, preprocess=preprocess, limit=limit)
+    step = _batch_step(dataset, batch_size)
+    fixed = any(spec.fixed_batch is not None for spec in dataset.inputs)
+    usable = dataset.num_samples - dataset.num_samples % step if fixed else dataset.num_samples
+    if usable == 0:
+        raise InputError(f"{dataset.source}: {dataset.num_samples} sample(s), but the model takes batches of "
+                         f"exactly {step}; give at least {step} samples")
     notes = []
     if dataset.is_random:
         notes.append("no data given: random inputs were used, so accuracy was NOT measured; "
                      "agreement and error on random inputs only")
     elif dataset.labels is None:
         notes.append("the data has no labels: accuracy was not measured, agreement with the reference was")
+    if usable < dataset.num_samples:
+        notes.append(f"the model's batch is fixed at {step}: the last {dataset.num_samples - usable} "
+                     "sample(s) were not used")
     result = Validation(dataset.source, dataset.is_random, dataset.labels is not None,
                         _size(reference, reference_model), _size(candidate, candidate_model), notes=notes)
     for provider in providers:
         result.providers.append(_compare_on(provider, reference, reference_model, candidate, candidate_model,
-                                            dataset, batch_size, latency_runs, warmup, optimization))
+                                            dataset, step, usable, latency_runs, warmup, optimization))
     return result
 
 
-def _compare_on(provider, reference, reference_model, candidate, candidate_model, dataset, batch_size,
+def _batch_step(dataset: datasets.Dataset, batch_size: int) -> int:
+    """Samples per run: the model's fixed batch if it has one, else `batch_size`."""
+    fixed = {spec.fixed_batch for spec in dataset.inputs if spec.fixed_batch is not None}
+    if len(fixed) > 1:
+        raise InputError(f"the model's inputs have different fixed batch sizes {sorted(fixed)}; "
+                         "onnxcomp cannot split samples across them")
+    return fixed.pop() if fixed else batch_size
+
+
+def _compare_on(provider, reference, reference_model, candidate, candidate_model, dataset, step, usable,
                 latency_runs, warmup, optimization) -> ProviderResult:
     ref_session = runtime.session(_source(reference, reference_model), provider, optimization)
     cand_session = runtime.session(_source(candidate, candidate_model), provider, optimization)
-    fixed = [spec.fixed_batch for spec in dataset.inputs if spec.fixed_batch is not None]
-    step = fixed[0] if fixed else batch_size
     output_names = [o.name for o in ref_session.get_outputs()]
     errors = {name: _ErrorAccumulator() for name in output_names}
     ref_top1, cand_top1 = [], []
-    usable = dataset.num_samples - dataset.num_samples % step if fixed else dataset.num_samples
     for start in range(0, usable, step):
-        feed = dataset.batch(start, min(start + step, usable))
-        ref_out = ref_session.run(None, feed)
-        cand_out = cand_session.run(None, feed)
+        stop = min(start + step, usable)
+        feed = dataset.batch(start, stop)
+        ref_out = _run(ref_session, feed, "reference", provider)
+        cand_out = _run(cand_session, feed, "candidate", provider)
         for name, r, c in zip(output_names, ref_out, cand_out):
-            errors[name].add(np.asarray(r), np.asarray(c))
-        if _is_scores(ref_out[0]):
-            ref_top1.append(ref_out[0].reshape(len(ref_out[0]), -1).argmax(axis=1))
-            cand_top1.append(cand_out[0].reshape(len(cand_out[0]), -1).argmax(axis=1))
+            errors[name].add(r, c)
+        if _is_scores(ref_out[0], stop - start):
+            ref_top1.append(ref_out[0].argmax(axis=1))
+            cand_top1.append(cand_out[0].argmax(axis=1))
     ref_acc = cand_acc = agreement = None
-    if ref_top1:
+    if ref_top1 and sum(map(len, ref_top1)) == usable:
         ref_classes, cand_classes = np.concatenate(ref_top1), np.concatenate(cand_top1)
         agreement = 100.0 * float(np.mean(ref_classes == cand_classes))
-        if dataset.labels is not None and len(ref_classes) <= len(dataset.labels):
-            labels = dataset.labels[:len(ref_classes)]
+        if dataset.labels is not None:
+            labels = dataset.labels[:usable]
             ref_acc = 100.0 * float(np.mean(ref_classes == labels))
             cand_acc = 100.0 * float(np.mean(cand_classes == labels))
     ref_latency = cand_latency = None
     if latency_runs > 0:
-        one = dataset.batch(0, fixed[0] if fixed else 1)
+        fixed = any(spec.fixed_batch is not None for spec in dataset.inputs)
+        one = dataset.batch(0, step if fixed else 1)  # batch 1, unless the model only takes its fixed batch
         ref_latency, cand_latency = interleaved_latency([ref_session, cand_session], one,
                                                         runs=latency_runs, warmup=warmup)
     return ProviderResult(provider, usable, ref_acc, cand_acc, agreement,
                           [errors[name].result(name) for name in output_names], ref_latency, cand_latency)
 
 
-def _is_scores(output: np.ndarray) -> bool:
-    """Class scores: one row per sample and more than one class."""
-    return output.ndim >= 2 and int(np.prod(output.shape[1:])) > 1 and output.dtype.kind == "f"
+def _run(session, feed, which: str, provider: str) -> list[np.ndarray]:
+    try:
+        outputs = session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types for data the model rejects
+        raise InputError(f"onnxruntime could not run the {which} model on {provider} with this data: "
+                         f"{str(exc).strip().splitlines()[0]}") from None
+    for output in outputs:
+        if not isinstance(output, np.ndarray):
+            raise InputError(f"the {which} model has a non-tensor output ({type(output).__name__}); "
+                             "validation compares tensor outputs only")
+    return outputs
+
+
+def _is_scores(output: np.ndarray, rows: int) -> bool:
+    """Class scores: a float matrix with one row per sample and more than one class."""
+    return output.ndim == 2 and output.shape[0] == rows and output.shape[1] > 1 and output.dtype.kind == "f"
 
 
 class _ErrorAccumulator:
@@ -164,6 +194,7 @@ class _ErrorAccumulator:
         self.sum_cand_sq = 0.0
         self.sum_diff_sq = 0.0
         self.dot = 0.0
+        self.not_finite = False
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if reference.shape != candidate.shape:
@@ -172,6 +203,7 @@ class _ErrorAccumulator:
         r = reference.astype(np.float64).ravel()
         c = candidate.astype(np.float64).ravel()
         diff = np.abs(r - c)
+        self.not_finite |= not (np.isfinite(r).all() and np.isfinite(c).all())
         self.count += r.size
         if r.size:
             self.max_abs = max(self.max_abs, float(diff.max()))
@@ -183,6 +215,8 @@ class _ErrorAccumulator:
         self.dot += float(r @ c)
 
     def result(self, name: str) -> OutputError:
+        if self.not_finite:  # NaN or inf in either model's output: no figure would mean anything
+            return OutputError(name, float("nan"), float("nan"), self.max_ref, float("nan"), float("nan"))
         norms = np.sqrt(self.sum_ref_sq * self.sum_cand_sq)
         cosine = self.dot / norms if norms > 0 else (1.0 if self.sum_diff_sq == 0 else 0.0)
         if self.sum_diff_sq == 0:

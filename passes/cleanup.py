@@ -38,8 +38,10 @@ class Cleanup(Pass):
             "identity_removed": identities,
             "dead_nodes_removed": nodes_before - len(graph.nodes) - identities,
             "duplicate_initializers_merged": duplicates,
-            "initializers_removed": initializers_before - len(graphs.weight_initializers(graph)),
+            "initializers_removed": (initializers_before - len(graphs.weight_initializers(graph))
+                                     + ctx.unused_initializers),
         }
+        ctx.unused_initializers = 0  # reported once
         return PassResult(modified=any(stats.values()), stats=stats)
 
 

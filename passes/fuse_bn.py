@@ -135,18 +135,7 @@ def _plan_conv(graph, bn, conv, params: BatchNormParams):
         return "channel-mismatch"
     new_bias = (bias if has_bias else 0.0) * params.scale + params.offset
 
-    def fold(names: graphs.Names) -> str:
-        base = conv.name or conv.outputs[0].name
-        conv.inputs[1] = names.constant(f"{base}_fused_weight", new_weight.astype(weight.dtype))
-        bias_tensor = names.constant(f"{base}_fused_bias", new_bias.astype(weight.dtype))
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = bias_tensor
-        else:
-            conv.inputs.append(bias_tensor)
-        _take_output(conv, bn)
-        return conv.op
-
-    return fold
+    return _fold_into(conv, bn, new_weight.astype(weight.dtype), new_bias.astype(weight.dtype))
 
 
 def _plan_gemm(graph, bn, gemm, params: BatchNormParams):
@@ -168,19 +157,7 @@ def _plan_gemm(graph, bn, gemm, params: BatchNormParams):
     except ValueError:  # bias that does not broadcast against the output channels
         return "channel-mismatch"
 
-    def fold(names: graphs.Names) -> str:
-        base = gemm.name or gemm.outputs[0].name
-        gemm.inputs[1] = names.constant(f"{base}_fused_weight", new_weight.astype(weight.dtype))
-        bias_tensor = names.constant(f"{base}_fused_bias", new_bias.astype(weight.dtype))
-        if len(gemm.inputs) > 2:
-            gemm.inputs[2] = bias_tensor
-        else:
-            gemm.inputs.append(bias_tensor)
-        gemm.attrs["beta"] = 1.0
-        _take_output(gemm, bn)
-        return "Gemm"
-
-    return fold
+    return _fold_into(gemm, bn, new_weight.astype(weight.dtype), new_bias.astype(weight.dtype), {"beta": 1.0})
 
 
 def _plan_matmul_add(graph, bn, add, params: BatchNormParams):
@@ -229,6 +206,24 @@ def _plan_matmul(graph, bn, matmul, add_and_bias, params: BatchNormParams):
             graph.nodes.append(gs.Node("Add", name=names.new(f"{base}_fused_add"),
                                        inputs=[matmul.outputs[0], bias_tensor], outputs=[y]))
         return "MatMul"
+
+    return fold
+
+
+def _fold_into(layer: gs.Node, bn: gs.Node, weight: np.ndarray, bias: np.ndarray, attrs: dict | None = None):
+    """The fold for layers that take (x, weight, bias): new weight and bias tensors, then the BN's output."""
+
+    def fold(names: graphs.Names) -> str:
+        base = layer.name or layer.outputs[0].name
+        layer.inputs[1] = names.constant(f"{base}_fused_weight", weight)
+        bias_tensor = names.constant(f"{base}_fused_bias", bias)
+        if len(layer.inputs) > 2:
+            layer.inputs[2] = bias_tensor
+        else:
+            layer.inputs.append(bias_tensor)
+        layer.attrs.update(attrs or {})
+        _take_output(layer, bn)
+        return layer.op
 
     return fold
 

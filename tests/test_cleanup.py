@@ -38,6 +38,7 @@ def test_identity_dead_nodes_and_unused_initializers_are_removed():
     assert [t.name for t in cleaned.graph.initializer] == ["c"]
     assert record.stats["identity_removed"] == 1
     assert record.stats["dead_nodes_removed"] == 1
+    assert record.stats["initializers_removed"] == 1
     np.testing.assert_array_equal(run_model(cleaned, FEED)[0], run_model(original, FEED)[0])
 
 
@@ -77,6 +78,13 @@ def test_same_bytes_with_another_shape_are_not_merged():
     cleaned, record = cleanup(build(nodes, [a, b]))
     assert record.stats["duplicate_initializers_merged"] == 0
     assert len(cleaned.graph.initializer) == 2
+
+
+def test_cleanup_alone_removes_an_unused_initializer():
+    unused = numpy_helper.from_array(np.ones(1000, np.float32), "unused")
+    cleaned, record = cleanup(build([helper.make_node("Relu", ["x"], ["y"])], [unused]))
+    assert record.modified and record.stats["initializers_removed"] == 1
+    assert len(cleaned.graph.initializer) == 0
 
 
 def test_clean_model_is_reported_unchanged():

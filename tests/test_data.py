@@ -79,3 +79,26 @@ def test_preprocess_spec_errors_give_an_example():
         Preprocess.parse("zoom=2")
     with pytest.raises(InputError, match="example: resize=256"):
         Preprocess.parse("layout=CHW")
+
+
+def test_column_labels_are_class_indices_not_one_hot(tmp_path):
+    np.savez(tmp_path / "d.npz", img=np.zeros((3, 3, 4, 4), np.float32), labels=np.array([[2], [0], [1]]))
+    assert open_data(tmp_path / "d.npz", image_model()).labels.tolist() == [2, 0, 1]
+
+
+def test_hidden_and_tool_folders_are_not_classes(tmp_path):
+    for name in (".ipynb_checkpoints", "__MACOSX", "cat", "dog"):
+        (tmp_path / name).mkdir()
+        write_image(tmp_path / name / "a.png", (1, 2, 3))
+    assert open_data(tmp_path, image_model()).labels.tolist() == [0, 1]
+
+
+def test_images_of_different_sizes_need_a_crop(tmp_path):
+    graph = helper.make_graph([helper.make_node("Relu", ["img"], ["y"])], "g",
+                              [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    write_image(tmp_path / "a.png", (1, 2, 3), size=(6, 8))
+    write_image(tmp_path / "b.png", (1, 2, 3), size=(8, 8))
+    with pytest.raises(InputError, match="images differ in size"):
+        open_data(tmp_path, model).batch(0, 2)

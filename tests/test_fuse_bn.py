@@ -32,10 +32,17 @@ def weight(name: str, *shape: int) -> onnx.TensorProto:
 
 
 def model(nodes, initializers, inputs, outputs, opset: int = 17) -> onnx.ModelProto:
+    """A valid model (so the manager's checker runs on the pass's output too); output shapes are inferred."""
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
                               initializer=initializers)
     built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7 if opset < 15 else 8)
+    inferred_graph = onnx.shape_inference.infer_shapes(built).graph
+    inferred = {v.name: v for v in list(inferred_graph.value_info) + list(inferred_graph.output)}
+    for output in built.graph.output:
+        if output.name in inferred:
+            output.CopyFrom(inferred[output.name])
+    onnx.checker.check_model(built)
     return built
 
 
@@ -189,7 +196,9 @@ def test_conv_output_that_is_a_graph_output_is_skipped():
 def test_training_mode_batch_norm_is_skipped():
     inits = [weight("W", 3, 3, 1, 1)] + bn_params("bn", 3)
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("bn", "c", "y", training_mode=1)]
-    original = model(nodes, inits, [("x", [2, 3, 4, 4])], ["y"], opset=15)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])], initializer=inits)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
     fused, record = fuse(original)
     assert not record.modified
     assert record.stats["skipped:training-mode"] == 1
@@ -262,3 +271,24 @@ def test_overridable_weight_is_not_folded_and_stays_an_input():
     assert_same_outputs(original, fused, image(1, 3, 4, 4))
     other_w = {"W": RNG.normal(0, 1, (3, 3, 1, 1)).astype(np.float32)}
     assert_same_outputs(original, fused, {**image(1, 3, 4, 4), **other_w})
+
+
+def test_new_names_do_not_collide_with_names_inside_subgraphs():
+    def branch(value: float) -> onnx.GraphProto:
+        constant = numpy_helper.from_array(np.full(4, value, np.float32), "v")
+        return helper.make_graph([helper.make_node("Constant", [], ["c_fused_weight"], value=constant)], "branch",
+                                 [], [helper.make_tensor_value_info("c_fused_weight", TensorProto.FLOAT, [4])])
+
+    inits = [weight("W", 4, 3, 1, 1)] + bn_params("bn", 4)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("bn", "c", "y"),
+         helper.make_node("If", ["flag"], ["z"], then_branch=branch(1.0), else_branch=branch(2.0))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [4])], initializer=inits)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(original)
+    fused, record = fuse(original)
+    assert record.stats["fused"] == 1
+    assert_same_outputs(original, fused, {**image(1, 3, 4, 4), "flag": np.array(True)})

@@ -419,3 +419,15 @@ def test_load_truncated_model(tmp_path):
     path.write_bytes(content[: len(content) // 2])
     with pytest.raises(InputError, match="ONNX model"):
         model_io.load(path)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        model_io.save(dense_model(), tmp_path / "plain.onnx")
+        model_io.save(dense_model(), tmp_path / "external.onnx", external_data=True)
+        model_io.save_text("{}", tmp_path / "report.json")
+    finally:
+        os.umask(umask)
+    for name in ("plain.onnx", "external.onnx", "external.onnx.data", "report.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -117,3 +117,38 @@ def test_manager_rejects_a_pass_that_breaks_the_model(digits_model):
 
     with pytest.raises(PostconditionError, match="pass 'breaker' produced an invalid model"):
         PassManager([Breaker()]).run(onnxcomp.load(digits_model))
+
+
+def _modifiable_model(**graph_fields):
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["i"]), helper.make_node("MatMul", ["i", "S"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], **graph_fields)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_sparse_initializers_survive_a_modifying_pass():
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from helpers import run_model
+
+    values = numpy_helper.from_array(np.array([1.5, -2.0], np.float32), "S")
+    indices = numpy_helper.from_array(np.array([1, 5], np.int64), "S_indices")
+    original = _modifiable_model(sparse_initializer=[helper.make_sparse_tensor(values, indices, [2, 3])])
+    cleaned, records = PassManager(parse("cleanup")).run(original)
+    assert records[0].stats["identity_removed"] == 1
+    feed = {"x": np.array([[1.0, 2.0]], np.float32)}
+    np.testing.assert_array_equal(run_model(cleaned, feed)[0], [[0.0, 1.5, -4.0]])
+
+
+def test_model_level_fields_survive_a_modifying_pass():
+    import numpy as np
+    from onnx import numpy_helper
+
+    original = _modifiable_model(initializer=[numpy_helper.from_array(np.ones((2, 3), np.float32), "S")])
+    original.model_version, original.domain, original.doc_string = 7, "com.example", "doc"
+    cleaned, _ = PassManager(parse("cleanup")).run(original)
+    assert (cleaned.model_version, cleaned.domain, cleaned.doc_string) == (7, "com.example", "doc")

@@ -61,3 +61,31 @@ def test_random_inputs_say_accuracy_was_not_measured():
     assert result.random_data
     assert "accuracy was NOT measured" in result.notes[0]
     assert result.providers[0].reference_accuracy is None
+
+
+def test_nan_in_the_candidate_is_reported_not_hidden():
+    log_abs = helper.make_model(helper.make_graph(
+        [helper.make_node("Abs", ["x"], ["a"]), helper.make_node("Log", ["a"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    log_only = helper.make_model(helper.make_graph(
+        [helper.make_node("Log", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.random.default_rng(3).normal(size=(8, 4)).astype(np.float32)
+    out = validate(log_abs, log_only, {"x": x}, latency_runs=0).providers[0].outputs[0]
+    assert np.isnan(out.max_abs_error) and np.isnan(out.sqnr_db)
+
+
+def test_outputs_that_are_not_one_row_per_sample_give_no_accuracy():
+    # ReduceMean over the batch: one row per batch, not per sample; top-1 would compare the wrong rows.
+    reduce = helper.make_model(helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[0], keepdims=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]),
+        opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = np.random.default_rng(4).normal(size=(100, 4)).astype(np.float32)
+    provider = validate(reduce, reduce, {"x": x, "labels": x.argmax(1)}, latency_runs=0).providers[0]
+    assert provider.reference_accuracy is None and provider.agreement is None
