@@ -1,0 +1,204 @@
+"""Calibration: activation statistics gathered batch by batch, and the quantization range each method picks.
+
+Statistics per tensor are a min, a max and a histogram of fixed size. The histogram covers [-limit, limit];
+when a batch holds a larger value, the limit doubles and neighbouring bins merge, so earlier batches stay
+counted without being stored. Memory is the same for 50 samples or 50 000.
+
+Range methods, for a tensor quantized to `levels` steps:
+    minmax      [min, max]
+    percentile  the central `percentile` % of the values (one-sided for tensors that are never negative)
+    entropy     the clipping threshold whose quantized histogram is closest to the real one (KL divergence,
+                as in TensorRT's calibrator)
+    mse         the clipping range with the least expected squared error: clipping error of the values outside
+                plus rounding noise step²/12 of the values inside
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxcomp.errors import InputError
+
+BINS = 2048  # per side of zero
+HISTOGRAM_SAMPLES = 1 << 18  # values per tensor and batch that enter the histogram
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclass
+class TensorStats:
+    minimum: float = math.inf
+    maximum: float = -math.inf
+    limit: float = 0.0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(2 * BINS, np.int64))
+    sum_squares: float = 0.0
+    count: int = 0
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float32).ravel()
+        if values.size == 0:
+            return
+        low, high = float(values.min()), float(values.max())
+        if not (np.isfinite(low) and np.isfinite(high)):  # rare: pay for the filtering only then
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                return
+            low, high = float(values.min()), float(values.max())
+        self.minimum, self.maximum = min(self.minimum, low), max(self.maximum, high)
+        largest = max(abs(low), abs(high))
+        if self.limit == 0.0:
+            self.limit = largest if largest > 0 else 1e-8
+        while largest > self.limit:
+            self._double_range()
+        if values.size > HISTOGRAM_SAMPLES:
+            # min and max above saw every value; the histogram's quantiles need far fewer. A prime stride does
+            # not line up with the power-of-two sizes of feature maps.
+            values = values[:: _prime_at_least(values.size // HISTOGRAM_SAMPLES)]
+        index = (values + np.float32(self.limit)) * np.float32(BINS / self.limit)
+        np.clip(index, 0, 2 * BINS - 1, out=index)
+        self.counts += np.bincount(index.astype(np.int32), minlength=2 * BINS)
+        self.sum_squares += float(np.dot(values, values))
+        self.count += values.size
+
+    def _double_range(self) -> None:
+        merged = self.counts.reshape(-1, 2).sum(axis=1)  # BINS bins over [-limit, limit]
+        self.counts = np.zeros(2 * BINS, np.int64)
+        self.counts[BINS // 2: BINS // 2 + BINS] = merged
+        self.limit *= 2
+
+    @property
+    def centers(self) -> np.ndarray:
+        width = self.limit / BINS
+        return -self.limit + width * (np.arange(2 * BINS) + 0.5)
+
+
+def _prime_at_least(n: int) -> int:
+    candidate = max(2, n)
+    while any(candidate % d == 0 for d in range(2, int(candidate ** 0.5) + 1)):
+        candidate += 1
+    return candidate
+
+
+def choose_range(stats: TensorStats, method: str, *, percentile: float = 99.999, levels: int = 256,
+                 nonnegative: bool | None = None) -> tuple[float, float]:
+    """The [low, high] range to quantize a tensor with these statistics to, by `method`. Always holds 0."""
+    if stats.count == 0:
+        return 0.0, 0.0
+    if nonnegative is None:
+        nonnegative = stats.minimum >= 0
+    low, high = min(stats.minimum, 0.0), max(stats.maximum, 0.0)
+    if method == "minmax" or high - low == 0:
+        pass
+    elif method == "percentile":
+        low, high = _percentile_range(stats, percentile, nonnegative)
+    elif method == "entropy":
+        threshold = _entropy_threshold(stats, levels if nonnegative else levels // 2, nonnegative)
+        low, high = max(low, -threshold), min(high, threshold)
+    elif method == "mse":
+        low, high = _mse_range(stats, levels, nonnegative)
+    else:
+        raise InputError(f"unknown calibration method '{method}'; valid: {', '.join(METHODS)}")
+    return float(min(low, 0.0)), float(max(high, 0.0))
+
+
+def _percentile_range(stats: TensorStats, percentile: float, nonnegative: bool) -> tuple[float, float]:
+    cumulative = np.cumsum(stats.counts)
+    total = cumulative[-1]
+    tail = (100.0 - percentile) / 100.0 * total
+    centers = stats.centers
+    high = centers[min(np.searchsorted(cumulative, total - tail), len(centers) - 1)]
+    low = 0.0 if nonnegative else centers[np.searchsorted(cumulative, tail)]
+    return max(low, stats.minimum), min(high, stats.maximum)
+
+
+def _mse_range(stats: TensorStats, levels: int, nonnegative: bool) -> tuple[float, float]:
+    """Coordinate search: best upper end for the current lower end, then best lower end, twice."""
+    used = stats.counts > 0
+    centers, counts = stats.centers[used], stats.counts[used].astype(np.float64)
+    low, high = min(stats.minimum, 0.0), max(stats.maximum, 0.0)
+
+    def error(lo: float, hi: float) -> float:
+        step = (hi - lo) / (levels - 1)
+        clipped = np.clip(centers, lo, hi)
+        inside = counts[(centers >= lo) & (centers <= hi)].sum()
+        return float(np.dot(counts, (centers - clipped) ** 2) + inside * step * step / 12.0)
+
+    fractions = np.linspace(0.02, 1.0, 99)
+    full_low, full_high = low, high
+    for _ in range(2):
+        if full_high > 0:
+            high = min((full_high * f for f in fractions), key=lambda h: error(low, h))
+        if not nonnegative and full_low < 0:
+            low = min((full_low * f for f in fractions), key=lambda lo: error(lo, high))
+    return low, high
+
+
+def _entropy_threshold(stats: TensorStats, levels: int, nonnegative: bool) -> float:
+    """KL-divergence threshold on |x| (TensorRT's method), over candidate thresholds every few bins."""
+    positive = stats.counts[BINS:].astype(np.float64)
+    if not nonnegative:
+        positive = positive + stats.counts[:BINS][::-1]
+    width = stats.limit / BINS
+    last = int(np.nonzero(positive)[0][-1]) + 1 if positive.any() else 1
+    if last <= levels:
+        return last * width
+    best, best_divergence = last, math.inf
+    for end in range(levels, last + 1, max(1, (last - levels) // 256)):
+        reference = positive[:end].copy()
+        reference[end - 1] += positive[end:].sum()
+        # quantize the first `end` bins into `levels` groups, spreading each group's mass over its non-empty bins
+        groups = np.array_split(positive[:end], levels)
+        expanded = np.concatenate([
+            np.where(g > 0, g.sum() / max(np.count_nonzero(g), 1), 0.0) for g in groups])
+        p = reference / reference.sum()
+        q = expanded / max(expanded.sum(), 1e-12)
+        mask = p > 0
+        divergence = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if divergence < best_divergence:
+            best, best_divergence = end, divergence
+    return best * width
+
+
+def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int, batch_size: int,
+            provider: str = "cpu", progress: bool | None = None) -> dict[str, TensorStats]:
+    """Run `model` on up to `samples` samples of `dataset` and gather statistics of `tensors`, batch by batch."""
+    from onnxcomp import runtime
+
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in existing)
+    # basic: constant folding only, which keeps every tensor we observe as it is in the float model
+    session = runtime.session(augmented, provider, optimization="basic")
+    names = [o.name for o in session.get_outputs()]
+    wanted = set(tensors)
+    stats = {name: TensorStats() for name in tensors}
+    total = min(samples, dataset.num_samples)
+    fixed = [spec.fixed_batch for spec in dataset.inputs if spec.fixed_batch is not None]
+    step = fixed[0] if fixed else batch_size
+    show = sys.stderr.isatty() if progress is None else progress
+    done = 0
+    for start in range(0, total - total % step if fixed else total, step):
+        feed = dataset.batch(start, min(start + step, total))
+        try:
+            outputs = session.run(names, feed)
+        except Exception as exc:  # noqa: BLE001 - ORT's own error types
+            raise InputError(f"calibration: onnxruntime could not run the model on {dataset.source}: "
+                             f"{str(exc).strip().splitlines()[0]}") from None
+        for name, value in zip(names, outputs):
+            if name in wanted:
+                stats[name].update(value)
+        done = min(start + step, total)
+        if show:
+            filled = int(30 * done / total)
+            print(f"\rcalibrating [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
+    if show:
+        print(file=sys.stderr)
+    if done == 0:
+        raise InputError(f"calibration: {dataset.source} has no usable samples")
+    return stats

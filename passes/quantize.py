@@ -1,0 +1,405 @@
+"""int8: static int8 quantization in QDQ format, calibrated on data, for ONNX Runtime's int8 kernels.
+
+Before:
+    x ─► Conv(W, b) ─► Relu ─► y ─► Add ─► z
+After:
+    x ─► Q ─► DQ ─► Conv(DQ(W:int8, per output channel), DQ(b:int32)) ─► Q ─► DQ ─► y ─► Add ─► Q ─► DQ ─► z
+
+ONNX Runtime fuses each `DQ → op → Q` group into an int8 kernel (QLinearConv, QGemm, QLinearAdd, …) when it
+creates the session. The plan is made first, then the graph is rewritten in one place:
+
+1. Select the nodes to quantize: Conv, Gemm and MatMul with constant weights; Add, Mul, Concat, average
+   pooling; MaxPool, Resize and the reshaping ops pass their input's quantization through unchanged. A Relu or
+   Clip after a quantized node is folded into the node's output range (uint8 with zero point 0 clamps at 0).
+2. Calibrate: run the float model on the calibration data and gather each quantized tensor's statistics batch
+   by batch (passes/calibrate.py); pick each range by `method`.
+3. Rewrite: activations asymmetric uint8 (or int8); weights symmetric int8 per output channel; biases int32
+   with scale = input scale × weight scale.
+
+Weights and x86 CPUs without VNNI: ONNX Runtime's u8×s8 kernels there add pairs of 8-bit products in 16 bits,
+which saturates when two large activations meet two large weights (|a₁w₁ + a₂w₂| > 32767). With
+`weight_range=safe` (the default) each output channel gets the largest integer range for which no pair of its
+weights can saturate with any uint8 input — between 64 (ORT's `reduce_range`) and 127 levels, most channels near
+the top. `weight_range=full` uses ±127 everywhere (for VNNI and ARM targets), `reduced` uses ±63.
+Depthwise convolutions never go through that kernel and always get ±127.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp import graph as graphs
+from onnxcomp.errors import InputError
+from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
+from onnxcomp.passes import calibrate
+from onnxcomp.registry import register
+
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+ELEMENTWISE = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
+# Output keeps the input's scale and zero point, so ONNX Runtime can drop the Q/DQ pair around them.
+PASS_THROUGH = ("MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+FOLDED_ACTIVATIONS = ("Relu", "Clip")
+SATURATION_LIMIT = 32767  # int16, the u8s8 pair sum on AVX2 without VNNI
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    method: str = "percentile"
+    percentile: float = 99.999
+    activations: str = "uint8"
+    weight_range: str = "safe"
+    per_channel: bool = True
+    samples: int = 200
+    batch_size: int = 16
+    exclude: tuple[str, ...] = ()      # node names
+    exclude_ops: tuple[str, ...] = ()  # op types
+    keep_first: bool = False           # leave the first weighted layer in float
+    keep_last: bool = False            # leave the last weighted layer in float
+
+    def __post_init__(self):
+        if self.method not in calibrate.METHODS:
+            raise ValueError(f"method must be one of {', '.join(calibrate.METHODS)}, not '{self.method}'")
+        if self.activations not in ("uint8", "int8"):
+            raise ValueError(f"activations must be uint8 or int8, not '{self.activations}'")
+        if self.weight_range not in ("safe", "full", "reduced"):
+            raise ValueError(f"weight-range must be safe, full or reduced, not '{self.weight_range}'")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError("percentile must be in (50, 100]")
+        if self.samples < 1 or self.batch_size < 1:
+            raise ValueError("samples and batch-size must be at least 1")
+
+
+@dataclass
+class QuantParams:
+    scale: float
+    zero_point: int
+
+
+@dataclass
+class Plan:
+    nodes: list[gs.Node] = field(default_factory=list)             # nodes that will run in int8
+    activations: list[gs.Tensor] = field(default_factory=list)     # tensors that get Q → DQ
+    folded: dict[int, gs.Node] = field(default_factory=dict)       # id(quantized node) → Relu/Clip after it
+    clip_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # tensor name → activation bounds
+    shares_input: dict[str, str] = field(default_factory=dict)     # pass-through output → input tensor name
+    skipped: Counter = field(default_factory=Counter)
+
+
+@register
+class QuantizeInt8(Pass):
+    name = "int8"
+    summary = "static int8 quantization (QDQ) calibrated on --calib-data, for ONNX Runtime's int8 kernels"
+    Config = Int8Config
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if ctx.calibration_data is None:
+            raise PreconditionError("int8 needs calibration data: pass --calib-data (a data file or an image "
+                                    "folder of typical inputs; 'random' only to try the pipeline)")
+        if graph.opset < 13:
+            raise PreconditionError(f"int8 needs opset 13 or later (per-channel QuantizeLinear); the model has "
+                                    f"opset {graph.opset}")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        config = self.config
+        plan = _plan(graph, config)
+        if not plan.nodes:
+            return PassResult(False, {"quantized": 0, **{f"skipped:{k}": v for k, v in plan.skipped.items()}})
+        observed = sorted({t.name for t in plan.activations} - set(plan.shares_input))
+        model = gs.export_onnx(graph, do_type_check=False)
+        stats = calibrate.collect(model, observed, ctx.calibration_data, samples=config.samples,
+                                  batch_size=config.batch_size, provider=ctx.provider)
+        params = {}
+        for name in observed:
+            bounds = plan.clip_bounds.get(name)
+            low, high = calibrate.choose_range(stats[name], config.method, percentile=config.percentile,
+                                               nonnegative=bounds is not None and bounds[0] >= 0 or None)
+            if bounds is not None:
+                low, high = max(low, bounds[0]), min(high, bounds[1])
+            params[name] = _activation_params(low, high, config.activations)
+        for output, source in plan.shares_input.items():
+            params[output] = params[_root(source, plan.shares_input)]
+        names = graphs.Names(graph)
+        weight_levels: list[int] = []
+        for node in plan.nodes:
+            _fold_activation(node, plan)
+        for tensor in plan.activations:
+            _insert_qdq(graph, tensor, params[tensor.name], config.activations, names)
+        for node in plan.nodes:
+            if node.op in WEIGHTED:
+                weight_levels += _quantize_weights(graph, node, params, config, names)
+        counts = Counter(node.op for node in plan.nodes)
+        stats_out: dict[str, int | float | str] = {
+            "quantized": len(plan.nodes), "tensors": len(plan.activations), "method": config.method,
+            "samples": min(config.samples, ctx.calibration_data.num_samples),
+        }
+        if weight_levels:
+            stats_out["weight_levels_min"] = int(min(weight_levels))
+            stats_out["weight_levels_mean"] = round(float(np.mean(weight_levels)), 1)
+        stats_out.update({f"int8:{op}": n for op, n in sorted(counts.items())})
+        stats_out.update({f"skipped:{reason}": n for reason, n in sorted(plan.skipped.items())})
+        stats_out.update(_quantization_sqnr(stats, params, observed, config.activations))
+        if getattr(ctx.calibration_data, "is_random", False):
+            stats_out["warning"] = "calibrated on random data: ranges do not reflect real inputs"
+        return PassResult(True, stats_out)
+
+
+def _plan(graph: gs.Graph, config: Int8Config) -> Plan:
+    plan = Plan()
+    weighted = [n for n in graph.nodes if n.op in WEIGHTED and graphs.is_standard(n) and _weight(n) is not None]
+    kept_float = set()
+    if config.keep_first and weighted:
+        kept_float.add(id(weighted[0]))
+    if config.keep_last and weighted:
+        kept_float.add(id(weighted[-1]))
+    chosen: list[gs.Node] = []
+    for node in graph.nodes:
+        if not graphs.is_standard(node) or node.op not in WEIGHTED + ELEMENTWISE + PASS_THROUGH:
+            continue
+        if node.name in config.exclude or node.op in config.exclude_ops or id(node) in kept_float:
+            plan.skipped["excluded"] += 1
+            continue
+        if node.op in WEIGHTED and _weight(node) is None:
+            plan.skipped["weight-not-constant"] += 1
+            continue
+        if not all(_is_float(t) for t in _data_inputs(node)) or not _is_float(node.outputs[0]):
+            plan.skipped["not-float"] += 1
+            continue
+        chosen.append(node)
+    chosen_ids = {id(n) for n in chosen}
+    # A pass-through node is worth quantizing only next to int8 work; alone it would just add Q/DQ.
+    chosen = [n for n in chosen if n.op not in PASS_THROUGH or _producer_chosen(n, chosen_ids)]
+    plan.nodes = chosen
+    marked: dict[str, gs.Tensor] = {}
+    for node in chosen:
+        for tensor in _data_inputs(node):
+            marked.setdefault(tensor.name, tensor)
+        output = _folded_output(graph, node, plan)
+        if graphs.is_graph_output(graph, output):
+            continue  # graph outputs stay float: the user's results keep full precision
+        marked.setdefault(output.name, output)
+        if node.op in PASS_THROUGH:
+            plan.shares_input[output.name] = node.inputs[0].name
+    plan.activations = list(marked.values())
+    return plan
+
+
+def _folded_output(graph: gs.Graph, node: gs.Node, plan: Plan) -> gs.Tensor:
+    """The tensor whose range the node's output is quantized to: after a foldable Relu/Clip, that one's output."""
+    output = node.outputs[0]
+    if node.op in PASS_THROUGH or graphs.is_graph_output(graph, output):
+        return output
+    readers = graphs.consumers(output)
+    if len(readers) != 1 or readers[0].op not in FOLDED_ACTIVATIONS or not graphs.is_standard(readers[0]):
+        return output
+    activation = readers[0]
+    bounds = _activation_bounds(activation)
+    if bounds is None or bounds[0] != 0.0:  # only clamps at zero fold exactly into a zero point
+        return output
+    plan.folded[id(node)] = activation
+    plan.clip_bounds[activation.outputs[0].name] = bounds
+    return activation.outputs[0]
+
+
+def _activation_bounds(node: gs.Node) -> tuple[float, float] | None:
+    if node.op == "Relu":
+        return 0.0, float("inf")
+    low, high = node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)  # Clip before opset 11
+    for position, default in ((1, -np.inf), (2, np.inf)):
+        if len(node.inputs) > position and node.inputs[position].name:
+            value = graphs.constant_value(node.inputs[position])
+            if value is None or value.size != 1:
+                return None
+            if position == 1:
+                low = float(value.reshape(()))
+            else:
+                high = float(value.reshape(()))
+    return float(low), float(high)
+
+
+def _fold_activation(node: gs.Node, plan: Plan) -> None:
+    activation = plan.folded.get(id(node))
+    if activation is None:
+        return
+    output = activation.outputs[0]
+    activation.outputs.clear()
+    activation.inputs.clear()
+    node.outputs[0] = output
+
+
+def _activation_params(low: float, high: float, dtype: str) -> QuantParams:
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / 255.0
+    if scale <= 0 or not np.isfinite(scale):
+        scale = 1.0  # a constant-zero tensor: any scale represents it exactly
+    offset = 0 if dtype == "uint8" else -128
+    zero_point = int(np.clip(round(-low / scale) + offset, offset, offset + 255))
+    return QuantParams(float(scale), zero_point)
+
+
+def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, params: QuantParams, dtype: str, names: graphs.Names) -> None:
+    """Route `tensor` through QuantizeLinear → DequantizeLinear; readers keep its name and see the DQ output."""
+    np_type = np.uint8 if dtype == "uint8" else np.int8
+    scale = names.constant(f"{tensor.name}_scale", np.array(params.scale, np.float32))
+    zero = names.constant(f"{tensor.name}_zero_point", np.array(params.zero_point, np_type))
+    quantized = gs.Variable(names.new(f"{tensor.name}_quantized"), dtype=np_type, shape=tensor.shape)
+    producer = graphs.producer(tensor)
+    if producer is None:  # a graph input keeps its name; its readers move to the dequantized copy
+        dequantized = gs.Variable(names.new(f"{tensor.name}_dequantized"), dtype=tensor.dtype, shape=tensor.shape)
+        for reader in graphs.consumers(tensor):
+            reader.inputs[[i for i, t in enumerate(reader.inputs) if t is tensor][0]] = dequantized
+        source = tensor
+    else:
+        source = gs.Variable(names.new(f"{tensor.name}_float"), dtype=tensor.dtype, shape=tensor.shape)
+        producer.outputs[producer.outputs.index(tensor)] = source
+        dequantized = tensor
+    graph.nodes.append(gs.Node("QuantizeLinear", names.new(f"{tensor.name}_QuantizeLinear"),
+                               inputs=[source, scale, zero], outputs=[quantized]))
+    graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{tensor.name}_DequantizeLinear"),
+                               inputs=[quantized, scale, zero], outputs=[dequantized]))
+
+
+def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantParams], config: Int8Config,
+                      names: graphs.Names) -> list[int]:
+    """Replace the node's weight (and bias) by int8 (int32) initializers behind DequantizeLinear."""
+    position = 1 if node.op != "MatMul" or graphs.constant_value(node.inputs[1]) is not None else 0
+    weight = graphs.constant_value(node.inputs[position]).astype(np.float32)
+    axis = _channel_axis(node, weight)
+    depthwise = node.op == "Conv" and int(node.attrs.get("group", 1)) == weight.shape[0] and weight.shape[1] == 1
+    moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    if not config.per_channel:
+        moved = moved.reshape(1, -1)
+    levels = _weight_levels(moved, config.weight_range, depthwise)
+    largest = np.abs(moved).max(axis=1)
+    scale = np.where(largest > 0, largest / levels, 1.0)
+    bias, input_params = _bias(node, len(scale)), params.get(node.inputs[0].name)
+    if bias is not None and input_params is not None:
+        # The int32 bias step is input scale × weight scale. A channel with tiny weights but a real bias (a
+        # nearly dead filter) would overflow int32: widen that channel's weight step instead; its weights are
+        # tiny, so they lose little.
+        needed = np.abs(bias).max() if len(scale) == 1 else np.abs(bias)
+        scale = np.maximum(scale, needed / (input_params.scale * 2.0**30))
+    scale = scale.astype(np.float32)
+    quantized = np.clip(np.round(moved / scale[:, None]), -levels[:, None], levels[:, None]).astype(np.int8)
+    if config.per_channel:
+        quantized = np.moveaxis(quantized.reshape((weight.shape[axis],) + tuple(np.delete(weight.shape, axis))),
+                                0, axis)
+    else:
+        quantized = quantized.reshape(weight.shape)
+    base = node.name or node.outputs[0].name
+    node.inputs[position] = _dequantized(graph, names, f"{base}_weight", quantized, scale,
+                                         np.zeros(scale.shape, np.int8), axis if config.per_channel else None)
+    if bias is not None and input_params is not None:
+        bias_scale = (input_params.scale * np.broadcast_to(scale, bias.shape)).astype(np.float32)
+        if (bias_scale > 0).all() and np.isfinite(bias_scale).all():  # else the bias stays float
+            bias_quantized = np.clip(np.round(bias.astype(np.float64) / bias_scale), -(2**31) + 1, 2**31 - 1)
+            node.inputs[2] = _dequantized(graph, names, f"{base}_bias", bias_quantized.astype(np.int32),
+                                          bias_scale, np.zeros(bias_scale.shape, np.int32),
+                                          0 if bias_scale.size > 1 else None)
+    return levels.tolist()
+
+
+def _bias(node: gs.Node, channels: int) -> np.ndarray | None:
+    """The layer's constant bias when it can become int32: one value per output channel."""
+    if node.op == "MatMul" or len(node.inputs) < 3 or not node.inputs[2].name:
+        return None
+    if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
+        return None
+    bias = graphs.constant_value(node.inputs[2])
+    if bias is None or bias.ndim != 1 or bias.shape[0] not in (channels, 1):
+        return None
+    return bias
+
+
+def _weight_levels(rows: np.ndarray, weight_range: str, depthwise: bool) -> np.ndarray:
+    """Largest |integer| per output channel (row): 127, 63, or the largest that cannot saturate a u8s8 pair."""
+    if weight_range == "full" or depthwise:
+        return np.full(len(rows), 127)
+    if weight_range == "reduced":
+        return np.full(len(rows), 63)
+    if rows.shape[1] < 2:
+        return np.full(len(rows), 127)
+    top_two = -np.partition(-np.abs(rows), 1, axis=1)[:, :2]
+    second = top_two[:, 1] / np.maximum(top_two[:, 0], np.finfo(np.float32).tiny)
+    # Any two weights may meet inputs of 255: need 255·(q₁ + q₂) ≤ 32767, i.e. q₁ + q₂ ≤ 128 with q₁ = L,
+    # q₂ = round(second·L). Take the largest L from 64 (always safe) to 127 that keeps it.
+    candidates = np.arange(64, 128)
+    safe = candidates[None, :] + np.round(second[:, None] * candidates[None, :]) <= 128
+    return np.where(safe, candidates[None, :], 64).max(axis=1)
+
+
+def _dequantized(graph: gs.Graph, names: graphs.Names, base: str, values: np.ndarray, scale: np.ndarray,
+                 zero: np.ndarray, axis: int | None) -> gs.Variable:
+    """A DequantizeLinear over new initializers; returns its float output."""
+    output = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(values.shape))
+    per_tensor = axis is None
+    graph.nodes.append(gs.Node(
+        "DequantizeLinear", names.new(f"{base}_DequantizeLinear"), attrs={} if per_tensor else {"axis": axis},
+        inputs=[names.constant(f"{base}_quantized", values),
+                names.constant(f"{base}_scale", scale.reshape(()) if per_tensor else scale),
+                names.constant(f"{base}_zero_point", zero.reshape(()) if per_tensor else zero)],
+        outputs=[output]))
+    return output
+
+
+def _channel_axis(node: gs.Node, weight: np.ndarray) -> int:
+    if node.op == "Conv":
+        return 0
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return weight.ndim - 1  # MatMul: output features are the last axis of the weight
+
+
+def _weight(node: gs.Node) -> np.ndarray | None:
+    if len(node.inputs) < 2:
+        return None
+    if node.op == "MatMul":
+        value = graphs.constant_value(node.inputs[1])
+        return value if value is not None and value.ndim == 2 else None
+    return graphs.constant_value(node.inputs[1])
+
+
+def _data_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """The activation inputs of a node: not weights, biases, shapes or other constants."""
+    if node.op in WEIGHTED:
+        return [node.inputs[0]]
+    if node.op in PASS_THROUGH:
+        return [node.inputs[0]]
+    return [t for t in node.inputs if t.name and graphs.constant_value(t) is None]
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is None or np.dtype(tensor.dtype) == np.float32
+
+
+def _producer_chosen(node: gs.Node, chosen: set[int]) -> bool:
+    source = graphs.producer(node.inputs[0])
+    readers = graphs.consumers(node.outputs[0])
+    return (source is not None and id(source) in chosen) or any(id(r) in chosen for r in readers)
+
+
+def _root(name: str, shares: dict[str, str]) -> str:
+    while name in shares:
+        name = shares[name]
+    return name
+
+
+def _quantization_sqnr(stats: dict[str, calibrate.TensorStats], params: dict[str, QuantParams],
+                       observed: list[str], dtype: str) -> dict[str, float]:
+    """The three tensors that lose most to quantization alone: SQNR in dB from their calibration histograms."""
+    offset = 0 if dtype == "uint8" else -128
+    scores = {}
+    for name in observed:
+        s, p = stats[name], params[name]
+        if s.count == 0 or s.sum_squares == 0:
+            continue
+        low, high = (offset - p.zero_point) * p.scale, (offset + 255 - p.zero_point) * p.scale
+        inside = s.counts[(s.centers >= low) & (s.centers <= high)].sum()
+        clipping = float(np.dot(s.counts, (s.centers - np.clip(s.centers, low, high)) ** 2))
+        noise = clipping + inside * p.scale ** 2 / 12
+        scores[name] = 10 * np.log10(s.sum_squares / max(noise, 1e-30))
+    worst = sorted(scores.items(), key=lambda kv: kv[1])[:3]
+    return {f"sqnr_db:{name}": round(float(value), 1) for name, value in worst}
