@@ -192,7 +192,12 @@ class Dataset:
 
 def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | None = None,
               limit: int | None = None, seed: int = 0) -> Dataset:
-    """Open `source` (path, `random`, dict of arrays, or Dataset) as samples for `model`."""
+    """Open `source` as samples for `model`.
+
+    `source`: a path (.npz, .npy, image folder), "random", a dict of arrays, a Dataset, or any iterable of feed
+    dicts `{input name: batch}` — ONNX Runtime's CalibrationDataReader objects (`get_next()`) work too.
+    Iterables are read once and held in memory; files and folders are read batch by batch.
+    """
     inputs = model_inputs(model)
     if isinstance(preprocess, str) or preprocess is None:
         preprocess = Preprocess.parse(preprocess) if preprocess else None
@@ -200,8 +205,10 @@ def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | 
         dataset = source
     elif isinstance(source, dict):
         dataset = _from_arrays("arrays", dict(source), inputs, preprocess)
-    elif str(source) == "random":
+    elif isinstance(source, str) and source == "random":
         dataset = random_data(model, seed=seed)
+    elif hasattr(source, "get_next") or (hasattr(source, "__iter__") and not isinstance(source, (str, bytes, Path))):
+        dataset = _from_arrays(type(source).__name__, _gather_feeds(source, limit), inputs, preprocess)
     else:
         path = Path(source)
         if not path.exists():
@@ -274,6 +281,25 @@ def _from_arrays(source: str, arrays: dict[str, np.ndarray], inputs: list[InputS
     count = counts.pop() if counts else 0
     labels = _check_labels(source, labels, count)
     return Dataset(source, count, inputs, lambda a, b: {k: v[a:b] for k, v in feeds.items()}, labels)
+
+
+def _gather_feeds(source, limit: int | None) -> dict[str, np.ndarray]:
+    """Concatenate the feed dicts an iterable (or a CalibrationDataReader) yields, up to `limit` samples."""
+    feeds = iter(source.get_next, None) if hasattr(source, "get_next") else iter(source)
+    parts: dict[str, list[np.ndarray]] = {}
+    count = 0
+    for feed in feeds:
+        if not isinstance(feed, dict):
+            raise InputError(f"data iterable yielded {type(feed).__name__}; yield dicts {{input name: array}}")
+        for name, value in feed.items():
+            parts.setdefault(name, []).append(np.asarray(value))
+        count += len(np.asarray(next(iter(feed.values())))) if feed else 0
+        if limit is not None and count >= limit:
+            break
+    try:
+        return {name: np.concatenate(values) for name, values in parts.items()}
+    except ValueError as exc:
+        raise InputError(f"data iterable yielded batches that do not stack: {exc}") from None
 
 
 def _check_array(source: str, spec: InputSpec, array: np.ndarray) -> np.ndarray:

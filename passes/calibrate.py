@@ -167,38 +167,60 @@ def _entropy_threshold(stats: TensorStats, levels: int, nonnegative: bool) -> fl
 def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int, batch_size: int,
             provider: str = "cpu", progress: bool | None = None) -> dict[str, TensorStats]:
     """Run `model` on up to `samples` samples of `dataset` and gather statistics of `tensors`, batch by batch."""
+    stats = {name: TensorStats() for name in tensors}
+    show = sys.stderr.isatty() if progress is None else progress
+    total = min(samples, dataset.num_samples)
+    for done, values in run_batches(model, tensors, dataset, samples=samples, batch_size=batch_size,
+                                    provider=provider):
+        for name, value in values.items():
+            stats[name].update(value)
+        if show:
+            filled = int(30 * done / total)
+            print(f"\rcalibrating [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
+    if show:
+        print(file=sys.stderr)
+    return stats
+
+
+def run_batches(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int, batch_size: int,
+                provider: str = "cpu"):
+    """Yield (samples done, {tensor: value}) for consecutive batches of the first `samples` samples."""
     from onnxcomp import runtime
 
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     existing = {o.name for o in augmented.graph.output}
     augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in existing)
-    # basic: constant folding only, which keeps every tensor we observe as it is in the float model
+    # basic: constant folding only, which keeps every tensor we observe as it is in the model
     session = runtime.session(augmented, provider, optimization="basic")
-    names = [o.name for o in session.get_outputs()]
-    wanted = set(tensors)
-    stats = {name: TensorStats() for name in tensors}
     total = min(samples, dataset.num_samples)
     fixed = [spec.fixed_batch for spec in dataset.inputs if spec.fixed_batch is not None]
     step = fixed[0] if fixed else batch_size
-    show = sys.stderr.isatty() if progress is None else progress
-    done = 0
-    for start in range(0, total - total % step if fixed else total, step):
-        feed = dataset.batch(start, min(start + step, total))
+    stop = total - total % step if fixed else total
+    if stop == 0:
+        raise InputError(f"calibration: {dataset.source} has {dataset.num_samples} sample(s); the model takes "
+                         f"batches of exactly {step}")
+    for start in range(0, stop, step):
+        feed = dataset.batch(start, min(start + step, stop))
         try:
-            outputs = session.run(names, feed)
+            outputs = session.run(tensors, feed)
         except Exception as exc:  # noqa: BLE001 - ORT's own error types
             raise InputError(f"calibration: onnxruntime could not run the model on {dataset.source}: "
                              f"{str(exc).strip().splitlines()[0]}") from None
-        for name, value in zip(names, outputs):
-            if name in wanted:
-                stats[name].update(value)
-        done = min(start + step, total)
-        if show:
-            filled = int(30 * done / total)
-            print(f"\rcalibrating [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
-    if show:
-        print(file=sys.stderr)
-    if done == 0:
-        raise InputError(f"calibration: {dataset.source} has no usable samples")
-    return stats
+        yield min(start + step, stop), dict(zip(tensors, outputs))
+
+
+def activation_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: list[str], dataset, *,
+                    samples: int = 16, provider: str = "cpu") -> dict[str, float]:
+    """SQNR (dB) of each tensor of the quantized model against the float model, on the first samples."""
+    signal = dict.fromkeys(tensors, 0.0)
+    noise = dict.fromkeys(tensors, 0.0)
+    runs = [run_batches(m, tensors, dataset, samples=samples, batch_size=4, provider=provider)
+            for m in (reference, quantized)]
+    for (_, expected), (_, actual) in zip(*runs):
+        for name in tensors:
+            e, a = expected[name].astype(np.float64).ravel(), actual[name].astype(np.float64).ravel()
+            signal[name] += float(e @ e)
+            noise[name] += float((e - a) @ (e - a))
+    return {name: (math.inf if noise[name] == 0 else 10 * math.log10(max(signal[name], 1e-30) / noise[name]))
+            for name in tensors}

@@ -1,0 +1,219 @@
+"""int8: QDQ structure on tiny graphs, ONNX Runtime's int8 kernels, calibration methods, exclusions."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxcomp
+from helpers import run_cli, run_model
+from onnxcomp.errors import InputError
+from onnxcomp.manager import PassManager
+from onnxcomp.pass_base import PassContext, PreconditionError
+from onnxcomp.passes.calibrate import TensorStats, choose_range
+from onnxcomp.passes.quantize import _weight_levels
+from onnxcomp.recipe import parse
+
+RNG = np.random.default_rng(0)
+
+
+def conv_net() -> onnx.ModelProto:
+    """x → Conv → Relu → Conv → Add(x') → GlobalAveragePool → Flatten → Gemm: the shapes of a small CNN."""
+    rng = np.random.default_rng(1)  # the same weights on every call
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "B1"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "B2"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32), "Wd"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (5, 8)).astype(np.float32), "Wfc"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 5).astype(np.float32), "Bfc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["r1", "Wd"], ["d"], name="depthwise", pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Add", ["c2", "d"], ["a"], name="add"),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "Wfc", "Bfc"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+CALIBRATION = {"x": RNG.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)}
+TEST = {"x": RNG.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)}
+
+
+def quantize(model, recipe="int8", data=CALIBRATION):
+    ctx = PassContext(calibration_data=onnxcomp.data.open_data(data, model))
+    quantized, records = PassManager(parse(recipe)).run(model, ctx)
+    return quantized, records[0]
+
+
+def sqnr_db(expected, actual):
+    return 10 * np.log10(np.sum(expected ** 2) / np.sum((expected - actual) ** 2))
+
+
+def test_qdq_structure_weights_biases_and_folded_relu():
+    quantized, record = quantize(conv_net())
+    ops = Counter(n.op_type for n in quantized.graph.node)
+    assert ops["Relu"] == 0, "the Relu is folded into conv1's output range"
+    assert ops["Conv"] == 3 and ops["Gemm"] == 1 and ops["QuantizeLinear"] >= 4
+    assert record.stats["int8:Conv"] == 3 and record.stats["int8:Gemm"] == 1 and record.stats["int8:Add"] == 1
+    initializers = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    dequantize = {n.output[0]: n for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    conv1 = next(n for n in quantized.graph.node if n.name == "conv1")
+    weight_dq, bias_dq = dequantize[conv1.input[1]], dequantize[conv1.input[2]]
+    assert initializers[weight_dq.input[0]].dtype == np.int8
+    assert initializers[weight_dq.input[1]].shape == (8,), "one scale per output channel"
+    assert not initializers[weight_dq.input[2]].any(), "symmetric: zero points are 0"
+    assert initializers[bias_dq.input[0]].dtype == np.int32
+    input_scale = initializers[dequantize[conv1.input[0]].input[1]]
+    np.testing.assert_allclose(initializers[bias_dq.input[1]], input_scale * initializers[weight_dq.input[1]],
+                               rtol=1e-6)
+    # conv1's output after the folded Relu: uint8 with zero point 0, i.e. clamped at 0 like the Relu
+    relu_out = dequantize["r1"]
+    assert initializers[relu_out.input[2]].dtype == np.uint8 and initializers[relu_out.input[2]] == 0
+    assert [o.name for o in quantized.graph.output] == ["logits"]
+    expected, actual = run_model(conv_net(), TEST)[0], run_model(quantized, TEST)[0]
+    assert sqnr_db(expected, actual) > 25
+
+
+def test_onnxruntime_runs_int8_kernels_not_float_ops_in_qdq(tmp_path):
+    quantized, _ = quantize(conv_net())
+    onnx.save(quantized, tmp_path / "q.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 4
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    assert ops["QLinearConv"] == 3 and ops["Conv"] == 0
+    assert ops["QGemm"] == 1 and ops["Gemm"] == 0
+    assert ops["QLinearGlobalAveragePool"] == 1
+    expected = run_model(conv_net(), TEST)[0]
+    actual = session.run(None, TEST)[0]
+    assert sqnr_db(expected, actual) > 25
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_each_calibration_method_quantizes_closely(method):
+    quantized, record = quantize(conv_net(), f"int8:method={method}")
+    assert record.stats["method"] == method
+    expected, actual = run_model(conv_net(), TEST)[0], run_model(quantized, TEST)[0]
+    assert sqnr_db(expected, actual) > 20
+
+
+def test_exclusions_keep_layers_in_float():
+    cases = {"int8:exclude=conv2|fc": {"conv2", "fc"}, "int8:exclude-ops=Conv": {"conv1", "conv2", "depthwise"},
+             "int8:keep-first=true,keep-last=true": {"conv1", "fc"}}
+    for recipe, floating in cases.items():
+        quantized, _ = quantize(conv_net(), recipe)
+        produced_by = {o: n for n in quantized.graph.node for o in n.output}
+        for node in quantized.graph.node:
+            if node.name in {"conv1", "conv2", "depthwise", "fc"}:
+                weight_source = produced_by.get(node.input[1])
+                is_int8 = weight_source is not None and weight_source.op_type == "DequantizeLinear"
+                assert is_int8 == (node.name not in floating), (recipe, node.name)
+
+
+def test_saturation_safe_weight_levels():
+    rows = RNG.normal(0, 1, (32, 72))
+    levels = _weight_levels(rows, "safe", depthwise=False)
+    top_two = -np.sort(-np.abs(rows), axis=1)[:, :2]
+    q = np.round(top_two / top_two[:, :1] * levels[:, None])
+    assert (255 * q.sum(axis=1) <= 32767).all(), "no pair of weights can saturate a u8s8 pair sum"
+    assert (levels >= 64).all() and (levels <= 127).all()
+    one_large = np.zeros((1, 72))
+    one_large[0, 0], one_large[0, 1] = 1.0, 0.01
+    assert _weight_levels(one_large, "safe", depthwise=False)[0] == 127
+    assert (_weight_levels(rows, "safe", depthwise=True) == 127).all()
+    assert (_weight_levels(rows, "reduced", depthwise=False) == 63).all()
+
+
+def test_streaming_statistics_match_one_pass_and_stay_small():
+    values = RNG.standard_t(3, 200_000).astype(np.float32)
+    whole, streamed = TensorStats(), TensorStats()
+    whole.update(values)
+    for chunk in np.array_split(values * 0.01, 50)[:1] + np.array_split(values, 40):
+        streamed.update(chunk)  # a first, small batch forces the range to double many times
+    assert streamed.counts.nbytes == whole.counts.nbytes
+    assert (streamed.minimum, streamed.maximum) == (whole.minimum, whole.maximum)
+    width = streamed.limit / 2048
+    for method, tolerance in (("minmax", 0), ("percentile", 4 * width), ("mse", 0.03 * (whole.maximum - whole.minimum))):
+        low, high = choose_range(whole, method)
+        low2, high2 = choose_range(streamed, method)
+        assert abs(high - high2) <= tolerance and abs(low - low2) <= tolerance, method
+
+
+def test_range_methods_on_a_known_distribution():
+    stats = TensorStats()
+    stats.update(np.concatenate([RNG.normal(0, 1, 100_000), [40.0]]).astype(np.float32))
+    assert choose_range(stats, "minmax")[1] == pytest.approx(40.0)
+    low, high = choose_range(stats, "percentile", percentile=99.9)
+    assert 3.0 < high < 3.6 and -3.6 < low < -3.0  # the normal's 0.05 % tails
+    assert choose_range(stats, "entropy")[1] < 10
+    relu = TensorStats()
+    relu.update(np.abs(RNG.normal(0, 1, 100_000)).astype(np.float32))
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        assert choose_range(relu, method)[0] == 0.0
+
+
+def test_missing_calibration_data_is_a_precondition():
+    with pytest.raises(PreconditionError, match="--calib-data"):
+        PassManager(parse("int8")).run(conv_net(), PassContext())
+
+
+def test_bad_options_are_input_errors():
+    with pytest.raises(InputError, match="method must be one of"):
+        parse("int8:method=kl")
+    with pytest.raises(InputError, match="weight-range"):
+        parse("int8:weight-range=huge")
+
+
+def test_calibration_reader_objects_are_accepted():
+    class Reader:  # the shape of onnxruntime.quantization.CalibrationDataReader
+        def __init__(self):
+            self.batches = iter([{"x": CALIBRATION["x"][i:i + 8]} for i in range(0, 64, 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantized, record = quantize(conv_net(), data=Reader())
+    assert record.stats["samples"] == 64
+
+
+@pytest.fixture
+def saved_net(tmp_path):
+    path = tmp_path / "net.onnx"
+    onnx.save(conv_net(), path)
+    return path
+
+
+@pytest.mark.parametrize("arrays, keyword", [
+    ({"y": np.zeros((4, 3, 8, 8), np.float32), "z": np.zeros((4, 3, 8, 8), np.float32)}, "model's inputs are [x]"),
+    ({"x": np.zeros((4, 3, 9, 8), np.float32)}, "axis 2 is 9, not 8"),
+    ({"x": np.zeros((4, 3, 8, 8), np.complex64)}, "convert the data"),
+    ({"x": np.zeros((0, 3, 8, 8), np.float32)}, "holds no samples"),
+])
+def test_bad_calibration_data_exits_2(saved_net, tmp_path, arrays, keyword):
+    np.savez(tmp_path / "calib.npz", **arrays)
+    result = run_cli("optimize", saved_net, "--passes", "int8", "--calib-data", tmp_path / "calib.npz",
+                     "-o", tmp_path / "out.onnx", "--no-validate")
+    assert result.returncode == 2, result.stderr
+    assert keyword in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_int8_without_calibration_data_exits_2(saved_net, tmp_path):
+    result = run_cli("optimize", saved_net, "--passes", "int8", "-o", tmp_path / "out.onnx", "--no-validate")
+    assert result.returncode == 2 and "--calib-data" in result.stderr
