@@ -143,7 +143,7 @@ class Names:
 
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
         """A new initializer; never reuses a tensor another node may share."""
-        return gs.Constant(self.new(base), np.ascontiguousarray(values))
+        return gs.Constant(self.new(base), np.array(values, order="C"))  # keeps 0-d scalars 0-d
 
 
 def is_standard(node: gs.Node) -> bool:

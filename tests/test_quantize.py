@@ -100,6 +100,7 @@ def test_onnxruntime_runs_int8_kernels_not_float_ops_in_qdq(tmp_path):
     assert ops["QLinearConv"] == 3 and ops["Conv"] == 0
     assert ops["QGemm"] == 1 and ops["Gemm"] == 0
     assert ops["QLinearGlobalAveragePool"] == 1
+    assert ops["QLinearAdd"] == 1 and ops["Add"] == 0
     expected = run_model(conv_net(), TEST)[0]
     actual = session.run(None, TEST)[0]
     assert sqnr_db(expected, actual) > 25

@@ -57,3 +57,4 @@ def test_efficientnet_int8_within_0_5_points_with_int8_kernels(assets, tmp_path)
     ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
     assert ops.count("QLinearConv") == 49 and "Conv" not in ops
+    assert ops.count("QLinearAdd") == 9 and "Add" not in ops
