@@ -43,12 +43,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
              recipe_file: str | os.PathLike | None = None, data=None, calib_data=None, preprocess=None,
              output: str | os.PathLike | None = None, validate_result: bool = True, providers=("cpu",),
              limit: int | None = None, latency_runs: int = 50, optimization: str = "all",
-             seed: int = 0) -> tuple[onnx.ModelProto, Report]:
+             seed: int = 0, max_accuracy_drop: float | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run passes over a model, optionally save it, and validate it against the original.
 
     `model` is a path or a ModelProto (never modified). `data` is evaluation data and `calib_data` calibration
-    data for the passes that need it (paths, arrays or Datasets; see onnxcomp.data). Returns the optimized
-    model and its report.
+    data for the passes that need it (paths, arrays or Datasets; see onnxcomp.data). `max_accuracy_drop`
+    (points) is the budget that accuracy-aware passes (int8) aim for on held-back calibration samples; checking
+    it on `data` afterwards is `check_budgets`. Returns the optimized model and its report.
     """
     if validate_result:  # fail on what can be checked now, before any work or any file is written
         runtime.require_available(runtime.parse_providers(list(providers)))
@@ -59,7 +60,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     pipeline = resolve_passes(passes, recipe_file)
     if output is not None and source is not None:
         model_io.check_output_path(source, output)
-    ctx = PassContext(seed=seed, provider=providers[0] if providers else "cpu")
+    ctx = PassContext(seed=seed, provider=providers[0] if providers else "cpu", max_accuracy_drop=max_accuracy_drop)
     if calib_data is not None:
         ctx.calibration_data = datasets.open_data(calib_data, original, preprocess=preprocess, seed=seed)
     evaluation = None

@@ -98,7 +98,8 @@ def _optimize(args) -> int:
     _, report = api.optimize(args.model, args.passes, recipe_file=args.recipe, data=args.data,
                              calib_data=args.calib_data, preprocess=args.preprocess, output=output,
                              validate_result=not args.no_validate, providers=_providers(args), limit=args.limit,
-                             latency_runs=args.runs, optimization=args.ort_opt)
+                             latency_runs=args.runs, optimization=args.ort_opt,
+                             max_accuracy_drop=args.max_accuracy_drop)
     return _finish(report, args)
 
 

@@ -189,6 +189,13 @@ class Dataset:
         for start in range(0, self.num_samples, batch_size):
             yield start, self.batch(start, min(start + batch_size, self.num_samples))
 
+    def subset(self, start: int, stop: int) -> "Dataset":
+        """Samples start..stop-1 as a dataset of their own (nothing is copied)."""
+        stop = min(stop, self.num_samples)
+        take = self._take
+        return Dataset(self.source, max(0, stop - start), self.inputs, lambda a, b: take(start + a, start + b),
+                       None if self.labels is None else self.labels[start:stop], self.is_random)
+
 
 def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | None = None,
               limit: int | None = None, seed: int = 0) -> Dataset:
@@ -225,8 +232,7 @@ def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | 
     if dataset.num_samples == 0:
         raise InputError(f"{dataset.source}: holds no samples")
     if limit is not None and limit < dataset.num_samples:
-        dataset = Dataset(dataset.source, limit, dataset.inputs, dataset._take,
-                          None if dataset.labels is None else dataset.labels[:limit], dataset.is_random)
+        dataset = dataset.subset(0, limit)
     return dataset
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -42,6 +43,7 @@ class PassContext:
     calibration_data: Any = None  # onnxcomp.data.Dataset or None
     provider: str = "cpu"
     seed: int = 0
+    max_accuracy_drop: float | None = None  # points; passes with an accuracy-aware mode aim for it
     # Initializers of the input model that nothing reads: the import already dropped them, cleanup reports them.
     unused_initializers: int = 0
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcomp"))
@@ -96,6 +98,9 @@ class Pass(abc.ABC):
 
 def _convert(pass_name: str, key: str, raw: Any, kind: Any) -> Any:
     origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):  # `float | None`: an optional value given as text
+        (kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        origin = typing.get_origin(kind)
     try:
         if origin is tuple:
             items = raw if isinstance(raw, (list, tuple)) else [s for s in str(raw).split("|") if s]

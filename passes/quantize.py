@@ -27,7 +27,7 @@ Depthwise convolutions never go through that kernel and always get ±127.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -59,6 +59,9 @@ class Int8Config:
     exclude_ops: tuple[str, ...] = ()  # op types
     keep_first: bool = False           # leave the first weighted layer in float
     keep_last: bool = False            # leave the last weighted layer in float
+    max_drop: float | None = None      # points of top-1 (or agreement) on held-back samples; None: the
+                                       # optimize command's --max-accuracy-drop, if any
+    holdout: float = 0.2               # share of calibration samples held back to measure the drop
 
     def __post_init__(self):
         if self.method not in calibrate.METHODS:
@@ -71,6 +74,10 @@ class Int8Config:
             raise ValueError("percentile must be in (50, 100]")
         if self.samples < 1 or self.batch_size < 1:
             raise ValueError("samples and batch-size must be at least 1")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ValueError("max-drop must be 0 or more points")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError("holdout must be a fraction in (0, 1)")
 
 
 @dataclass
@@ -108,51 +115,145 @@ class QuantizeInt8(Pass):
         plan = _plan(graph, config)
         if not plan.nodes:
             return PassResult(False, {"quantized": 0, **{f"skipped:{k}": v for k, v in plan.skipped.items()}})
-        observed = sorted({t.name for t in plan.activations} - set(plan.shares_input))
-        model = gs.export_onnx(graph, do_type_check=False)
-        stats = calibrate.collect(model, observed, ctx.calibration_data, samples=config.samples,
+        budget = config.max_drop if config.max_drop is not None else ctx.max_accuracy_drop
+        data = ctx.calibration_data
+        calibration, holdout = data, None
+        if budget is not None:
+            held = max(1, int(round(data.num_samples * config.holdout)))
+            if data.num_samples - held < 1:
+                raise InputError("int8 with an accuracy budget needs at least 2 calibration samples")
+            calibration, holdout = data.subset(0, data.num_samples - held), data.subset(data.num_samples - held,
+                                                                                        data.num_samples)
+        float_model = gs.export_onnx(graph, do_type_check=False)
+        observed = _observed(plan)
+        stats = calibrate.collect(float_model, observed, calibration, samples=config.samples,
                                   batch_size=config.batch_size, provider=ctx.provider)
-        params = {}
-        for name in observed:
-            bounds = plan.clip_bounds.get(name)
-            low, high = calibrate.choose_range(stats[name], config.method, percentile=config.percentile,
-                                               nonnegative=bounds is not None and bounds[0] >= 0 or None)
-            if bounds is not None:
-                low, high = max(low, bounds[0]), min(high, bounds[1])
-            params[name] = _activation_params(low, high, config.activations)
-        for output, source in plan.shares_input.items():
-            params[output] = params[_root(source, plan.shares_input)]
-        names = graphs.Names(graph)
-        weight_levels: list[int] = []
-        for node in plan.nodes:
-            _fold_activation(node, plan)
-        for node in plan.nodes:  # before the Q/DQ: bias scales look up each input by its original name
-            if node.op in WEIGHTED:
-                weight_levels += _quantize_weights(graph, node, params, config, names)
-        for tensor in plan.activations:
-            _insert_qdq(graph, tensor, params[tensor.name], config.activations, names)
+        stats_out: dict[str, int | float | str] = {"method": config.method,
+                                                   "samples": min(config.samples, calibration.num_samples)}
+        if budget is not None:
+            kept, drop = _fit_budget(graph, plan, config, stats, float_model, holdout, budget, ctx)
+            if kept:
+                config = replace(config, exclude=config.exclude + tuple(kept))
+                plan = _plan(graph, config)
+            stats_out.update({"budget_points": budget, "holdout_samples": holdout.num_samples,
+                              "holdout_drop_points": round(drop, 2), "kept_float": len(kept)})
+            if kept:
+                stats_out["kept_float_layers"] = "|".join(kept)
+        weight_levels = _rewrite(graph, plan, _params(plan, stats, config), config)
         counts = Counter(node.op for node in plan.nodes)
-        stats_out: dict[str, int | float | str] = {
-            "quantized": len(plan.nodes), "tensors": len(plan.activations), "method": config.method,
-            "samples": min(config.samples, ctx.calibration_data.num_samples),
-        }
+        stats_out.update({"quantized": len(plan.nodes), "tensors": len(plan.activations)})
         if weight_levels:
             stats_out["weight_levels_min"] = int(min(weight_levels))
             stats_out["weight_levels_mean"] = round(float(np.mean(weight_levels)), 1)
         stats_out.update({f"int8:{op}": n for op, n in sorted(counts.items())})
         stats_out.update({f"skipped:{reason}": n for reason, n in sorted(plan.skipped.items())})
         graph.cleanup()
-        sqnr = calibrate.activation_sqnr(model, gs.export_onnx(graph, do_type_check=False), observed,
-                                         ctx.calibration_data, provider=ctx.provider)
+        sqnr = calibrate.activation_sqnr(float_model, gs.export_onnx(graph, do_type_check=False), _observed(plan),
+                                         calibration, provider=ctx.provider)
         worst = sorted(sqnr.items(), key=lambda kv: kv[1])[:SQNR_REPORTED]
         stats_out.update({f"sqnr_db:{name}": round(value, 1) for name, value in worst})
-        if getattr(ctx.calibration_data, "is_random", False):
+        if getattr(data, "is_random", False):
             stats_out["warning"] = "calibrated on random data: ranges do not reflect real inputs"
         return PassResult(True, stats_out)
 
 
+def _observed(plan: Plan) -> list[str]:
+    """Tensors whose statistics are needed: every quantized activation but those sharing their input's."""
+    return sorted({t.name for t in plan.activations} - set(plan.shares_input))
+
+
+def _params(plan: Plan, stats: dict[str, calibrate.TensorStats], config: Int8Config) -> dict[str, QuantParams]:
+    params = {}
+    for name in _observed(plan):
+        bounds = plan.clip_bounds.get(name)
+        nonnegative = True if bounds is not None and bounds[0] >= 0 else None
+        low, high = calibrate.choose_range(stats[name], config.method, percentile=config.percentile,
+                                           nonnegative=nonnegative)
+        if bounds is not None:
+            low, high = max(low, bounds[0]), min(high, bounds[1])
+        params[name] = _activation_params(low, high, config.activations)
+    for output, source in plan.shares_input.items():
+        params[output] = params[_root(source, plan.shares_input)]
+    return params
+
+
+def _rewrite(graph: gs.Graph, plan: Plan, params: dict[str, QuantParams], config: Int8Config) -> list[int]:
+    """Fold activations, quantize weights and biases, insert Q/DQ; returns the weight levels per channel."""
+    names = graphs.Names(graph)
+    weight_levels: list[int] = []
+    for node in plan.nodes:
+        _fold_activation(node, plan)
+    for node in plan.nodes:  # before the Q/DQ: bias scales look up each input by its original name
+        if node.op in WEIGHTED:
+            weight_levels += _quantize_weights(graph, node, params, config, names)
+    for tensor in plan.activations:
+        _insert_qdq(graph, tensor, params[tensor.name], config.activations, names)
+    return weight_levels
+
+
+def _fit_budget(graph: gs.Graph, plan: Plan, config: Int8Config, stats, float_model, holdout, budget: float,
+                ctx: PassContext) -> tuple[list[str], float]:
+    """The fewest weighted layers to keep in float so the drop on held-back samples stays within `budget`.
+
+    Each layer's sensitivity is how much the output error falls when that layer alone stays float; layers go
+    back to float in that order until the measured drop (top-1 against labels, else disagreement with the
+    float model, on ONNX Runtime's int8 kernels) is within the budget.
+    """
+    reference = _outputs(float_model, holdout, ctx.provider)
+    candidates = [n.name for n in plan.nodes if n.op in WEIGHTED and n.name]
+
+    def measure(kept: list[str]) -> tuple[float, float]:
+        trial = graph.copy()
+        trial_config = replace(config, exclude=config.exclude + tuple(kept))
+        trial_plan = _plan(trial, trial_config)
+        _rewrite(trial, trial_plan, _params(trial_plan, stats, trial_config), trial_config)
+        trial.cleanup().toposort()
+        outputs = _outputs(gs.export_onnx(trial, do_type_check=False), holdout, ctx.provider, optimization="all")
+        return _drop(reference, outputs, holdout.labels), float(np.mean((reference - outputs) ** 2))
+
+    drop, error = measure([])
+    ctx.log.info("int8: drop %.2f points on %d held-back samples (budget %.2f)", drop, holdout.num_samples, budget)
+    if drop <= budget:
+        return [], drop
+    recovery = {name: error - measure([name])[1] for name in candidates}
+    kept: list[str] = []
+    for name in sorted(candidates, key=lambda n: -recovery[n]):
+        kept.append(name)
+        drop, _ = measure(kept)
+        ctx.log.info("int8: %d layer(s) in float, drop %.2f points", len(kept), drop)
+        if drop <= budget:
+            break
+    return kept, drop
+
+
+def _outputs(model, dataset, provider: str, optimization: str = "basic") -> np.ndarray:
+    """The first output of `model` on every sample of `dataset`, stacked."""
+    from onnxcomp import runtime
+
+    session = runtime.session(model, provider, optimization)
+    name = session.get_outputs()[0].name
+    fixed = [spec.fixed_batch for spec in dataset.inputs if spec.fixed_batch is not None]
+    step = fixed[0] if fixed else 16
+    return np.concatenate([session.run([name], dataset.batch(start, start + step))[0]
+                           for start in range(0, dataset.num_samples - (dataset.num_samples % step if fixed else 0),
+                                              step)])
+
+
+def _drop(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> float:
+    """Points lost: top-1 against labels when there are labels, else disagreement with the float model."""
+    expected, actual = reference.reshape(len(reference), -1).argmax(1), candidate.reshape(len(candidate), -1).argmax(1)
+    if labels is not None:
+        labels = labels[:len(expected)]
+        return 100.0 * (float(np.mean(expected == labels)) - float(np.mean(actual == labels)))
+    return 100.0 * (1.0 - float(np.mean(expected == actual)))
+
+
 def _plan(graph: gs.Graph, config: Int8Config) -> Plan:
     plan = Plan()
+    names = graphs.Names(graph)
+    for node in graph.nodes:
+        if node.op in WEIGHTED and not node.name:
+            node.name = names.new(node.op)  # so that it can be named in exclude and in the report
     weighted = [n for n in graph.nodes if n.op in WEIGHTED and graphs.is_standard(n) and _weight(n) is not None]
     kept_float = set()
     if config.keep_first and weighted:

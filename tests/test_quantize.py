@@ -218,3 +218,40 @@ def test_bad_calibration_data_exits_2(saved_net, tmp_path, arrays, keyword):
 def test_int8_without_calibration_data_exits_2(saved_net, tmp_path):
     result = run_cli("optimize", saved_net, "--passes", "int8", "-o", tmp_path / "out.onnx", "--no-validate")
     assert result.returncode == 2 and "--calib-data" in result.stderr
+
+
+def outlier_net() -> onnx.ModelProto:
+    """Input channel 0 is huge and unused; the answer lives in channels 1–3, which per-tensor int8 wipes out."""
+    rng = np.random.default_rng(2)
+    w1 = rng.normal(0, 1, (8, 4, 1, 1)).astype(np.float32)
+    w1[:, 0] = 0.0
+    inits = [numpy_helper.from_array(w1, "W1"),
+             numpy_helper.from_array(rng.normal(0, 1, (8, 8, 3, 3)).astype(np.float32), "W2"),
+             numpy_helper.from_array(rng.normal(0, 1, (5, 8)).astype(np.float32), "Wfc")]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], name="mix"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["c2"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "Wfc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_accuracy_aware_mode_keeps_the_fewest_layers_in_float():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 0.05, (120, 4, 4, 4)).astype(np.float32)
+    x[:, 0] *= 4000
+    labels = run_model(outlier_net(), {"x": x})[0].argmax(1)  # the float model is right by definition
+    data = {"x": x, "labels": labels}
+    plain, record = quantize(outlier_net(), data=data)
+    held_back = {"x": x[-24:]}
+    plain_agreement = np.mean(run_model(plain, held_back)[0].argmax(1) == labels[-24:])
+    assert plain_agreement < 0.8, "the case must actually hurt without the budget"
+    fitted, record = quantize(outlier_net(), "int8:max-drop=5", data=data)
+    assert record.stats["kept_float_layers"] == "mix"
+    assert record.stats["holdout_drop_points"] <= 5
+    assert record.stats["int8:Conv"] == 1 and record.stats["int8:Gemm"] == 1
+    fitted_agreement = np.mean(run_model(fitted, held_back)[0].argmax(1) == labels[-24:])
+    assert fitted_agreement >= 0.95
