@@ -143,6 +143,9 @@ def _entropy_threshold(stats: TensorStats, levels: int, nonnegative: bool) -> fl
     positive = stats.counts[BINS:].astype(np.float64)
     if not nonnegative:
         positive = positive + stats.counts[:BINS][::-1]
+    # The first bin holds the exact zeros after a Relu: any range represents them exactly, and their weight
+    # in the divergence would make every clipping look harmless.
+    positive[0] = 0.0
     width = stats.limit / BINS
     last = int(np.nonzero(positive)[0][-1]) + 1 if positive.any() else 1
     if last <= levels:
@@ -152,9 +155,11 @@ def _entropy_threshold(stats: TensorStats, levels: int, nonnegative: bool) -> fl
         reference = positive[:end].copy()
         reference[end - 1] += positive[end:].sum()
         # quantize the first `end` bins into `levels` groups, spreading each group's mass over its non-empty bins
-        groups = np.array_split(positive[:end], levels)
-        expanded = np.concatenate([
-            np.where(g > 0, g.sum() / max(np.count_nonzero(g), 1), 0.0) for g in groups])
+        kept = positive[:end]
+        edges = (np.arange(levels + 1) * end) // levels
+        occupied = (kept > 0).astype(np.float64)
+        mass = np.add.reduceat(kept, edges[:-1]) / np.maximum(np.add.reduceat(occupied, edges[:-1]), 1.0)
+        expanded = np.repeat(mass, np.diff(edges)) * occupied
         p = reference / reference.sum()
         q = expanded / max(expanded.sum(), 1e-12)
         mask = p > 0
