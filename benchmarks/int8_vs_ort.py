@@ -120,6 +120,7 @@ def effnet_data(assets: Path, model: onnx.ModelProto) -> dict:
     calibration = everything[::5]
     return {"input": name, "images": images, "labels": dataset.labels, "calibration": calibration,
             "evaluation": np.setdiff1d(everything, calibration), "scaling": {50: everything[:50], 500: everything},
+            "stream": (str(assets / "data/imagenet/dev500"), IMAGENET_PREPROCESS),
             "split": "dev500 in labels.csv order: calibration rows 0,5,...,495 (100), evaluation the other 400",
             "eval_batch": 50}
 
@@ -132,6 +133,7 @@ def cifar_data(assets: Path, model: onnx.ModelProto) -> dict:
     images = dataset.batch(0, dataset.num_samples)[name]
     return {"input": name, "images": images, "labels": dataset.labels, "calibration": np.arange(100),
             "evaluation": np.arange(500, 2000), "scaling": {50: np.arange(50), 500: np.arange(500)},
+            "stream": (str(assets / "data/cifar10/cifar10_test_2000.npz"), CIFAR_PREPROCESS),
             "split": "cifar10_test_2000.npz: calibration images 0..99 (100), evaluation images 500..1999 (1500)",
             "eval_batch": 250}
 
@@ -149,9 +151,19 @@ MODELS = {  # CLI name -> (report name, path relative to the assets, data loader
 def quantize_one(variant: str, model_path: str, calib_path: str, out_path: str, result_path: str, ours: str,
                  calib_batch: int) -> int:
     """Quantize in this process and write a JSON record; the parent only reads the record."""
-    with np.load(calib_path) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    samples = len(next(iter(arrays.values())))
+    if calib_path.endswith(".stream.json"):
+        # memory rows of onnxcomp: the pass reads its samples from the files batch by batch, as the CLI does
+        spec = json.loads(Path(calib_path).read_text(encoding="utf-8"))
+        from onnxcomp import data as datasets
+
+        arrays = datasets.open_data(spec["source"], onnx.load(model_path), preprocess=spec["preprocess"],
+                                    limit=spec["limit"])
+        samples = arrays.num_samples
+        ours = f"{ours},samples={samples}"  # calibrate on all of them, not the pass's default cap
+    else:
+        with np.load(calib_path) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        samples = len(next(iter(arrays.values())))
     record: dict = {"variant": variant, "calibration_samples": samples, "calib_batch": calib_batch}
     if variant == OURS:
         import onnxcomp
@@ -397,9 +409,14 @@ def benchmark_model(key: str, assets: Path, args, workdir: Path) -> dict:
         for variant in [v for v in ("ort-default", OURS) if v in args.variants]:
             row: dict = {"variant": variant}
             for count, indices in data["scaling"].items():
-                path = workdir / f"{key}_calib{count}.npz"
-                if not path.exists():
-                    np.savez(path, **{input_name: data["images"][indices]})
+                if variant == OURS:
+                    path = workdir / f"{key}_calib{count}.stream.json"
+                    source, preprocess = data["stream"]
+                    path.write_text(json.dumps({"source": source, "preprocess": preprocess, "limit": count}))
+                else:
+                    path = workdir / f"{key}_calib{count}.npz"
+                    if not path.exists():
+                        np.savez(path, **{input_name: data["images"][indices]})
                 log(f"{name}: memory scaling, {variant} on {count} images ...")
                 record = run_child(variant, model_path, path, workdir / f"{key}_{variant}_mem{count}.onnx", args.ours,
                                    args.calib_batch, args.timeout)

@@ -33,7 +33,8 @@ def require_available(providers: list[str]) -> None:
                 "install the GPU build: pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
 
 
-def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: str = "all") -> ort.InferenceSession:
+def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: str = "all",
+            spinning: bool = True) -> ort.InferenceSession:
     """An inference session on exactly the provider asked for; never a silent fallback to the CPU."""
     if optimization not in OPTIMIZATION_LEVELS:
         raise InputError(f"unknown ORT optimization level '{optimization}'; valid: {', '.join(OPTIMIZATION_LEVELS)}")
@@ -42,6 +43,8 @@ def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: s
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.log_severity_level = 4  # fatal only: failures reach the user as our one-line errors
+    if not spinning:  # idle worker threads would spin and steal the cores from another session being timed
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, str) else model.SerializeToString()
     try:
         created = ort.InferenceSession(source, options, providers=[provider_name])

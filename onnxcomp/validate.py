@@ -133,8 +133,9 @@ def _batch_step(dataset: datasets.Dataset, batch_size: int) -> int:
 
 def _compare_on(provider, reference, reference_model, candidate, candidate_model, dataset, step, usable,
                 latency_runs, warmup, optimization) -> ProviderResult:
-    ref_session = runtime.session(_source(reference, reference_model), provider, optimization)
-    cand_session = runtime.session(_source(candidate, candidate_model), provider, optimization)
+    # The two sessions take turns; with spinning threads, each would slow the other one down.
+    ref_session = runtime.session(_source(reference, reference_model), provider, optimization, spinning=False)
+    cand_session = runtime.session(_source(candidate, candidate_model), provider, optimization, spinning=False)
     output_names = [o.name for o in ref_session.get_outputs()]
     errors = {name: _ErrorAccumulator() for name in output_names}
     ref_top1, cand_top1 = [], []

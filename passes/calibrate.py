@@ -179,6 +179,7 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int
                                     provider=provider):
         for name, value in values.items():
             stats[name].update(value)
+        del values, value  # free this batch's activations before the next batch is computed
         if show:
             filled = int(30 * done / total)
             print(f"\rcalibrating [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
@@ -213,7 +214,10 @@ def run_batches(model: onnx.ModelProto, tensors: list[str], dataset, *, samples:
         except Exception as exc:  # noqa: BLE001 - ORT's own error types
             raise InputError(f"calibration: onnxruntime could not run the model on {dataset.source}: "
                              f"{str(exc).strip().splitlines()[0]}") from None
-        yield min(start + step, stop), dict(zip(tensors, outputs))
+        values = dict(zip(tensors, outputs))
+        del outputs
+        yield min(start + step, stop), values
+        del values  # the caller has dropped its reference too: memory stays at one batch
 
 
 def activation_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: list[str], dataset, *,
@@ -224,7 +228,7 @@ def activation_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tens
     runs = [run_batches(m, tensors, dataset, samples=samples, batch_size=4, provider=provider)
             for m in (reference, quantized)]
     for (_, expected), (_, actual) in zip(*runs):
-        for name in tensors:
+        for name in list(tensors):
             e, a = expected[name].ravel(), actual[name].ravel()
             difference = e - a
             signal[name] += float(np.dot(e, e))
