@@ -38,9 +38,18 @@ class TensorStats:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(2 * BINS, np.int64))
     sum_squares: float = 0.0
     count: int = 0
+    channel_sums: np.ndarray | None = None  # per channel (axis 1) sums of all values, for means
+    channel_count: int = 0
 
     def update(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float32).ravel()
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim >= 2 and values.size:
+            sums = values.sum(axis=tuple(i for i in range(values.ndim) if i != 1), dtype=np.float64)
+            if self.channel_sums is None or self.channel_sums.shape != sums.shape:
+                self.channel_sums, self.channel_count = np.zeros_like(sums), 0
+            self.channel_sums += sums
+            self.channel_count += values.size // values.shape[1]
+        values = values.ravel()
         if values.size == 0:
             return
         low, high = float(values.min()), float(values.max())
@@ -70,6 +79,13 @@ class TensorStats:
         self.counts = np.zeros(2 * BINS, np.int64)
         self.counts[BINS // 2: BINS // 2 + BINS] = merged
         self.limit *= 2
+
+    @property
+    def channel_means(self) -> np.ndarray | None:
+        """Mean of each channel (axis 1) over everything seen, or None for tensors without channels."""
+        if self.channel_sums is None or self.channel_count == 0:
+            return None
+        return self.channel_sums / self.channel_count
 
     @property
     def centers(self) -> np.ndarray:

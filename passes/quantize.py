@@ -62,6 +62,7 @@ class Int8Config:
     max_drop: float | None = None      # points of top-1 (or agreement) on held-back samples; None: the
                                        # optimize command's --max-accuracy-drop, if any
     holdout: float = 0.2               # share of calibration samples held back to measure the drop
+    bias_correction: bool = True       # cancel each channel's mean shift from weight rounding via the bias
 
     def __post_init__(self):
         if self.method not in calibrate.METHODS:
@@ -139,7 +140,7 @@ class QuantizeInt8(Pass):
                               "holdout_drop_points": round(drop, 2), "kept_float": len(kept)})
             if kept:
                 stats_out["kept_float_layers"] = "|".join(kept)
-        weight_levels = _rewrite(graph, plan, _params(plan, stats, config), config)
+        weight_levels = _rewrite(graph, plan, _params(plan, stats, config), config, _means(stats))
         counts = Counter(node.op for node in plan.nodes)
         stats_out.update({"quantized": len(plan.nodes), "tensors": len(plan.activations)})
         if weight_levels:
@@ -162,6 +163,10 @@ def _observed(plan: Plan) -> list[str]:
     return sorted({t.name for t in plan.activations} - set(plan.shares_input))
 
 
+def _means(stats: dict[str, calibrate.TensorStats]) -> dict[str, np.ndarray | None]:
+    return {name: s.channel_means for name, s in stats.items()}
+
+
 def _params(plan: Plan, stats: dict[str, calibrate.TensorStats], config: Int8Config) -> dict[str, QuantParams]:
     params = {}
     for name in _observed(plan):
@@ -177,7 +182,8 @@ def _params(plan: Plan, stats: dict[str, calibrate.TensorStats], config: Int8Con
     return params
 
 
-def _rewrite(graph: gs.Graph, plan: Plan, params: dict[str, QuantParams], config: Int8Config) -> list[int]:
+def _rewrite(graph: gs.Graph, plan: Plan, params: dict[str, QuantParams], config: Int8Config,
+             means: dict[str, np.ndarray | None]) -> list[int]:
     """Fold activations, quantize weights and biases, insert Q/DQ; returns the weight levels per channel."""
     names = graphs.Names(graph)
     weight_levels: list[int] = []
@@ -185,7 +191,8 @@ def _rewrite(graph: gs.Graph, plan: Plan, params: dict[str, QuantParams], config
         _fold_activation(node, plan)
     for node in plan.nodes:  # before the Q/DQ: bias scales look up each input by its original name
         if node.op in WEIGHTED:
-            weight_levels += _quantize_weights(graph, node, params, config, names)
+            input_means = means.get(node.inputs[0].name) if config.bias_correction else None
+            weight_levels += _quantize_weights(graph, node, params, config, names, input_means)
     for tensor in plan.activations:
         _insert_qdq(graph, tensor, params[tensor.name], config.activations, names)
     return weight_levels
@@ -206,7 +213,7 @@ def _fit_budget(graph: gs.Graph, plan: Plan, config: Int8Config, stats, float_mo
         trial = graph.copy()
         trial_config = replace(config, exclude=config.exclude + tuple(kept))
         trial_plan = _plan(trial, trial_config)
-        _rewrite(trial, trial_plan, _params(trial_plan, stats, trial_config), trial_config)
+        _rewrite(trial, trial_plan, _params(trial_plan, stats, trial_config), trial_config, _means(stats))
         trial.cleanup().toposort()
         outputs = _outputs(gs.export_onnx(trial, do_type_check=False), holdout, ctx.provider, optimization="all")
         return _drop(reference, outputs, holdout.labels), float(np.mean((reference - outputs) ** 2))
@@ -368,7 +375,7 @@ def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, params: QuantParams, dtype: 
 
 
 def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantParams], config: Int8Config,
-                      names: graphs.Names) -> list[int]:
+                      names: graphs.Names, input_means: np.ndarray | None) -> list[int]:
     """Replace the node's weight (and bias) by int8 (int32) initializers behind DequantizeLinear."""
     position = 1 if node.op != "MatMul" or graphs.constant_value(node.inputs[1]) is not None else 0
     weight = graphs.constant_value(node.inputs[position]).astype(np.float32)
@@ -381,6 +388,9 @@ def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantPar
     largest = np.abs(moved).max(axis=1)
     scale = np.where(largest > 0, largest / levels, 1.0)
     bias, input_params = _bias(node, len(scale)), params.get(node.inputs[0].name)
+    channels = weight.shape[axis]
+    if bias is None and input_params is not None and input_means is not None and _can_take_bias(node):
+        bias = np.zeros(channels, np.float32)  # bias correction needs somewhere to put the correction
     if bias is not None and input_params is not None:
         # The int32 bias step is input scale × weight scale. A channel with tiny weights but a real bias (a
         # nearly dead filter) would overflow int32: widen that channel's weight step instead; its weights are
@@ -394,6 +404,13 @@ def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantPar
                                 0, axis)
     else:
         quantized = quantized.reshape(weight.shape)
+    if bias is not None and input_means is not None:
+        restored = quantized.astype(np.float64) * (np.expand_dims(scale, tuple(i for i in range(weight.ndim)
+                                                                                if i != axis))
+                                                   if config.per_channel else scale[0])
+        shift = _mean_shift(node, restored - weight, input_means)
+        if shift is not None:
+            bias = (np.broadcast_to(bias, shift.shape) - shift).astype(np.float32)
     base = node.name or node.outputs[0].name
     node.inputs[position] = _dequantized(graph, names, f"{base}_weight", quantized, scale,
                                          np.zeros(scale.shape, np.int8), axis if config.per_channel else None)
@@ -401,10 +418,44 @@ def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantPar
         bias_scale = (input_params.scale * np.broadcast_to(scale, bias.shape)).astype(np.float32)
         if (bias_scale > 0).all() and np.isfinite(bias_scale).all():  # else the bias stays float
             bias_quantized = np.clip(np.round(bias.astype(np.float64) / bias_scale), -(2**31) + 1, 2**31 - 1)
-            node.inputs[2] = _dequantized(graph, names, f"{base}_bias", bias_quantized.astype(np.int32),
-                                          bias_scale, np.zeros(bias_scale.shape, np.int32),
-                                          0 if bias_scale.size > 1 else None)
+            dequantized_bias = _dequantized(graph, names, f"{base}_bias", bias_quantized.astype(np.int32),
+                                            bias_scale, np.zeros(bias_scale.shape, np.int32),
+                                            0 if bias_scale.size > 1 else None)
+            if len(node.inputs) > 2:
+                node.inputs[2] = dequantized_bias
+            else:
+                node.inputs.append(dequantized_bias)
     return levels.tolist()
+
+
+def _can_take_bias(node: gs.Node) -> bool:
+    """A Conv or Gemm without a bias input, which can be given one."""
+    if node.op == "Conv":
+        return len(node.inputs) < 3 or not node.inputs[2].name
+    return node.op == "Gemm" and (len(node.inputs) < 3 or not node.inputs[2].name)
+
+
+def _mean_shift(node: gs.Node, weight_error: np.ndarray, input_means: np.ndarray) -> np.ndarray | None:
+    """E[ΔW·x] per output channel: the mean by which weight rounding moves each output (Nagel et al. 2019).
+
+    Uses the per-channel means of the layer's input on calibration data; a convolution's border padding is
+    ignored, which the mean over a whole feature map makes small.
+    """
+    if node.op == "Conv":
+        groups = int(node.attrs.get("group", 1))
+        out_channels, in_per_group = weight_error.shape[:2]
+        if input_means.shape != (groups * in_per_group,) or out_channels % groups:
+            return None
+        summed = weight_error.reshape(out_channels, in_per_group, -1).sum(axis=2)
+        per_group = summed.reshape(groups, out_channels // groups, in_per_group)
+        return np.einsum("goi,gi->go", per_group, input_means.reshape(groups, in_per_group)).reshape(out_channels)
+    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
+        alpha = float(node.attrs.get("alpha", 1.0))
+        error = weight_error if int(node.attrs.get("transB", 0)) else weight_error.T  # [out, in]
+        if input_means.shape != (error.shape[1],):
+            return None
+        return alpha * (error @ input_means)
+    return None
 
 
 def _bias(node: gs.Node, channels: int) -> np.ndarray | None:

@@ -255,3 +255,23 @@ def test_accuracy_aware_mode_keeps_the_fewest_layers_in_float():
     assert record.stats["int8:Conv"] == 1 and record.stats["int8:Gemm"] == 1
     fitted_agreement = np.mean(run_model(fitted, held_back)[0].argmax(1) == labels[-24:])
     assert fitted_agreement >= 0.95
+
+
+def test_bias_correction_cancels_the_mean_shift_of_weight_rounding():
+    rng = np.random.default_rng(5)
+    weight = numpy_helper.from_array(rng.normal(0, 1, (16, 8, 3, 3)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], name="conv")], "one_conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 4, 4])],
+                              initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = rng.normal(3.0, 1.0, (64, 8, 6, 6)).astype(np.float32)  # inputs with a large mean
+    expected = run_model(model, {"x": x})[0]
+
+    def mean_shift(recipe):
+        quantized, _ = quantize(model, recipe, data={"x": x})
+        return np.abs((run_model(quantized, {"x": x})[0] - expected).mean(axis=(0, 2, 3)))
+
+    without = mean_shift("int8:weight-range=reduced,bias-correction=false")
+    corrected = mean_shift("int8:weight-range=reduced")
+    assert corrected.mean() < without.mean() / 3
