@@ -33,7 +33,9 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` keeping the model-level fields of `template` that graphsurgeon does not carry."""
     model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = template.ir_version
+    # a pass may have raised the opset (int8 needs 13), which may need a newer IR version too
+    needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(template.ir_version, needed)
     model.doc_string = template.doc_string
     model.domain = template.domain
     model.model_version = template.model_version
@@ -46,10 +48,31 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         overridable = _overridable_initializers(template)
         model.graph.initializer.extend(t for t in template.graph.initializer
                                        if t.name in overridable and t.name in inputs)
-    else:  # IR 3 requires every initializer to be listed as a graph input too
+    elif model.ir_version < 4:  # IR 3 requires every initializer to be listed as a graph input too
         model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                  for t in model.graph.initializer if t.name not in inputs)
     return model
+
+
+def upgrade_opset(graph: gs.Graph, opset: int) -> None:
+    """Convert `graph` in place to `opset` of the default domain with ONNX's version converter."""
+    from onnx import version_converter
+
+    model = gs.export_onnx(graph, do_type_check=False)
+    # graphsurgeon does not list initializers as inputs, which IR 3 requires; IR 4 does not
+    model.ir_version = max(model.ir_version, 4)
+    try:
+        converted = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - the converter raises plain RuntimeErrors
+        from onnxcomp.pass_base import PreconditionError
+
+        raise PreconditionError(f"cannot convert the model from opset {graph.opset} to {opset}: "
+                                f"{str(exc).strip().splitlines()[0]}") from None
+    upgraded = gs.import_onnx(converted)
+    graph.nodes, graph.inputs, graph.outputs = upgraded.nodes, upgraded.inputs, upgraded.outputs
+    graph.opset = opset
+    graph.import_domains = upgraded.import_domains
 
 
 def unused_initializer_count(model: onnx.ModelProto) -> int:

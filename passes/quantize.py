@@ -43,6 +43,7 @@ ELEMENTWISE = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
 # Output keeps the input's scale and zero point, so ONNX Runtime can drop the Q/DQ pair around them.
 PASS_THROUGH = ("MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 FOLDED_ACTIVATIONS = ("Relu", "Clip")
+MIN_OPSET = 13
 SQNR_REPORTED = 5  # tensors with the lowest SQNR named in the stats, worst first
 
 
@@ -107,12 +108,15 @@ class QuantizeInt8(Pass):
         if ctx.calibration_data is None:
             raise PreconditionError("int8 needs calibration data: pass --calib-data (a data file or an image "
                                     "folder of typical inputs; 'random' only to try the pipeline)")
-        if graph.opset < 13:
-            raise PreconditionError(f"int8 needs opset 13 or later (per-channel QuantizeLinear); the model has "
-                                    f"opset {graph.opset}")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
+        upgraded_from = graph.opset
+        if graph.opset < MIN_OPSET:  # per-axis QuantizeLinear / DequantizeLinear
+            graphs.upgrade_opset(graph, MIN_OPSET)
+        # weights computed from constants (Reshape of an initializer, in CNTK and Paddle exports) become
+        # initializers, so that they can be quantized
+        graph.fold_constants().cleanup()
         plan = _plan(graph, config)
         if not plan.nodes:
             return PassResult(False, {"quantized": 0, **{f"skipped:{k}": v for k, v in plan.skipped.items()}})
@@ -131,6 +135,8 @@ class QuantizeInt8(Pass):
                                   batch_size=config.batch_size, provider=ctx.provider)
         stats_out: dict[str, int | float | str] = {"method": config.method,
                                                    "samples": min(config.samples, calibration.num_samples)}
+        if upgraded_from < MIN_OPSET:
+            stats_out["opset"] = f"{upgraded_from}->{MIN_OPSET}"
         if budget is not None:
             kept, drop = _fit_budget(graph, plan, config, stats, float_model, holdout, budget, ctx)
             if kept:
@@ -195,7 +201,27 @@ def _rewrite(graph: gs.Graph, plan: Plan, params: dict[str, QuantParams], config
             weight_levels += _quantize_weights(graph, node, params, config, names, input_means)
     for tensor in plan.activations:
         _insert_qdq(graph, tensor, params[tensor.name], config.activations, names)
+    for node in plan.nodes:
+        if node.op in ("Add", "Mul"):
+            _quantize_constant_operands(graph, node, config.activations, names)
     return weight_levels
+
+
+def _quantize_constant_operands(graph: gs.Graph, node: gs.Node, dtype: str, names: graphs.Names) -> None:
+    """A constant operand of Add/Mul (a bias added after a Conv) behind DequantizeLinear, so that ONNX Runtime
+    finds both inputs quantized and runs QLinearAdd / QLinearMul instead of a float op between Q/DQ."""
+    for position, tensor in enumerate(node.inputs):
+        value = graphs.constant_value(tensor)
+        if value is None or value.dtype != np.float32:
+            continue
+        params = _activation_params(float(value.min()), float(value.max()), dtype)
+        offset = 0 if dtype == "uint8" else -128
+        quantized = np.clip(np.round(value / params.scale) + params.zero_point, offset, offset + 255)
+        np_type = np.uint8 if dtype == "uint8" else np.int8
+        base = f"{node.name or node.outputs[0].name}_operand{position}"
+        node.inputs[position] = _dequantized(graph, names, base, quantized.astype(np_type),
+                                             np.array(params.scale, np.float32),
+                                             np.array(params.zero_point, np_type), None)
 
 
 def _fit_budget(graph: gs.Graph, plan: Plan, config: Int8Config, stats, float_model, holdout, budget: float,
@@ -308,6 +334,8 @@ def _folded_output(graph: gs.Graph, node: gs.Node, plan: Plan) -> gs.Tensor:
     if len(readers) != 1 or readers[0].op not in FOLDED_ACTIVATIONS or not graphs.is_standard(readers[0]):
         return output
     activation = readers[0]
+    if graphs.is_graph_output(graph, activation.outputs[0]):
+        return output  # graph outputs stay float, so nothing would clamp in the activation's place
     bounds = _activation_bounds(activation)
     if bounds is None or bounds[0] != 0.0:  # only clamps at zero fold exactly into a zero point
         return output

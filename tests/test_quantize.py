@@ -275,3 +275,21 @@ def test_bias_correction_cancels_the_mean_shift_of_weight_rounding():
     without = mean_shift("int8:weight-range=reduced,bias-correction=false")
     corrected = mean_shift("int8:weight-range=reduced")
     assert corrected.mean() < without.mean() / 3
+
+
+def test_old_opset_and_computed_weights_are_handled():
+    # opset 11 (per-axis Q/DQ needs 13) and a MatMul weight computed by Reshape from an initializer
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.normal(0, 1, 48).astype(np.float32), "flat"),
+             numpy_helper.from_array(np.array([12, 4], np.int64), "shape"),
+             numpy_helper.from_array(rng.normal(0, 1, 4).astype(np.float32), "bias")]
+    nodes = [helper.make_node("Reshape", ["flat", "shape"], ["W"]), helper.make_node("MatMul", ["x", "W"], ["m"]),
+             helper.make_node("Add", ["m", "bias"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=6)
+    x = rng.normal(0, 1, (64, 12)).astype(np.float32)
+    quantized, record = quantize(model, data={"x": x})
+    assert record.stats["opset"] == "11->13" and quantized.opset_import[0].version == 13
+    assert record.stats["int8:MatMul"] == 1 and record.stats["int8:Add"] == 1
+    assert sqnr_db(run_model(model, {"x": x})[0], run_model(quantized, {"x": x})[0]) > 25
