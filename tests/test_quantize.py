@@ -293,3 +293,38 @@ def test_old_opset_and_computed_weights_are_handled():
     assert record.stats["opset"] == "11->13" and quantized.opset_import[0].version == 13
     assert record.stats["int8:MatMul"] == 1 and record.stats["int8:Add"] == 1
     assert sqnr_db(run_model(model, {"x": x})[0], run_model(quantized, {"x": x})[0]) > 25
+
+
+def test_concat_pooling_mul_and_resize_run_as_int8_kernels(tmp_path):
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "W2"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 16, 1, 1)).astype(np.float32), "W3"),
+             numpy_helper.from_array(np.array([], np.float32), "roi"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "W2"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "W3"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["e"]),
+             helper.make_node("AveragePool", ["e"], ["f"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Resize", ["f", "roi", "scales"], ["g"], mode="nearest"),
+             helper.make_node("GlobalAveragePool", ["g"], ["y"])]
+    graph = helper.make_graph(nodes, "ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 1, 1])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = rng.normal(0, 1, (64, 3, 16, 16)).astype(np.float32)
+    quantized, record = quantize(model, data={"x": x})
+    for op in ("Concat", "MaxPool", "Mul", "AveragePool", "Resize"):
+        assert record.stats[f"int8:{op}"] == 1, op
+    onnx.save(quantized, tmp_path / "q.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 4
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    assert ops["QLinearConcat"] == 1 and ops["QLinearMul"] == 1 and ops["QLinearAveragePool"] == 1
+    assert ops["QLinearConv"] == 3 and ops["Conv"] == 0 and ops["Concat"] == 0 and ops["Mul"] == 0
+    assert sqnr_db(run_model(model, {"x": x[:8]})[0], session.run(None, {"x": x[:8]})[0]) > 30
