@@ -184,6 +184,40 @@ class Dataset:
     def batch(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return self._take(start, stop)
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model's inputs fix, or None when the batch axis is free."""
+        fixed = {spec.fixed_batch for spec in self.inputs if spec.fixed_batch is not None}
+        if len(fixed) > 1:
+            raise InputError(f"the model's inputs fix different batch sizes {sorted(fixed)}; onnxcomp cannot "
+                             "split samples across them")
+        return fixed.pop() if fixed else None
+
+    def runs(self, samples: int, batch_size: int) -> list[tuple[int, int]]:
+        """(start, stop) of the batches that cover the first `samples` samples: `batch_size` at a time, or
+        exactly the fixed batch, dropping a last partial batch (at least one batch when there are enough)."""
+        fixed = self.fixed_batch
+        total = min(samples, self.num_samples)
+        if fixed is None:
+            return [(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
+        total = max(total, min(fixed, self.num_samples))
+        if total < fixed:
+            raise InputError(f"{self.source}: {self.num_samples} sample(s), but the model takes batches of exactly "
+                             f"{fixed}; give at least {fixed} samples")
+        return [(start, start + fixed) for start in range(0, total - total % fixed, fixed)]
+
+    def select(self, indices) -> "Dataset":
+        """The samples at `indices` (in that order) as a dataset of their own."""
+        indices = np.asarray(indices, dtype=np.int64)
+        take = self._take
+
+        def take_selected(start: int, stop: int) -> dict[str, np.ndarray]:
+            parts = [take(int(i), int(i) + 1) for i in indices[start:stop]]
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
+
+        return Dataset(self.source, len(indices), self.inputs, take_selected,
+                       None if self.labels is None else self.labels[indices], self.is_random)
+
     def batches(self, batch_size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(first sample index, feed) for consecutive batches covering every sample."""
         for start in range(0, self.num_samples, batch_size):

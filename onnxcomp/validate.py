@@ -99,12 +99,9 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
     _check_same_interface(reference_model, candidate_model)
     dataset = datasets.random_data(reference_model) if data is None else datasets.open_data(
         data, reference_model, preprocess=preprocess, limit=limit)
-    step = _batch_step(dataset, batch_size)
-    fixed = any(spec.fixed_batch is not None for spec in dataset.inputs)
-    usable = dataset.num_samples - dataset.num_samples % step if fixed else dataset.num_samples
-    if usable == 0:
-        raise InputError(f"{dataset.source}: {dataset.num_samples} sample(s), but the model takes batches of "
-                         f"exactly {step}; give at least {step} samples")
+    runs = dataset.runs(dataset.num_samples, batch_size)
+    usable = runs[-1][1]
+    step = dataset.fixed_batch or batch_size
     notes = []
     if dataset.is_random:
         notes.append("no data given: random inputs were used, so accuracy was NOT measured; "
@@ -118,20 +115,11 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
                         _size(reference, reference_model), _size(candidate, candidate_model), notes=notes)
     for provider in providers:
         result.providers.append(_compare_on(provider, reference, reference_model, candidate, candidate_model,
-                                            dataset, step, usable, latency_runs, warmup, optimization))
+                                            dataset, runs, latency_runs, warmup, optimization))
     return result
 
 
-def _batch_step(dataset: datasets.Dataset, batch_size: int) -> int:
-    """Samples per run: the model's fixed batch if it has one, else `batch_size`."""
-    fixed = {spec.fixed_batch for spec in dataset.inputs if spec.fixed_batch is not None}
-    if len(fixed) > 1:
-        raise InputError(f"the model's inputs have different fixed batch sizes {sorted(fixed)}; "
-                         "onnxcomp cannot split samples across them")
-    return fixed.pop() if fixed else batch_size
-
-
-def _compare_on(provider, reference, reference_model, candidate, candidate_model, dataset, step, usable,
+def _compare_on(provider, reference, reference_model, candidate, candidate_model, dataset, runs,
                 latency_runs, warmup, optimization) -> ProviderResult:
     # The two sessions take turns; with spinning threads, each would slow the other one down.
     ref_session = runtime.session(_source(reference, reference_model), provider, optimization, spinning=False)
@@ -139,8 +127,8 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
     output_names = [o.name for o in ref_session.get_outputs()]
     errors = {name: _ErrorAccumulator() for name in output_names}
     ref_top1, cand_top1 = [], []
-    for start in range(0, usable, step):
-        stop = min(start + step, usable)
+    usable = runs[-1][1]
+    for start, stop in runs:
         feed = dataset.batch(start, stop)
         ref_out = _run(ref_session, feed, "reference", provider)
         cand_out = _run(cand_session, feed, "candidate", provider)
@@ -159,8 +147,7 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
             cand_acc = 100.0 * float(np.mean(cand_classes == labels))
     ref_latency = cand_latency = None
     if latency_runs > 0:
-        fixed = any(spec.fixed_batch is not None for spec in dataset.inputs)
-        one = dataset.batch(0, step if fixed else 1)  # batch 1, unless the model only takes its fixed batch
+        one = dataset.batch(0, dataset.fixed_batch or 1)  # batch 1, unless the model only takes its fixed batch
         ref_latency, cand_latency = interleaved_latency([ref_session, cand_session], one,
                                                         runs=latency_runs, warmup=warmup)
     return ProviderResult(provider, usable, ref_acc, cand_acc, agreement,

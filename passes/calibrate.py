@@ -6,7 +6,8 @@ counted without being stored. Memory is the same for 50 samples or 50 000.
 
 Range methods, for a tensor quantized to `levels` steps:
     minmax      [min, max]
-    percentile  the central `percentile` % of the values (one-sided for tensors that are never negative)
+    percentile  clip (100 − percentile) % of the values at each end (only at the top for tensors that are never
+                negative)
     entropy     the clipping threshold whose quantized histogram is closest to the real one (KL divergence,
                 as in TensorRT's calibrator)
     mse         the clipping range with the least expected squared error: clipping error of the values outside
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxcomp.errors import InputError
 
@@ -36,28 +36,25 @@ class TensorStats:
     maximum: float = -math.inf
     limit: float = 0.0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(2 * BINS, np.int64))
-    sum_squares: float = 0.0
     count: int = 0
     channel_sums: np.ndarray | None = None  # per channel (axis 1) sums of all values, for means
     channel_count: int = 0
 
-    def update(self, values: np.ndarray) -> None:
+    def update(self, values: np.ndarray) -> bool:
+        """Add a batch of values; False (and nothing added) when it holds NaN or infinity."""
         values = np.asarray(values, dtype=np.float32)
-        if values.ndim >= 2 and values.size:
+        if values.size == 0:
+            return True
+        low, high = float(values.min()), float(values.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
+            return False
+        if values.ndim >= 2:
             sums = values.sum(axis=tuple(i for i in range(values.ndim) if i != 1), dtype=np.float64)
             if self.channel_sums is None or self.channel_sums.shape != sums.shape:
                 self.channel_sums, self.channel_count = np.zeros_like(sums), 0
             self.channel_sums += sums
             self.channel_count += values.size // values.shape[1]
         values = values.ravel()
-        if values.size == 0:
-            return
-        low, high = float(values.min()), float(values.max())
-        if not (np.isfinite(low) and np.isfinite(high)):  # rare: pay for the filtering only then
-            values = values[np.isfinite(values)]
-            if values.size == 0:
-                return
-            low, high = float(values.min()), float(values.max())
         self.minimum, self.maximum = min(self.minimum, low), max(self.maximum, high)
         largest = max(abs(low), abs(high))
         if self.limit == 0.0:
@@ -71,8 +68,8 @@ class TensorStats:
         index = (values + np.float32(self.limit)) * np.float32(BINS / self.limit)
         np.clip(index, 0, 2 * BINS - 1, out=index)
         self.counts += np.bincount(index.astype(np.int32), minlength=2 * BINS)
-        self.sum_squares += float(np.dot(values, values))
         self.count += values.size
+        return True
 
     def _double_range(self) -> None:
         merged = self.counts.reshape(-1, 2).sum(axis=1)  # BINS bins over [-limit, limit]
@@ -190,11 +187,13 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int
     """Run `model` on up to `samples` samples of `dataset` and gather statistics of `tensors`, batch by batch."""
     stats = {name: TensorStats() for name in tensors}
     show = sys.stderr.isatty() if progress is None else progress
-    total = min(samples, dataset.num_samples)
+    total = dataset.runs(samples, batch_size)[-1][1]
     for done, values in run_batches(model, tensors, dataset, samples=samples, batch_size=batch_size,
                                     provider=provider):
         for name, value in values.items():
-            stats[name].update(value)
+            if not stats[name].update(value):
+                raise InputError(f"calibration: tensor '{name}' holds NaN or infinite values on "
+                                 f"{dataset.source}; check the calibration data (and the model) for them")
         del values, value  # free this batch's activations before the next batch is computed
         if show:
             filled = int(30 * done / total)
@@ -216,15 +215,8 @@ def run_batches(model: onnx.ModelProto, tensors: list[str], dataset, *, samples:
     # Every observed tensor is a graph output here, and ONNX Runtime's optimizations keep graph outputs as
     # they are, so the fastest level gives the same statistics.
     session = runtime.session(augmented, provider, optimization="all")
-    total = min(samples, dataset.num_samples)
-    fixed = [spec.fixed_batch for spec in dataset.inputs if spec.fixed_batch is not None]
-    step = fixed[0] if fixed else batch_size
-    stop = total - total % step if fixed else total
-    if stop == 0:
-        raise InputError(f"calibration: {dataset.source} has {dataset.num_samples} sample(s); the model takes "
-                         f"batches of exactly {step}")
-    for start in range(0, stop, step):
-        feed = dataset.batch(start, min(start + step, stop))
+    for start, stop in dataset.runs(samples, batch_size):
+        feed = dataset.batch(start, stop)
         try:
             outputs = session.run(tensors, feed)
         except Exception as exc:  # noqa: BLE001 - ORT's own error types
@@ -232,7 +224,7 @@ def run_batches(model: onnx.ModelProto, tensors: list[str], dataset, *, samples:
                              f"{str(exc).strip().splitlines()[0]}") from None
         values = dict(zip(tensors, outputs))
         del outputs
-        yield min(start + step, stop), values
+        yield stop, values
         del values  # the caller has dropped its reference too: memory stays at one batch
 
 

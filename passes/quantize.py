@@ -5,12 +5,15 @@ Before:
 After:
     x ─► Q ─► DQ ─► Conv(DQ(W:int8, per output channel), DQ(b:int32)) ─► Q ─► DQ ─► y ─► Add ─► Q ─► DQ ─► z
 
-ONNX Runtime fuses each `DQ → op → Q` group into an int8 kernel (QLinearConv, QGemm, QLinearAdd, …) when it
-creates the session. The plan is made first, then the graph is rewritten in one place:
+ONNX Runtime fuses `DQ → op → Q` groups into int8 kernels (QLinearConv, QGemm, QLinearAdd, …) when it creates
+the session. Graph outputs stay float, so an op that produces one keeps a float kernel unless ORT has a
+float-output form of it (Gemm and MatMul do; Conv and Add do not). The plan is made first, then the graph is
+rewritten in one place:
 
-1. Select the nodes to quantize: Conv, Gemm and MatMul with constant weights; Add, Mul, Concat, average
-   pooling; MaxPool, Resize and the reshaping ops pass their input's quantization through unchanged. A Relu or
-   Clip after a quantized node is folded into the node's output range (uint8 with zero point 0 clamps at 0).
+1. Select the nodes to quantize: Conv and Gemm with constant weights, MatMul with a constant 2-D second
+   input; Add, Mul, Concat, average pooling; MaxPool, nearest/linear Resize and the reshaping ops pass their
+   input's quantization through unchanged. A Relu or Clip after a quantized node is folded into the node's
+   output range (uint8 with zero point 0 clamps at 0).
 2. Calibrate: run the float model on the calibration data and gather each quantized tensor's statistics batch
    by batch (passes/calibrate.py); pick each range by `method`.
 3. Rewrite: activations asymmetric uint8 (or int8); weights symmetric int8 per output channel; biases int32
@@ -30,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcomp import graph as graphs
@@ -117,18 +121,13 @@ class QuantizeInt8(Pass):
         # weights computed from constants (Reshape of an initializer, in CNTK and Paddle exports) become
         # initializers, so that they can be quantized
         graph.fold_constants().cleanup()
+        _infer_types(graph)
         plan = _plan(graph, config)
         if not plan.nodes:
             return PassResult(False, {"quantized": 0, **{f"skipped:{k}": v for k, v in plan.skipped.items()}})
         budget = config.max_drop if config.max_drop is not None else ctx.max_accuracy_drop
         data = ctx.calibration_data
-        calibration, holdout = data, None
-        if budget is not None:
-            held = max(1, int(round(data.num_samples * config.holdout)))
-            if data.num_samples - held < 1:
-                raise InputError("int8 with an accuracy budget needs at least 2 calibration samples")
-            calibration, holdout = data.subset(0, data.num_samples - held), data.subset(data.num_samples - held,
-                                                                                        data.num_samples)
+        calibration, holdout = _split(data, config, budget is not None)
         float_model = gs.export_onnx(graph, do_type_check=False)
         observed = _observed(plan)
         stats = calibrate.collect(float_model, observed, calibration, samples=config.samples,
@@ -146,6 +145,9 @@ class QuantizeInt8(Pass):
                               "holdout_drop_points": round(drop, 2), "kept_float": len(kept)})
             if kept:
                 stats_out["kept_float_layers"] = "|".join(kept)
+            if drop > budget:
+                stats_out["warning"] = (f"the budget of {budget} points was not met on the held-back samples even "
+                                        f"with {len(kept)} layers in float")
         weight_levels = _rewrite(graph, plan, _params(plan, stats, config), config, _means(stats))
         counts = Counter(node.op for node in plan.nodes)
         stats_out.update({"quantized": len(plan.nodes), "tensors": len(plan.activations)})
@@ -160,13 +162,32 @@ class QuantizeInt8(Pass):
         worst = sorted(sqnr.items(), key=lambda kv: kv[1])[:SQNR_REPORTED]
         stats_out.update({f"sqnr_db:{name}": round(value, 1) for name, value in worst})
         if getattr(data, "is_random", False):
-            stats_out["warning"] = "calibrated on random data: ranges do not reflect real inputs"
+            stats_out["warning_data"] = "calibrated on random data: ranges do not reflect real inputs"
         return PassResult(True, stats_out)
 
 
+HOLDOUT_LIMIT = 250  # held-back samples at most: enough to measure a drop, few enough to test many layers
+
+
+def _split(data, config: Int8Config, hold_back: bool):
+    """(calibration, held-back) samples, each spread evenly over the data: files are often sorted by class."""
+    everything = np.arange(data.num_samples)
+    held = np.array([], np.int64)
+    if hold_back:
+        count = min(max(1, int(round(len(everything) * config.holdout))), HOLDOUT_LIMIT)
+        if len(everything) - count < 1:
+            raise InputError("int8 with an accuracy budget needs at least 2 calibration samples")
+        held = np.unique(np.linspace(0, len(everything) - 1, count).round().astype(np.int64))
+    rest = np.setdiff1d(everything, held)
+    if len(rest) > config.samples:
+        rest = rest[np.unique(np.linspace(0, len(rest) - 1, config.samples).round().astype(np.int64))]
+    calibration = data if len(rest) == data.num_samples else data.select(rest)
+    return calibration, (data.select(held) if hold_back else None)
+
+
 def _observed(plan: Plan) -> list[str]:
-    """Tensors whose statistics are needed: every quantized activation but those sharing their input's."""
-    return sorted({t.name for t in plan.activations} - set(plan.shares_input))
+    """Every quantized activation: ranges for most, channel means (bias correction) and SQNR for all."""
+    return sorted({t.name for t in plan.activations})
 
 
 def _means(stats: dict[str, calibrate.TensorStats]) -> dict[str, np.ndarray | None]:
@@ -175,7 +196,7 @@ def _means(stats: dict[str, calibrate.TensorStats]) -> dict[str, np.ndarray | No
 
 def _params(plan: Plan, stats: dict[str, calibrate.TensorStats], config: Int8Config) -> dict[str, QuantParams]:
     params = {}
-    for name in _observed(plan):
+    for name in sorted(set(_observed(plan)) - set(plan.shares_input)):
         bounds = plan.clip_bounds.get(name)
         nonnegative = True if bounds is not None and bounds[0] >= 0 else None
         low, high = calibrate.choose_range(stats[name], config.method, percentile=config.percentile,
@@ -217,6 +238,9 @@ def _quantize_constant_operands(graph: gs.Graph, node: gs.Node, dtype: str, name
         params = _activation_params(float(value.min()), float(value.max()), dtype)
         offset = 0 if dtype == "uint8" else -128
         quantized = np.clip(np.round(value / params.scale) + params.zero_point, offset, offset + 255)
+        restored = (quantized - params.zero_point) * params.scale
+        if np.abs(restored - value).max() > 0.01 * np.abs(value).max() or np.any((value != 0) & (restored == 0)):
+            continue  # values spread over orders of magnitude: 8 bits would zero the small ones; stays float
         np_type = np.uint8 if dtype == "uint8" else np.int8
         base = f"{node.name or node.outputs[0].name}_operand{position}"
         node.inputs[position] = _dequantized(graph, names, base, quantized.astype(np_type),
@@ -226,13 +250,18 @@ def _quantize_constant_operands(graph: gs.Graph, node: gs.Node, dtype: str, name
 
 def _fit_budget(graph: gs.Graph, plan: Plan, config: Int8Config, stats, float_model, holdout, budget: float,
                 ctx: PassContext) -> tuple[list[str], float]:
-    """The fewest weighted layers to keep in float so the drop on held-back samples stays within `budget`.
+    """Weighted layers to keep in float so the drop on held-back samples stays within `budget`, chosen greedily.
 
     Each layer's sensitivity is how much the output error falls when that layer alone stays float; layers go
     back to float in that order until the measured drop (top-1 against labels, else disagreement with the
-    float model, on ONNX Runtime's int8 kernels) is within the budget.
+    float model, on ONNX Runtime's int8 kernels) is within the budget. Greedy, not a search for the smallest
+    set: it costs one trial model per layer, plus one per layer put back.
     """
     reference = _outputs(float_model, holdout, ctx.provider)
+    if not (reference.ndim == 2 and reference.shape[1] > 1
+            and len(reference) == holdout.runs(holdout.num_samples, 16)[-1][1]):
+        raise InputError("an accuracy budget for int8 needs class scores (one row of scores per sample) as the "
+                         "model's first output; drop --max-accuracy-drop / max-drop for this model")
     candidates = [n.name for n in plan.nodes if n.op in WEIGHTED and n.name]
 
     def measure(kept: list[str]) -> tuple[float, float]:
@@ -265,16 +294,13 @@ def _outputs(model, dataset, provider: str, optimization: str = "basic") -> np.n
 
     session = runtime.session(model, provider, optimization)
     name = session.get_outputs()[0].name
-    fixed = [spec.fixed_batch for spec in dataset.inputs if spec.fixed_batch is not None]
-    step = fixed[0] if fixed else 16
-    return np.concatenate([session.run([name], dataset.batch(start, start + step))[0]
-                           for start in range(0, dataset.num_samples - (dataset.num_samples % step if fixed else 0),
-                                              step)])
+    return np.concatenate([session.run([name], dataset.batch(start, stop))[0]
+                           for start, stop in dataset.runs(dataset.num_samples, 16)])
 
 
 def _drop(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> float:
     """Points lost: top-1 against labels when there are labels, else disagreement with the float model."""
-    expected, actual = reference.reshape(len(reference), -1).argmax(1), candidate.reshape(len(candidate), -1).argmax(1)
+    expected, actual = reference.argmax(1), candidate.argmax(1)
     if labels is not None:
         labels = labels[:len(expected)]
         return 100.0 * (float(np.mean(expected == labels)) - float(np.mean(actual == labels)))
@@ -299,6 +325,9 @@ def _plan(graph: gs.Graph, config: Int8Config) -> Plan:
             continue
         if node.name in config.exclude or node.op in config.exclude_ops or id(node) in kept_float:
             plan.skipped["excluded"] += 1
+            continue
+        if node.op == "Resize" and node.attrs.get("mode", "nearest") not in ("nearest", "linear"):
+            plan.skipped["resize-overshoots"] += 1  # cubic output leaves its input's range
             continue
         if node.op in WEIGHTED and _weight(node) is None:
             plan.skipped["weight-not-constant"] += 1
@@ -387,10 +416,13 @@ def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, params: QuantParams, dtype: 
     zero = names.constant(f"{tensor.name}_zero_point", np.array(params.zero_point, np_type))
     quantized = gs.Variable(names.new(f"{tensor.name}_quantized"), dtype=np_type, shape=tensor.shape)
     producer = graphs.producer(tensor)
-    if producer is None:  # a graph input keeps its name; its readers move to the dequantized copy
+    if producer is None or graphs.is_graph_output(graph, tensor):
+        # a graph input or output keeps its name and its full precision; its readers move to the dequantized copy
         dequantized = gs.Variable(names.new(f"{tensor.name}_dequantized"), dtype=tensor.dtype, shape=tensor.shape)
         for reader in graphs.consumers(tensor):
-            reader.inputs[[i for i, t in enumerate(reader.inputs) if t is tensor][0]] = dequantized
+            for position, value in enumerate(reader.inputs):
+                if value is tensor:
+                    reader.inputs[position] = dequantized
         source = tensor
     else:
         source = gs.Variable(names.new(f"{tensor.name}_float"), dtype=tensor.dtype, shape=tensor.shape)
@@ -405,20 +437,27 @@ def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, params: QuantParams, dtype: 
 def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantParams], config: Int8Config,
                       names: graphs.Names, input_means: np.ndarray | None) -> list[int]:
     """Replace the node's weight (and bias) by int8 (int32) initializers behind DequantizeLinear."""
-    position = 1 if node.op != "MatMul" or graphs.constant_value(node.inputs[1]) is not None else 0
+    position = 1
     weight = graphs.constant_value(node.inputs[position]).astype(np.float32)
+    if node.op == "Gemm" and float(node.attrs.get("alpha", 1.0)) != 1.0:
+        # alpha·A·B = A·(alpha·B), exactly: ONNX Runtime's QGemm fusion wants alpha = 1
+        weight = weight * np.float32(node.attrs["alpha"])
+        node.attrs["alpha"] = 1.0
     axis = _channel_axis(node, weight)
     depthwise = node.op == "Conv" and int(node.attrs.get("group", 1)) == weight.shape[0] and weight.shape[1] == 1
-    moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
-    if not config.per_channel:
-        moved = moved.reshape(1, -1)
+    if config.per_channel:
+        moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    else:
+        moved = weight.reshape(1, -1)
     levels = _weight_levels(moved, config.weight_range, depthwise)
     largest = np.abs(moved).max(axis=1)
     scale = np.where(largest > 0, largest / levels, 1.0)
-    bias, input_params = _bias(node, len(scale)), params.get(node.inputs[0].name)
     channels = weight.shape[axis]
+    bias, input_params = _bias(node, channels), params.get(node.inputs[0].name)
     if bias is None and input_params is not None and input_means is not None and _can_take_bias(node):
         bias = np.zeros(channels, np.float32)  # bias correction needs somewhere to put the correction
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0  # no C before: beta did not matter; the new C must count once
     if bias is not None and input_params is not None:
         # The int32 bias step is input scale × weight scale. A channel with tiny weights but a real bias (a
         # nearly dead filter) would overflow int32: widen that channel's weight step instead; its weights are
@@ -458,9 +497,7 @@ def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantPar
 
 def _can_take_bias(node: gs.Node) -> bool:
     """A Conv or Gemm without a bias input, which can be given one."""
-    if node.op == "Conv":
-        return len(node.inputs) < 3 or not node.inputs[2].name
-    return node.op == "Gemm" and (len(node.inputs) < 3 or not node.inputs[2].name)
+    return node.op in ("Conv", "Gemm") and (len(node.inputs) < 3 or not node.inputs[2].name)
 
 
 def _mean_shift(node: gs.Node, weight_error: np.ndarray, input_means: np.ndarray) -> np.ndarray | None:
@@ -493,9 +530,9 @@ def _bias(node: gs.Node, channels: int) -> np.ndarray | None:
     if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
         return None
     bias = graphs.constant_value(node.inputs[2])
-    if bias is None or bias.ndim != 1 or bias.shape[0] not in (channels, 1):
+    if bias is None or bias.size not in (channels, 1) or (bias.ndim == 2 and bias.shape[0] != 1) or bias.ndim > 2:
         return None
-    return bias
+    return np.broadcast_to(bias.reshape(-1), (channels,)).astype(np.float32)  # Gemm broadcasts C the same way
 
 
 def _weight_levels(rows: np.ndarray, weight_range: str, depthwise: bool) -> np.ndarray:
@@ -548,15 +585,29 @@ def _weight(node: gs.Node) -> np.ndarray | None:
 
 def _data_inputs(node: gs.Node) -> list[gs.Tensor]:
     """The activation inputs of a node: not weights, biases, shapes or other constants."""
-    if node.op in WEIGHTED:
-        return [node.inputs[0]]
-    if node.op in PASS_THROUGH:
+    if node.op in WEIGHTED or node.op in PASS_THROUGH:
         return [node.inputs[0]]
     return [t for t in node.inputs if t.name and graphs.constant_value(t) is None]
 
 
 def _is_float(tensor: gs.Tensor) -> bool:
-    return tensor.dtype is None or np.dtype(tensor.dtype) == np.float32
+    """float32, as far as the model says (after _infer_types); unknown types are left alone."""
+    return tensor.dtype is not None and np.dtype(tensor.dtype) == np.float32
+
+
+def _infer_types(graph: gs.Graph) -> None:
+    """Fill in element types the model does not state, with ONNX shape inference: int64 shape arithmetic
+    (Shape → Gather → Concat → Reshape) must not be mistaken for activations."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(gs.export_onnx(graph, do_type_check=False))
+    except Exception:  # noqa: BLE001 - inference is a help; tensors it cannot type stay unquantized
+        return
+    tensors = graph.tensors()
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = tensors.get(value.name)
+        elem_type = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
+        if isinstance(tensor, gs.Variable) and tensor.dtype is None and elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
 
 
 def _producer_chosen(node: gs.Node, chosen: set[int]) -> bool:

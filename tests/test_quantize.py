@@ -328,3 +328,79 @@ def test_concat_pooling_mul_and_resize_run_as_int8_kernels(tmp_path):
     assert ops["QLinearConcat"] == 1 and ops["QLinearMul"] == 1 and ops["QLinearAveragePool"] == 1
     assert ops["QLinearConv"] == 3 and ops["Conv"] == 0 and ops["Concat"] == 0 and ops["Mul"] == 0
     assert sqnr_db(run_model(model, {"x": x[:8]})[0], session.run(None, {"x": x[:8]})[0]) > 30
+
+
+def _dense(nodes, inits, outputs=("y",), input_shape=("N", 12)):
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+DENSE_X = {"x": np.random.default_rng(8).normal(0, 1, (64, 12)).astype(np.float32)}
+
+
+def test_per_tensor_weights_keep_the_weight_layout():
+    rng = np.random.default_rng(9)
+    w = numpy_helper.from_array(rng.normal(0, 1, (12, 6)).astype(np.float32), "W")  # [K, N]: axis 1 = channels
+    for node in (helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Gemm", ["x", "W"], ["y"])):
+        model = _dense([node], [w])
+        quantized, _ = quantize(model, "int8:per-channel=false", data=DENSE_X)
+        assert sqnr_db(run_model(model, DENSE_X)[0], run_model(quantized, DENSE_X)[0]) > 25, node.op_type
+
+
+def test_graph_output_read_by_a_quantized_node_keeps_full_precision():
+    rng = np.random.default_rng(10)
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("MatMul", ["s", "W"], ["y"])]
+    model = _dense(nodes, [numpy_helper.from_array(rng.normal(0, 1, (12, 4)).astype(np.float32), "W")], ("s", "y"))
+    quantized, record = quantize(model, data=DENSE_X)
+    assert record.stats["int8:MatMul"] == 1
+    np.testing.assert_array_equal(run_model(quantized, DENSE_X)[0], run_model(model, DENSE_X)[0])
+
+
+def test_gemm_with_a_broadcast_scalar_bias_and_alpha():
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (4, 12)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([0.5], np.float32), "C")]
+    model = _dense([helper.make_node("Gemm", ["x", "W", "C"], ["y"], transB=1, alpha=2.5)], inits)
+    for recipe in ("int8", "int8:bias-correction=false"):
+        quantized, _ = quantize(model, recipe, data=DENSE_X)
+        assert sqnr_db(run_model(model, DENSE_X)[0], run_model(quantized, DENSE_X)[0]) > 25, recipe
+
+
+def test_integer_shape_arithmetic_is_not_quantized():
+    # Reshape(x, Concat(Shape(x)[0], [-1])): Concat of int64 shapes must not get QuantizeLinear
+    rng = np.random.default_rng(12)
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([-1], np.int64), "rest"),
+             numpy_helper.from_array(rng.normal(0, 1, (12, 4)).astype(np.float32), "W")]
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Gather", ["shape", "zero"], ["batch"]),
+             helper.make_node("Concat", ["batch", "rest"], ["new_shape"], axis=0),
+             helper.make_node("Reshape", ["x", "new_shape"], ["flat"]), helper.make_node("MatMul", ["flat", "W"], ["y"])]
+    model = _dense(nodes, inits)
+    quantized, record = quantize(model, data=DENSE_X)
+    assert "int8:Concat" not in record.stats and record.stats["int8:MatMul"] == 1
+    assert sqnr_db(run_model(model, DENSE_X)[0], run_model(quantized, DENSE_X)[0]) > 25
+
+
+def test_nan_in_calibration_data_is_an_input_error():
+    x = DENSE_X["x"].copy()
+    x[3, 5] = np.nan
+    model = _dense([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["y"])],
+                   [numpy_helper.from_array(np.ones((12, 4), np.float32), "W")])
+    with pytest.raises(InputError, match="NaN or infinite"):
+        quantize(model, data={"x": x})
+
+
+def test_accuracy_budget_needs_class_scores():
+    model = _dense([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                   [numpy_helper.from_array(np.ones((12, 1), np.float32), "W")])
+    with pytest.raises(InputError, match="class scores"):
+        quantize(model, "int8:max-drop=1", data=DENSE_X)
+
+
+def test_fixed_batch_models_calibrate_and_report():
+    model = _dense([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                   [numpy_helper.from_array(np.ones((12, 4), np.float32), "W")], input_shape=(16, 12))
+    quantized, record = quantize(model, data=DENSE_X)
+    assert record.stats["int8:MatMul"] == 1 and record.stats["samples"] == 64
