@@ -24,3 +24,19 @@ def run_model(model: onnx.ModelProto | str | Path, feed: dict[str, np.ndarray],
     options.graph_optimization_level = level
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def optimized_ops(model: onnx.ModelProto | str | Path, folder: Path):
+    """(session, op counts) of the graph ONNX Runtime really runs: ORT_ENABLE_ALL, as written back by ORT."""
+    from collections import Counter
+
+    source = folder / "model.onnx"
+    if isinstance(model, onnx.ModelProto):
+        onnx.save(model, source)
+    else:
+        source = Path(model)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    options.log_severity_level = 4
+    session = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return session, Counter(n.op_type for n in onnx.load(folder / "optimized.onnx").graph.node)

@@ -120,7 +120,6 @@ def test_manager_rejects_a_pass_that_breaks_the_model(digits_model):
 
 
 def _modifiable_model(**graph_fields):
-    import numpy as np
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["i"]), helper.make_node("MatMul", ["i", "S"], ["y"])],

@@ -6,12 +6,11 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
-from helpers import run_cli, run_model
+from helpers import optimized_ops, run_cli, run_model
 from onnxcomp.errors import InputError
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import PassContext, PreconditionError
@@ -91,12 +90,7 @@ def test_qdq_structure_weights_biases_and_folded_relu():
 
 def test_onnxruntime_runs_int8_kernels_not_float_ops_in_qdq(tmp_path):
     quantized, _ = quantize(conv_net())
-    onnx.save(quantized, tmp_path / "q.onnx")
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 4
-    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
-    ops = Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    session, ops = optimized_ops(quantized, tmp_path)
     assert ops["QLinearConv"] == 3 and ops["Conv"] == 0
     assert ops["QGemm"] == 1 and ops["Gemm"] == 0
     assert ops["QLinearGlobalAveragePool"] == 1
@@ -319,12 +313,7 @@ def test_concat_pooling_mul_and_resize_run_as_int8_kernels(tmp_path):
     quantized, record = quantize(model, data={"x": x})
     for op in ("Concat", "MaxPool", "Mul", "AveragePool", "Resize"):
         assert record.stats[f"int8:{op}"] == 1, op
-    onnx.save(quantized, tmp_path / "q.onnx")
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 4
-    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
-    ops = Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    session, ops = optimized_ops(quantized, tmp_path)
     assert ops["QLinearConcat"] == 1 and ops["QLinearMul"] == 1 and ops["QLinearAveragePool"] == 1
     assert ops["QLinearConv"] == 3 and ops["Conv"] == 0 and ops["Concat"] == 0 and ops["Mul"] == 0
     assert sqnr_db(run_model(model, {"x": x[:8]})[0], session.run(None, {"x": x[:8]})[0]) > 30

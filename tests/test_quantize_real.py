@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import onnxcomp
+from helpers import optimized_ops
 from onnxcomp import data as datasets
 
 CIFAR = "scale=1/255,mean=0.485|0.456|0.406,std=0.229|0.224|0.225"
@@ -35,9 +35,6 @@ def test_resnet20_int8_within_0_3_points(assets, tmp_path):
 
 
 def test_efficientnet_int8_within_0_5_points_with_int8_kernels(assets, tmp_path):
-    import onnx
-    import onnxruntime as ort
-
     model_path = str(assets / "models/efficientnet_lite0_imagenet.onnx")
     model = onnxcomp.load(model_path)
     name = model.graph.input[0].name
@@ -51,10 +48,6 @@ def test_efficientnet_int8_within_0_5_points_with_int8_kernels(assets, tmp_path)
     result = split_accuracy(model_path, str(tmp_path / "int8.onnx"), name, images, labels, evaluation)
     assert result.candidate_accuracy >= result.reference_accuracy - 0.5
     assert result.agreement >= 97.0
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 4
-    ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
-    assert ops.count("QLinearConv") == 49 and "Conv" not in ops
-    assert ops.count("QLinearAdd") == 9 and "Add" not in ops
+    _, ops = optimized_ops(tmp_path / "int8.onnx", tmp_path)
+    assert ops["QLinearConv"] == 49 and ops["Conv"] == 0
+    assert ops["QLinearAdd"] == 9 and ops["Add"] == 0
