@@ -123,8 +123,9 @@ class QuantizeInt8(Pass):
         graph.fold_constants().cleanup()
         _infer_types(graph)
         plan = _plan(graph, config)
-        if not plan.nodes:
-            return PassResult(False, {"quantized": 0, **{f"skipped:{k}": v for k, v in plan.skipped.items()}})
+        if not plan.nodes:  # changed only if the opset had to be raised
+            return PassResult(upgraded_from < MIN_OPSET,
+                              {"quantized": 0, **{f"skipped:{k}": v for k, v in plan.skipped.items()}})
         budget = config.max_drop if config.max_drop is not None else ctx.max_accuracy_drop
         data = ctx.calibration_data
         calibration, holdout = _split(data, config, budget is not None)
