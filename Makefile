@@ -21,8 +21,10 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q
 
+# Comparisons with peer tools on the shared assets (ONNXCOMP_ASSETS, else ../shared/assets); see benchmarks/README.md.
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/fuse_bn_vs_onnxoptimizer.py
+	$(BIN)/python benchmarks/int8_vs_ort.py
 
 # Retrain the demo model from scikit-learn's digits (deterministic; rewrites models/digits_*).
 model: $(INSTALLED)
