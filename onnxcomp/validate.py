@@ -101,7 +101,6 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
         data, reference_model, preprocess=preprocess, limit=limit)
     runs = dataset.runs(dataset.num_samples, batch_size)
     usable = runs[-1][1]
-    step = dataset.fixed_batch or batch_size
     notes = []
     if dataset.is_random:
         notes.append("no data given: random inputs were used, so accuracy was NOT measured; "
@@ -109,7 +108,7 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
     elif dataset.labels is None:
         notes.append("the data has no labels: accuracy was not measured, agreement with the reference was")
     if usable < dataset.num_samples:
-        notes.append(f"the model's batch is fixed at {step}: the last {dataset.num_samples - usable} "
+        notes.append(f"the model's batch is fixed at {dataset.fixed_batch}: the last {dataset.num_samples - usable} "
                      "sample(s) were not used")
     result = Validation(dataset.source, dataset.is_random, dataset.labels is not None,
                         _size(reference, reference_model), _size(candidate, candidate_model), notes=notes)
