@@ -19,6 +19,7 @@ class PassRecord:
     seconds: float
     stats: dict = field(default_factory=dict)
     automatic: bool = False  # run by the manager (final cleanup), not asked for by the user
+    layers: list[dict] = field(default_factory=list)
 
 
 class PassManager:
@@ -81,7 +82,7 @@ class PassManager:
         seconds = time.perf_counter() - started
         ctx.log.info("%s: %s in %.3f s %s", current.name, "modified" if result.modified else "no change",
                      seconds, result.stats)
-        return PassRecord(current.name, result.modified, seconds, dict(result.stats))
+        return PassRecord(current.name, result.modified, seconds, dict(result.stats), layers=list(result.layers))
 
 
 def _check_error(model: onnx.ModelProto) -> str | None:

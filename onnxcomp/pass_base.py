@@ -34,6 +34,7 @@ class PostconditionError(OnnxcompError):
 class PassResult:
     modified: bool
     stats: dict[str, int | float | str] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)  # one row per layer the pass changed, when it says more
 
 
 @dataclass

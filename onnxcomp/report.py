@@ -39,6 +39,12 @@ class Report:
                 rows.append((name, "yes" if record.modified else "no", f"{record.seconds * 1000:.0f} ms",
                              stats or "-"))
             lines += _table(rows)
+            for record in self.passes:
+                if record.layers:
+                    columns = list(record.layers[0])
+                    lines += ["", f"{record.name} per layer:"]
+                    lines += _table([tuple(columns)] + [tuple(_short(row.get(c, "")) for c in columns)
+                                                        for row in record.layers])
         if self.validation:
             lines += ([""] if lines else []) + render_validation(self.validation)
         return "\n".join(lines)

@@ -1,0 +1,312 @@
+"""Weighted layers seen as rows, and what each multiplies its weights with on calibration data.
+
+Conv, ConvTranspose, Gemm and MatMul all compute, for every output unit r of group g, a dot product
+y = w[g, r] · x over an input vector x of D values: a patch of the input (Conv), a row of A (Gemm, MatMul).
+`WeightedLayer.rows` gives the weight in that (groups, rows, D) layout and `from_rows` puts it back, so
+pruning and clustering can be written once. `input_statistics` gathers, on calibration data, the second moments
+Σ x xᵀ and the sums Σ x of those input vectors: what a change of the weights costs in output error is
+Δw H Δwᵀ with H = E[x xᵀ].
+
+ConvTranspose scatters instead of gathering, so its statistics are per input channel only (the diagonal of H).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from numpy.lib.stride_tricks import sliding_window_view
+
+from onnxcomp import graph as graphs
+from onnxcomp.errors import InputError
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FLOAT_KINDS = ("float16", "float32", "float64", "bfloat16")
+
+
+@dataclass(eq=False)
+class WeightedLayer:
+    node: gs.Node
+    weight: gs.Constant
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.weight.name
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.asarray(self.weight.values)
+
+    @property
+    def groups(self) -> int:
+        return int(self.node.attrs.get("group", 1)) if self.node.op in ("Conv", "ConvTranspose") else 1
+
+    @property
+    def depthwise(self) -> bool:
+        return self.node.op == "Conv" and self.groups > 1 and self.values.shape[1] == 1
+
+    @property
+    def diagonal(self) -> bool:
+        """True when only per-input-channel statistics describe the layer's input (ConvTranspose)."""
+        return self.node.op == "ConvTranspose"
+
+    def rows(self, values: np.ndarray | None = None) -> np.ndarray:
+        """The weight as (groups, output units per group, inputs per unit)."""
+        w = self.values if values is None else values
+        g = self.groups
+        if self.node.op == "Conv":
+            return w.reshape(g, w.shape[0] // g, -1)
+        if self.node.op == "ConvTranspose":  # (Cin, Cout/g, *k): unit = output channel, inputs = (ci, k)
+            cin, cout, kernel = w.shape[0], w.shape[1], int(np.prod(w.shape[2:]))
+            return w.reshape(g, cin // g, cout, kernel).transpose(0, 2, 1, 3).reshape(g, cout, -1)
+        if self.node.op == "Gemm" and int(self.node.attrs.get("transB", 0)):
+            return w[None]
+        return w.T[None]  # Gemm without transB, MatMul: (K, N)
+
+    def from_rows(self, rows: np.ndarray) -> np.ndarray:
+        shape = self.values.shape
+        if self.node.op == "Conv":
+            return rows.reshape(shape)
+        if self.node.op == "ConvTranspose":
+            g, cout = rows.shape[0], rows.shape[1]
+            cin_g = shape[0] // g
+            return rows.reshape(g, cout, cin_g, -1).transpose(0, 2, 1, 3).reshape(shape)
+        if self.node.op == "Gemm" and int(self.node.attrs.get("transB", 0)):
+            return rows[0]
+        return rows[0].T
+
+    def input_vectors(self, x: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+        """At most `limit` input vectors of this layer from a batch of its input `x`: (P, groups, D).
+
+        For ConvTranspose, the per-channel values (P, groups, Cin / groups).
+        """
+        op = self.node.op
+        if op in ("Gemm", "MatMul"):
+            if op == "Gemm" and int(self.node.attrs.get("transA", 0)):
+                x = x.T
+            vectors = x.reshape(-1, x.shape[-1])
+            return _sample(vectors, limit, rng)[:, None, :]
+        if op == "ConvTranspose":
+            pixels = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+            return _sample(pixels, limit, rng).reshape(-1, self.groups, x.shape[1] // self.groups)
+        return _conv_patches(x, self.node, self.values.shape[2:], limit, rng).reshape(-1, self.groups,
+                                                                                      self.rows().shape[2])
+
+
+def find_layers(graph: gs.Graph, ops: tuple[str, ...] = WEIGHTED_OPS) -> tuple[list[WeightedLayer], Counter]:
+    """Layers of `ops` with a constant float weight, and the reasons others were passed over.
+
+    A weight held in a Constant node becomes an initializer, so that a pass can replace it.
+    """
+    layers, skipped = [], Counter()
+    readers: Counter = Counter()
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            readers[id(tensor)] += 1
+    names = None
+    for node in graph.nodes:
+        if node.op not in ops or not graphs.is_standard(node) or len(node.inputs) < 2:
+            continue
+        tensor = node.inputs[1]
+        value = graphs.constant_value(tensor)
+        if value is None:
+            skipped["weight-not-constant"] += 1
+            continue
+        if node.op == "MatMul" and value.ndim != 2:
+            skipped["batched-matmul"] += 1
+            continue
+        if value.dtype.name not in FLOAT_KINDS:
+            skipped["not-float"] += 1
+            continue
+        if readers[id(tensor)] > 1 or graphs.is_graph_output(graph, tensor):
+            skipped["weight-shared"] += 1  # changing it for one reader would change it for the others
+            continue
+        if not isinstance(tensor, gs.Constant):  # a Constant node's output: make it an initializer
+            names = names or graphs.Names(graph)
+            constant = names.constant(tensor.name + "_value", value)
+            node.inputs[1] = constant
+            tensor = constant
+        if not node.name:
+            names = names or graphs.Names(graph)
+            node.name = names.new(f"{node.op}_{tensor.name}")
+        layers.append(WeightedLayer(node, tensor))
+    return layers, skipped
+
+
+@dataclass
+class InputStatistics:
+    """Σ x xᵀ (groups, D, D), or Σ x² (groups, D) for diagonal layers, and Σ x over `count` input vectors.
+
+    With a reference model, `reference` holds the same sums for the reference's input vectors at the same
+    positions, and `cross` holds Σ x x_refᵀ (or Σ x · x_ref for diagonal layers).
+    """
+
+    second: np.ndarray
+    total: np.ndarray
+    count: int = 0
+    reference: "InputStatistics | None" = None
+    cross: np.ndarray | None = None
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    def moment(self, centered: bool) -> np.ndarray:
+        """E[x xᵀ] per group, or the covariance when `centered` (the part a bias cannot absorb)."""
+        return _moment(self.second, self.mean, self.mean, self.count, centered)
+
+    def cross_moment(self, centered: bool) -> np.ndarray:
+        """E[x x_refᵀ], or the cross-covariance when `centered`; E[x xᵀ] without a reference."""
+        if self.reference is None:
+            return self.moment(centered)
+        return _moment(self.cross, self.mean, self.reference.mean, self.count, centered)
+
+    def add(self, vectors: np.ndarray, diagonal: bool, reference: np.ndarray | None = None) -> None:
+        _accumulate(self, vectors, vectors, diagonal, "second")
+        self.total += vectors.sum(axis=0)
+        self.count += vectors.shape[0]
+        if reference is not None:
+            _accumulate(self, vectors, reference, diagonal, "cross")
+            self.reference.add(reference, diagonal)
+
+    def __add__(self, other: "InputStatistics") -> "InputStatistics":
+        return InputStatistics(self.second + other.second, self.total + other.total, self.count + other.count,
+                               None if self.reference is None else self.reference + other.reference,
+                               None if self.cross is None else self.cross + other.cross)
+
+    @classmethod
+    def empty(cls, groups: int, dims: int, diagonal: bool, with_reference: bool) -> "InputStatistics":
+        shape = (groups, dims) if diagonal else (groups, dims, dims)
+        stats = cls(np.zeros(shape), np.zeros((groups, dims)))
+        if with_reference:
+            stats.reference = cls(np.zeros(shape), np.zeros((groups, dims)))
+            stats.cross = np.zeros(shape)
+        return stats
+
+
+def _moment(sums: np.ndarray, mean: np.ndarray, other_mean: np.ndarray, count: int, centered: bool) -> np.ndarray:
+    moment = sums / max(count, 1)
+    if not centered:
+        return moment
+    if moment.ndim == 2:
+        return moment - mean * other_mean
+    return moment - mean[:, :, None] * other_mean[:, None, :]
+
+
+def _accumulate(stats: InputStatistics, left: np.ndarray, right: np.ndarray, diagonal: bool, field: str) -> None:
+    target = getattr(stats, field)
+    if diagonal:
+        target += np.einsum("pgd,pgd->gd", left, right)
+    else:
+        target += left.transpose(1, 2, 0) @ right.transpose(1, 0, 2)  # (g, D, P) @ (g, P, D)
+
+
+def input_statistics(model: onnx.ModelProto, layers: list[WeightedLayer], dataset, *, samples: int,
+                     batch_size: int, provider: str = "cpu", vectors_per_sample: int = 256, seed: int = 0,
+                     reference: onnx.ModelProto | None = None, check_every: int = 0,
+                     progress: bool | None = None) -> dict[int, tuple[InputStatistics, InputStatistics | None]]:
+    """Statistics of each layer's input vectors over the first `samples` samples, keyed by id(layer).
+
+    Each value is (statistics of the fitting batches, of the held-out batches): with `check_every` = k, every
+    k-th batch is held out (see held_out_batch), so a method fitted on the others can be checked on it;
+    otherwise none is.
+
+    A convolution sees one input vector per output position; `vectors_per_sample` of them, chosen at random,
+    are enough to estimate H and keep the cost independent of the image size. With a `reference` model (the
+    same graph with other weights), the same positions are also read from it, for cross statistics.
+    """
+    from onnxcomp.passes import calibrate
+
+    rng = np.random.default_rng(seed)
+    inputs = sorted({layer.node.inputs[0].name for layer in layers})
+    result: dict[int, list] = {}
+    show = sys.stderr.isatty() if progress is None else progress
+    total = dataset.runs(samples, batch_size)[-1][1]
+    runs = [calibrate.run_batches(m, inputs, dataset, samples=samples, batch_size=batch_size, provider=provider)
+            for m in ([model] if reference is None else [model, reference])]
+    done_before = 0
+    held_out_batches = 0
+    count = len(dataset.runs(samples, batch_size))
+    for number, batches in enumerate(zip(*runs)):
+        done = batches[0][0]
+        held_out = check_every > 0 and held_out_batch(number, count, check_every)
+        held_out_batches += held_out
+        for layer in layers:
+            limit = vectors_per_sample * (done - done_before)
+            picks = rng.integers(2 ** 63)  # the same positions in the model and in the reference
+            vectors = []
+            for _, values in batches:
+                x = values[layer.node.inputs[0].name]
+                if not np.isfinite(x).all():
+                    raise InputError(f"calibration: the input of '{layer.name}' holds NaN or infinite values on "
+                                     f"{dataset.source}; check the calibration data (and the model) for them")
+                vectors.append(layer.input_vectors(x, limit, np.random.default_rng(picks)).astype(np.float64))
+            if id(layer) not in result:
+                result[id(layer)] = [InputStatistics.empty(vectors[0].shape[1], vectors[0].shape[2], layer.diagonal,
+                                                           reference is not None) for _ in range(2)]
+            stats = result[id(layer)][1 if held_out else 0]
+            stats.add(vectors[0], layer.diagonal, vectors[1] if reference is not None else None)
+        done_before = done
+        if show:
+            filled = int(30 * done / total)
+            print(f"\rlayer inputs [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
+    if show:
+        print(file=sys.stderr)
+    return {key: (fit, check if held_out_batches else None) for key, (fit, check) in result.items()}
+
+
+def held_out_batch(number: int, count: int, every: int) -> bool:
+    """Whether batch `number` of `count` is held out: every `every`-th, or the last of 2 to `every` − 1."""
+    if count >= every:
+        return number % every == every - 1
+    return count > 1 and number == count - 1
+
+
+def _sample(vectors: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    if vectors.shape[0] <= limit:
+        return vectors
+    return vectors[np.sort(rng.choice(vectors.shape[0], limit, replace=False))]
+
+
+def _conv_patches(x: np.ndarray, node: gs.Node, kernel: tuple, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `limit` input patches of a convolution, (P, C · prod(kernel)), channel-major like the weight."""
+    dims = len(kernel)
+    spatial = x.shape[2:]
+    strides = list(node.attrs.get("strides", [1] * dims))
+    dilations = list(node.attrs.get("dilations", [1] * dims))
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    pads = _pads(node, spatial, extent, strides)
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)])
+    windows = sliding_window_view(x, extent, axis=tuple(range(2, 2 + dims)))  # (N, C, *positions, *extent)
+    step = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \
+        + tuple(slice(None, None, d) for d in dilations)
+    windows = windows[step]  # (N, C, *output positions, *kernel)
+    positions = windows.shape[2:2 + dims]
+    count = windows.shape[0] * math.prod(positions)
+    chosen = np.arange(count) if count <= limit else np.sort(rng.choice(count, limit, replace=False))
+    index = np.unravel_index(chosen, (windows.shape[0], *positions))
+    patches = windows[(index[0], slice(None), *index[1:])]  # (P, C, *kernel)
+    return np.ascontiguousarray(patches).reshape(len(chosen), -1)
+
+
+def _pads(node: gs.Node, spatial: tuple, extent: list[int], strides: list[int]) -> list[int]:
+    dims = len(extent)
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, e, s in zip(spatial, extent, strides):
+            total = max((math.ceil(size / s) - 1) * s + e - size, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        return begin + end
+    if auto_pad == "VALID":
+        return [0] * (2 * dims)
+    return list(node.attrs.get("pads", [0] * (2 * dims)))

@@ -1,0 +1,633 @@
+"""prune: zero the least important weights of Conv, ConvTranspose, Gemm and MatMul, and store them compactly.
+
+Before:
+    x ─► Conv(W: 64×32×3×3 float, dense) ─► y
+After (sparsity 0.5):
+    W.mask (1 bit per weight), W.values (the 9216 weights kept) ─► decoding ops ─► W ─► Conv(W, b') ─► y
+
+ONNX Runtime folds the decoding ops into the dense W when it creates the session (onnxcomp/encoding.py), so the
+file shrinks to about (1 − s) × 4 + 0.125 bytes per weight and inference runs at dense speed.
+
+What is pruned: the constant float weights of the layers in `ops`, except weights shared by several nodes,
+depthwise convolutions (unless `depthwise`), and tensors under `min_size` weights: those are a small share of the
+bytes and a large share of the error. `include` / `exclude` take shell patterns over node and weight names.
+`sparsity` is the share of zeros over all pruned tensors together, reached exactly.
+
+How many weights each layer loses (`allocation`):
+- `uniform`: every tensor at the target sparsity (the default without calibration data);
+- `global`: one magnitude threshold over all tensors;
+- `sensitivity` (the default with calibration data): each layer's relative output error is measured on
+  calibration data at sparsities 0, 10 … 90 %, and weighted by the layer's gain: how much relative error of the
+  model's outputs one unit of the layer's own brings, measured by pruning the layer alone (a residual branch is
+  diluted by its skip connection, the convolution opening a stage is not). The per-layer sparsities that reach
+  the target with the least total are chosen: the lower convex hull of each curve, cheapest steps first.
+
+What is done about the error (`correction`):
+- `none`: the smallest magnitudes are zeroed (the default without calibration data);
+- `channel`: the same, then each output unit's mean and spread on calibration data are restored to the unpruned
+  layer's through a per-unit scale and the bias, as re-estimating a BatchNormalization would;
+- `reconstruct` (the default with calibration data): the weights to zero are chosen and the kept ones re-solved
+  so that the layer's output on calibration data is reproduced, min ‖W x − W' x‖² over the mask (optimal brain
+  surgeon updates, column by column with a shared inverse Hessian, as in SparseGPT, Frantar & Alistarh 2023),
+  then each unit's mean and spread are restored as with `channel`. H is damped by a share of its mean
+  diagonal chosen on held-out calibration batches among DAMPINGS: a few images of many classes need a large
+  one (the fit tends to magnitude pruning), data that covers what the model sees a small one.
+- With `sequential` (the default), layers are pruned in waves in graph order and each wave's inputs are
+  measured again on the partly pruned model, next to the unpruned model's: the kept weights are solved to give
+  the unpruned outputs from the inputs the layer now gets, W̃ = W E[x_ref xᵀ] E[x xᵀ]⁻¹, which also undoes
+  the error of the layers before. It costs one more pair of calibration runs per wave.
+
+`encoding=dense` keeps the dense layout for runtimes that do not fold constants.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp import encoding
+from onnxcomp import graph as graphs
+from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
+from onnxcomp.passes.layers import WEIGHTED_OPS, InputStatistics, WeightedLayer, find_layers, input_statistics
+from onnxcomp.registry import register
+
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+CORRECTIONS = ("none", "channel", "reconstruct")
+LEVELS = np.round(np.arange(0.0, 0.91, 0.1), 2)  # sparsities at which each layer's sensitivity is measured
+DAMPING = 0.01  # share of the mean diagonal added to H, as in OBS / SparseGPT: keeps the inverse well-posed
+# Candidate dampings, one chosen per model on held-out calibration samples: large values trust the calibration
+# data less and tend to magnitude pruning, for data that does not cover what the model sees (few images of
+# many classes); small values fit the layer outputs closely.
+DAMPINGS = (0.01, 0.1, 1.0, 10.0)
+PROBE_SAMPLES = 32  # calibration samples on which each layer's effect on the model's outputs is measured
+CHECK_EVERY = 5  # every 5th calibration batch is held out to choose the damping
+UNCHECKED_DAMPING = 1.0  # too few batches to hold some out: trust the calibration data moderately
+BLOCK = 128     # columns whose mask is chosen together before their updates reach the later columns
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    sparsity: float = 0.5
+    allocation: str = "auto"        # uniform | global | sensitivity; auto: sensitivity with calibration data
+    correction: str = "auto"        # none | bias | reconstruct; auto: reconstruct with calibration data
+    ops: tuple[str, ...] = WEIGHTED_OPS
+    include: tuple[str, ...] = ()   # shell patterns over node and weight names; empty: every layer
+    exclude: tuple[str, ...] = ()
+    min_size: int = 1024            # weights; smaller tensors are left dense
+    depthwise: bool = False         # prune depthwise convolutions too
+    max_layer_sparsity: float = 0.95  # no layer loses more than this with sensitivity allocation
+    samples: int = 128
+    batch_size: int = 8
+    sequential: bool = True         # measure each layer's inputs after the layers before it are pruned
+    encoding: str = "sparse"        # sparse | dense
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), not {self.sparsity}")
+        if self.allocation not in ("auto",) + ALLOCATIONS:
+            raise ValueError(f"allocation must be auto, {', '.join(ALLOCATIONS)}, not '{self.allocation}'")
+        if self.correction not in ("auto",) + CORRECTIONS:
+            raise ValueError(f"correction must be auto, {', '.join(CORRECTIONS)}, not '{self.correction}'")
+        unknown = [op for op in self.ops if op not in WEIGHTED_OPS]
+        if unknown:
+            raise ValueError(f"ops must be among {', '.join(WEIGHTED_OPS)}, not {', '.join(unknown)}")
+        if self.encoding not in ("sparse", "dense"):
+            raise ValueError(f"encoding must be sparse or dense, not '{self.encoding}'")
+        if not 0.0 < self.max_layer_sparsity < 1.0:
+            raise ValueError("max-layer-sparsity must be in (0, 1)")
+        if self.samples < 1 or self.batch_size < 1 or self.min_size < 0:
+            raise ValueError("samples and batch-size must be at least 1, min-size at least 0")
+
+
+@dataclass(eq=False)
+class LayerPlan:
+    layer: WeightedLayer
+    stats: InputStatistics | None = None
+    can_take_bias: bool = False
+    zeros: int = 0            # weights to be zero after pruning
+    error: float = math.nan   # relative output error on calibration data (noise / signal energy)
+    gain: float = math.nan    # relative error of the model's outputs per unit of this layer's relative error
+    fit: InputStatistics | None = None    # statistics of the calibration batches used to fit …
+    check: InputStatistics | None = None  # … and of those held out to check the fit
+    damping: float = DAMPING
+
+
+@register
+class Prune(Pass):
+    name = "prune"
+    summary = "magnitude pruning with sensitivity allocation and reconstruction on --calib-data; compact storage"
+    Config = PruneConfig
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        wants_data = [f"{key}={value}" for key, value in (("allocation", self.config.allocation),
+                                                          ("correction", self.config.correction))
+                      if value in ("sensitivity", "channel", "reconstruct")]
+        if wants_data and ctx.calibration_data is None:
+            raise PreconditionError(f"prune: {' and '.join(wants_data)} needs calibration data: pass --calib-data, "
+                                    "or use allocation=uniform and correction=none")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        config = self.config
+        with_data = ctx.calibration_data is not None
+        allocation = config.allocation if config.allocation != "auto" else ("sensitivity" if with_data else "uniform")
+        correction = config.correction if config.correction != "auto" else ("reconstruct" if with_data else "none")
+        layers, skipped, warnings = _select(graph, config)
+        if skipped.get("weight-not-constant"):
+            # weights decoded from a compact layout (an earlier prune or share) or computed from constants
+            graph.fold_constants().cleanup()
+            layers, skipped, warnings = _select(graph, config)
+        stats: dict[str, int | float | str] = {}
+        if warnings:
+            stats["warning"] = "; ".join(warnings)
+            for warning in warnings:
+                ctx.log.warning("prune: %s", warning)
+        if not layers or config.sparsity == 0.0:
+            stats.update({"pruned": 0, **{f"skipped:{k}": v for k, v in sorted(skipped.items())}})
+            return PassResult(False, stats)
+        if config.encoding == "sparse" and graph.opset < encoding.SPARSE_MIN_OPSET:
+            stats["opset"] = f"{graph.opset}->{encoding.SPARSE_MIN_OPSET}"
+            graphs.upgrade_opset(graph, encoding.SPARSE_MIN_OPSET)  # checked; raises a PreconditionError
+            layers, skipped, _ = _select(graph, config)
+        plans = [LayerPlan(layer, can_take_bias=_can_take_bias(layer)) for layer in layers]
+        unpruned = gs.export_onnx(graph, do_type_check=False)
+        if allocation == "sensitivity" or correction != "none":
+            stats.update(_measure(graph, unpruned, plans, ctx, config, correction))
+        sizes = np.array([plan.layer.values.size for plan in plans])
+        target = int(round(config.sparsity * sizes.sum()))
+        if allocation == "uniform":
+            counts = _round_to_total(config.sparsity * sizes, target)
+        elif allocation == "global":
+            counts = _global_counts([plan.layer.values for plan in plans], target)
+        else:
+            counts = _sensitivity_counts(graph, plans, ctx, config, correction, target)
+        for plan, count in zip(plans, counts):
+            plan.zeros = int(count)
+        _prune(graph, unpruned, plans, ctx, config, correction)
+        dense_bytes, stored_bytes = _store(graph, plans, config.encoding)
+        zeros = sum(int(np.count_nonzero(plan.layer.values == 0)) for plan in plans)
+        stats.update({"pruned": len(plans), "sparsity": round(float(zeros / sizes.sum()), 4),
+                      "target": config.sparsity, "allocation": allocation, "correction": correction,
+                      "dense_bytes": dense_bytes, "stored_bytes": stored_bytes})
+        if with_data:
+            stats["mean_layer_snr_db"] = round(float(np.mean(_snr_db([plan.error for plan in plans]))), 1)
+        stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
+        if any(node.op == "BatchNormalization" for node in graph.nodes):
+            stats["note"] = "BatchNormalization nodes remain: run fuse-bn before prune so magnitudes are the real ones"
+        return PassResult(True, stats, [_layer_row(plan) for plan in plans])
+
+
+def _measure(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, config: PruneConfig,
+             correction: str) -> dict:
+    """Gather each layer's input statistics, and choose the damping on held-out calibration samples."""
+    samples = min(config.samples, ctx.calibration_data.num_samples)
+    statistics = input_statistics(unpruned, [plan.layer for plan in plans], ctx.calibration_data, samples=samples,
+                                  batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
+                                  check_every=CHECK_EVERY)
+    for plan in plans:
+        plan.fit, plan.check = statistics[id(plan.layer)]
+        plan.stats = plan.fit + plan.check if plan.check is not None else plan.fit
+    result: dict[str, int | float | str] = {"samples": samples}
+    held_out = _held_out(ctx.calibration_data, samples, config.batch_size)
+    if correction == "reconstruct":
+        if held_out is None:
+            for plan in plans:
+                plan.damping = UNCHECKED_DAMPING
+        else:
+            damping, errors = _choose_damping(graph, plans, ctx, correction, config.sparsity, held_out,
+                                              config.batch_size)
+            for plan in plans:
+                plan.damping = damping
+            result["held_out_snr_db"] = round(float(_snr_db(errors[damping])), 1)
+        result["damping"] = plans[0].damping
+    return result
+
+
+def _sensitivity_counts(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContext, config: PruneConfig,
+                        correction: str, target: int) -> np.ndarray:
+    cap = max(config.max_layer_sparsity, config.sparsity)
+    curves = [_sensitivity(plan, correction, cap) for plan in plans]
+    gains = _output_gains(graph, plans, ctx, correction, min(max(config.sparsity, 0.3), cap),
+                          min(PROBE_SAMPLES, config.samples, ctx.calibration_data.num_samples), config.batch_size)
+    for plan, gain in zip(plans, gains):
+        plan.gain = float(gain)
+    curves = [(levels, errors * gain) for (levels, errors), gain in zip(curves, gains)]
+    sizes = np.array([plan.layer.values.size for plan in plans])
+    return _round_to_total(_allocate(curves, sizes, target), target)
+
+
+def _prune(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, config: PruneConfig,
+           correction: str) -> None:
+    """Prune every layer to its count; sequentially, each wave's inputs are measured again after the layers
+    before it are pruned, next to the unpruned model's."""
+    names = graphs.Names(graph)
+    sequential = config.sequential and correction != "none"
+    for index, wave in enumerate(_waves(graph, plans) if sequential else [plans]):
+        if index > 0:
+            model = gs.export_onnx(graph, do_type_check=False)
+            statistics = input_statistics(model, [plan.layer for plan in wave], ctx.calibration_data,
+                                          samples=min(config.samples, ctx.calibration_data.num_samples),
+                                          batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
+                                          reference=unpruned)
+            for plan in wave:
+                plan.stats = statistics[id(plan.layer)][0]
+        for plan in wave:
+            pruned, bias_shift, plan.error = _prune_layer(plan, plan.zeros, correction)
+            plan.layer.weight.values = pruned.astype(plan.layer.values.dtype)
+            if bias_shift is not None:
+                _shift_bias(plan.layer, bias_shift, names)
+
+
+def _store(graph: gs.Graph, plans: list[LayerPlan], layout: str) -> tuple[int, int]:
+    """Encode each pruned weight in the sparse layout where that is smaller; (dense bytes, stored bytes)."""
+    names = graphs.Names(graph)
+    dense_bytes = stored_bytes = 0
+    for plan in plans:
+        values = plan.layer.values
+        compact = encoding.sparse_bytes(values.size, int(np.count_nonzero(values)), values.itemsize)
+        dense_bytes += values.nbytes
+        if layout == "sparse" and compact < values.nbytes:
+            encoding.encode_sparse(graph, plan.layer.weight, names)
+            stored_bytes += compact
+        else:
+            stored_bytes += values.nbytes
+    return dense_bytes, stored_bytes
+
+
+def _layer_row(plan: LayerPlan) -> dict:
+    row = {"layer": plan.layer.name, "op": plan.layer.node.op, "weights": int(plan.layer.values.size),
+           "sparsity": round(plan.zeros / plan.layer.values.size, 4)}
+    if not math.isnan(plan.error):
+        row["output_snr_db"] = round(float(_snr_db(plan.error)), 1)
+    if not math.isnan(plan.gain):
+        row["output_gain"] = round(plan.gain, 3)
+    return row
+
+
+def _waves(graph: gs.Graph, plans: list[LayerPlan]) -> list[list[LayerPlan]]:
+    """The plans in groups whose inputs no plan of the same or a later group computes, in graph order."""
+    index = {id(plan.layer.node): i for i, plan in enumerate(plans)}
+    upstream: dict[str, frozenset[int]] = {}  # tensor name → plans it depends on
+    depends: dict[int, frozenset[int]] = {}
+    for node in graph.toposort().nodes:
+        above = frozenset().union(*(upstream.get(t.name, frozenset()) for t in node.inputs))
+        if id(node) in index:
+            depends[index[id(node)]] = upstream.get(node.inputs[0].name, frozenset())
+            above = above | {index[id(node)]}
+        for tensor in node.outputs:
+            upstream[tensor.name] = above
+    waves, done = [], set()
+    while len(done) < len(plans):
+        wave = [i for i in range(len(plans)) if i not in done and depends[i] <= done]
+        waves.append([plans[i] for i in wave])
+        done.update(wave)
+    return waves
+
+
+def _select(graph: gs.Graph, config: PruneConfig) -> tuple[list[WeightedLayer], Counter, list[str]]:
+    layers, skipped = find_layers(graph, config.ops)
+    matched = dict.fromkeys(config.include + config.exclude, False)
+    chosen = []
+    for layer in layers:
+        names = (layer.node.name, layer.weight.name)
+        hits = {p for p in matched if any(fnmatch.fnmatchcase(n, p) for n in names if n)}
+        for pattern in hits:
+            matched[pattern] = True
+        if config.include and not hits & set(config.include):
+            skipped["not-included"] += 1
+        elif hits & set(config.exclude):
+            skipped["excluded"] += 1
+        elif layer.depthwise and not config.depthwise:
+            skipped["depthwise"] += 1
+        elif layer.values.size < config.min_size:
+            skipped["small"] += 1
+        else:
+            chosen.append(layer)
+    unmatched = [p for p, hit in matched.items() if not hit]
+    warnings = [f"pattern{'s' if len(unmatched) > 1 else ''} {', '.join(repr(p) for p in unmatched)} matched no "
+                "prunable layer"] if unmatched else []
+    return chosen, skipped, warnings
+
+
+def _round_to_total(targets: np.ndarray, total: int) -> np.ndarray:
+    """Integers close to `targets` that sum to `total` (largest remainders get the rounding up)."""
+    floors = np.floor(targets).astype(np.int64)
+    short = total - int(floors.sum())
+    if short > 0:
+        floors[np.argsort(-(targets - floors), kind="stable")[:short]] += 1
+    elif short < 0:
+        floors[np.argsort(targets - floors, kind="stable")[:-short]] -= 1
+    return floors
+
+
+def _global_counts(weights: list[np.ndarray], target: int) -> np.ndarray:
+    """Per tensor, how many of the `target` smallest magnitudes over all tensors it holds."""
+    magnitudes = np.concatenate([np.abs(w.astype(np.float64)).ravel() for w in weights])
+    owner = np.repeat(np.arange(len(weights)), [w.size for w in weights])
+    smallest = np.argsort(magnitudes, kind="stable")[:target]
+    return np.bincount(owner[smallest], minlength=len(weights))
+
+
+def _allocate(curves: list[tuple[np.ndarray, np.ndarray]], sizes: np.ndarray, target: int) -> np.ndarray:
+    """Zeros per layer reaching `target` with the least summed error, from each layer's (sparsities, errors).
+
+    Each curve is replaced by its lower convex hull; its segments are then taken cheapest error per weight first,
+    which is optimal for convex curves. The last segment taken is taken in part, so the target is met exactly.
+    """
+    segments = []
+    for index, ((levels, errors), size) in enumerate(zip(curves, sizes)):
+        hull = _lower_hull(levels * size, errors)
+        for (x0, e0), (x1, e1) in zip(hull, hull[1:]):
+            segments.append(((e1 - e0) / (x1 - x0), index, x1 - x0))
+    segments.sort(key=lambda s: (s[0], s[1]))  # within a layer, hull slopes increase: order is kept
+    zeros = np.zeros(len(sizes))
+    left = float(target)
+    for _, index, width in segments:
+        if left <= 0:
+            break
+        taken = min(width, left)
+        zeros[index] += taken
+        left -= taken
+    return zeros
+
+
+def _lower_hull(xs: np.ndarray, ys: np.ndarray) -> list[tuple[float, float]]:
+    hull: list[tuple[float, float]] = []
+    for point in zip(xs.tolist(), ys.tolist()):
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (y1 - y0) * (point[0] - x0) >= (point[1] - y0) * (x1 - x0):  # middle point on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(point)
+    return hull
+
+
+def _held_out(data, samples: int, batch_size: int):
+    """The calibration samples of the batches `input_statistics` holds out, or None when there are none."""
+    from onnxcomp.passes.layers import held_out_batch
+
+    runs = data.runs(samples, batch_size)
+    indices = [i for number, (start, stop) in enumerate(runs) if held_out_batch(number, len(runs), CHECK_EVERY)
+               for i in range(start, stop)]
+    return data.select(indices) if indices else None
+
+
+class _Outputs:
+    """The model's outputs on some samples, with some layers' weights (and biases) changed for the run."""
+
+    def __init__(self, graph: gs.Graph, ctx: PassContext, data, samples: int, batch_size: int):
+        self.graph, self.ctx, self.data, self.samples, self.batch_size = graph, ctx, data, samples, batch_size
+        self.names = [t.name for t in graph.outputs]
+        self.reference = self.run([])
+        self.signal = max(float(np.dot(self.reference, self.reference)), 1e-30)
+
+    def run(self, changes: list[tuple[LayerPlan, np.ndarray, np.ndarray | None]]) -> np.ndarray:
+        from onnxcomp.passes import calibrate
+
+        kept = [(plan.layer.weight.values, list(plan.layer.node.inputs)) for plan, _, _ in changes]
+        scratch = graphs.Names(self.graph)
+        for plan, pruned, bias_shift in changes:
+            plan.layer.weight.values = pruned.astype(plan.layer.values.dtype)
+            if bias_shift is not None:
+                _shift_bias(plan.layer, bias_shift, scratch)
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        for (plan, _, _), (values, inputs) in zip(changes, kept):
+            plan.layer.weight.values = values
+            plan.layer.node.inputs.clear()
+            plan.layer.node.inputs.extend(inputs)
+        batches = calibrate.run_batches(model, self.names, self.data, samples=self.samples,
+                                        batch_size=self.batch_size, provider=self.ctx.provider)
+        return np.concatenate([np.concatenate([np.asarray(v, np.float64).ravel() for v in values.values()])
+                               for _, values in batches])
+
+    def relative_error(self, changes) -> float:
+        difference = self.run(changes) - self.reference
+        return float(np.dot(difference, difference)) / self.signal
+
+
+def _choose_damping(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContext, correction: str, sparsity: float,
+                    held_out, batch_size: int) -> tuple[float, dict[float, float]]:
+    """The damping whose pruning, fitted on the other calibration samples with every layer at `sparsity`, gives
+    the least relative error of the model's outputs on the held-out samples; and each candidate's error."""
+    outputs = _Outputs(graph, ctx, held_out, held_out.num_samples, batch_size)
+    errors = {}
+    for damping in DAMPINGS:
+        changes = []
+        for plan in plans:
+            pruned, bias_shift, _ = _prune_layer(plan, int(round(sparsity * plan.layer.values.size)), correction,
+                                                 stats=plan.fit, damping=damping)
+            changes.append((plan, pruned, bias_shift))
+        errors[damping] = outputs.relative_error(changes)
+    return min(errors, key=errors.get), errors
+
+
+def _output_gains(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContext, correction: str, level: float,
+                  samples: int, batch_size: int) -> np.ndarray:
+    """For each layer, the model's relative output error over the layer's own, each layer pruned alone.
+
+    A layer's error reaches the outputs attenuated or amplified by what follows it: a residual branch is diluted
+    by its skip connection, the convolution that opens a stage is not. Weighting each layer's error curve by
+    this gain makes the allocation minimise the error of the outputs, not of the layers.
+    """
+    outputs = _Outputs(graph, ctx, ctx.calibration_data, samples, batch_size)
+    gains = np.ones(len(plans))
+    for index, plan in enumerate(plans):
+        pruned, bias_shift, error = _prune_layer(plan, int(round(level * plan.layer.values.size)), correction)
+        if error > 0:
+            gains[index] = outputs.relative_error([(plan, pruned, bias_shift)]) / error
+    return gains
+
+
+def _sensitivity(plan: LayerPlan, correction: str, cap: float) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's relative output error on calibration data at each level up to `cap`."""
+    levels = np.unique(np.concatenate([LEVELS[LEVELS < cap], [cap]]))
+    size = plan.layer.values.size
+    errors = np.array([0.0 if level == 0 else _prune_layer(plan, int(round(level * size)), correction)[2]
+                       for level in levels])
+    return levels, errors
+
+
+def _prune_layer(plan: LayerPlan, zeros: int, correction: str, stats: InputStatistics | None = None,
+                 damping: float | None = None) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """(pruned weight, bias shift or None, relative output error on `stats`) with `zeros` weights zeroed.
+
+    `stats` default to the plan's statistics over all calibration samples, `damping` to the plan's.
+    """
+    layer = plan.layer
+    stats = stats or plan.stats
+    rows = layer.rows().astype(np.float64)
+    if stats is None:
+        return layer.from_rows(_zero_smallest(rows, np.abs(rows), zeros)), None, math.nan
+    use_bias = correction != "none" and plan.can_take_bias
+    new_rows, bias_shift = _pruned_rows(layer, rows, stats, zeros, correction, use_bias,
+                                        plan.damping if damping is None else damping)
+    return layer.from_rows(new_rows), bias_shift, _relative_error(layer, rows, new_rows, stats, use_bias)
+
+
+def _pruned_rows(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics, zeros: int, correction: str,
+                 use_bias: bool, damping: float) -> tuple[np.ndarray, np.ndarray | None]:
+    own = stats.moment(centered=use_bias)            # E[x xᵀ]
+    cross = stats.cross_moment(centered=use_bias)    # E[x x_refᵀ]
+    reference = stats.reference or stats
+    if correction == "reconstruct":
+        if layer.diagonal:  # no cross terms: keep the largest energy-weighted weights, nothing to re-solve
+            added = damping * own.mean(axis=1, keepdims=True)
+            target = rows * _expand_diagonal(layer, (cross + added) / (own + added))[:, None, :]
+            new_rows = _zero_smallest(target, target ** 2 * _expand_diagonal(layer, own)[:, None, :], zeros)
+        else:
+            regular = _regularized(own, stats.count, damping)
+            # the dense weights that best give the unpruned layer's outputs from the inputs it gets now,
+            # W̃ = W E[x_ref xᵀ] E[x xᵀ]⁻¹ with both moments regularized alike: W̃ = W when nothing upstream changed
+            cross_regular = _regularized(cross.transpose(0, 2, 1), stats.count, damping, like=own)
+            target = np.linalg.solve(regular, (rows @ cross_regular).transpose(0, 2, 1)).transpose(0, 2, 1)
+            new_rows = _reconstruct(target, regular, zeros)
+    else:
+        new_rows = _zero_smallest(rows, np.abs(rows), zeros)
+    if correction == "none":
+        return new_rows, None
+    # Restore each output unit's spread and mean on calibration data to those of the unpruned layer, as
+    # re-estimating a BatchNormalization would: pruning and least squares both shrink the outputs.
+    spread = _unit_energy(layer, rows, reference.moment(centered=use_bias))
+    now = _unit_energy(layer, new_rows, own)
+    new_rows = new_rows * np.sqrt(np.where(now > 0, spread / np.maximum(now, 1e-30), 1.0))[:, :, None]
+    if not use_bias:
+        return new_rows, None
+    bias_shift = (np.einsum("grd,gd->gr", rows, _expand_diagonal(layer, reference.mean))   # w·E[x_ref] − w'·E[x]
+                  - np.einsum("grd,gd->gr", new_rows, _expand_diagonal(layer, stats.mean))).reshape(-1)
+    return new_rows, bias_shift
+
+
+def _relative_error(layer: WeightedLayer, rows: np.ndarray, new_rows: np.ndarray, stats: InputStatistics,
+                    use_bias: bool) -> float:
+    """E‖W x_ref − W' x‖² / E‖W x_ref‖², where x_ref is the layer's input in the unpruned model and x its input
+    now (the same without sequential statistics), both centred when the bias absorbs the mean."""
+    reference = stats.reference or stats
+    own = stats.moment(centered=use_bias)
+    cross = stats.cross_moment(centered=use_bias)
+    signal = _unit_energy(layer, rows, reference.moment(centered=True)).sum()
+    expected = _unit_energy(layer, rows, reference.moment(centered=use_bias)).sum()
+    if layer.diagonal:
+        mixed = (rows * new_rows * _expand_diagonal(layer, cross)[:, None, :]).sum()
+    else:
+        mixed = ((new_rows @ cross) * rows).sum()
+    error = (expected - 2 * mixed + _unit_energy(layer, new_rows, own).sum()) / max(signal, 1e-30)
+    return float(max(error, 0.0))
+
+
+def _zero_smallest(rows: np.ndarray, score: np.ndarray, zeros: int) -> np.ndarray:
+    flat = score.reshape(-1)
+    out = rows.copy().reshape(-1)
+    if zeros > 0:
+        out[np.argpartition(flat, zeros - 1)[:zeros] if zeros < flat.size else slice(None)] = 0.0
+    return out.reshape(rows.shape)
+
+
+def _regularized(moment: np.ndarray, count: int, damping: float, like: np.ndarray | None = None) -> np.ndarray:
+    """H with its off-diagonal terms shrunk by d / (d + n) (few vectors: trust the cross terms less), plus
+    `damping` times the mean diagonal of `like` (default: of `moment` itself) on the diagonal."""
+    dims = moment.shape[-1]
+    diagonal = np.einsum("gii->gi", moment)
+    scale = np.einsum("gii->gi", moment if like is None else like).mean(axis=1, keepdims=True)
+    shrink = dims / (dims + count)
+    regular = (1 - shrink) * moment
+    index = np.arange(dims)
+    regular[:, index, index] = diagonal + damping * np.maximum(scale, 1e-12)
+    return regular
+
+
+def _reconstruct(rows: np.ndarray, hessian: np.ndarray, zeros: int) -> np.ndarray:
+    """Zero `zeros` weights of rows (groups, units, D) and update the kept ones to keep w·x on calibration data.
+
+    Column by column: the error of zeroing a weight is spread over the not yet visited columns of its row
+    through the upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U). The weights to zero in a block of columns are those
+    with the least w² / U_jj², the saliency of optimal brain surgeon.
+    """
+    groups, units, dims = rows.shape
+    weights = rows.copy()
+    inverse = np.linalg.inv(hessian)
+    upper = np.linalg.cholesky((inverse + inverse.transpose(0, 2, 1)) / 2).transpose(0, 2, 1)
+    left, size_left = zeros, rows.size
+    for start in range(0, dims, BLOCK):
+        stop = min(start + BLOCK, dims)
+        block = weights[:, :, start:stop]
+        factor = upper[:, start:stop, start:stop]
+        diagonal = np.einsum("gii->gi", factor)
+        saliency = block ** 2 / diagonal[:, None, :] ** 2
+        size = saliency.size
+        count = int(round(left * size / size_left))
+        left, size_left = left - count, size_left - size
+        mask = np.zeros(size, dtype=bool)
+        if count > 0:
+            mask[np.argpartition(saliency.reshape(-1), count - 1)[:count]] = True
+        mask = mask.reshape(saliency.shape)
+        errors = np.zeros_like(block)
+        for column in range(stop - start):
+            kept = np.where(mask[:, :, column], 0.0, block[:, :, column])
+            error = (block[:, :, column] - kept) / diagonal[:, None, column]
+            block[:, :, column:] -= error[:, :, None] * factor[:, None, column, column:]
+            block[:, :, column] = kept
+            errors[:, :, column] = error
+        weights[:, :, start:stop] = block
+        if stop < dims:
+            weights[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
+    return weights
+
+
+def _energy(layer: WeightedLayer, rows: np.ndarray, moment: np.ndarray) -> float:
+    """Σ over units of w H wᵀ: the output energy that rows of weights give with input moments H."""
+    return float(_unit_energy(layer, rows, moment).sum())
+
+
+def _unit_energy(layer: WeightedLayer, rows: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """w H wᵀ for each unit (groups, units)."""
+    if layer.diagonal:
+        return (rows * rows * _expand_diagonal(layer, moment)[:, None, :]).sum(axis=-1)
+    return ((rows @ moment) * rows).sum(axis=-1)
+
+
+def _expand_diagonal(layer: WeightedLayer, per_channel: np.ndarray) -> np.ndarray:
+    """Per-input-channel statistics (groups, Cin/g) repeated over the kernel positions of a ConvTranspose row."""
+    if not layer.diagonal:
+        return per_channel
+    kernel = int(np.prod(layer.values.shape[2:]))
+    return np.repeat(per_channel, kernel, axis=-1)
+
+
+def _snr_db(error) -> np.ndarray:
+    return -10.0 * np.log10(np.maximum(np.asarray(error, dtype=np.float64), 1e-12))
+
+
+def _can_take_bias(layer: WeightedLayer) -> bool:
+    """True when the layer has, or may be given, a per-output-channel bias."""
+    node = layer.node
+    if node.op in ("Conv", "ConvTranspose"):
+        return len(node.inputs) < 3 or graphs.constant_value(node.inputs[2]) is not None
+    if node.op == "Gemm":
+        if len(node.inputs) < 3 or not node.inputs[2].name:
+            return True
+        bias = graphs.constant_value(node.inputs[2])
+        units = layer.rows().shape[1]
+        return bias is not None and float(node.attrs.get("beta", 1.0)) != 0.0 and \
+            bias.size in (1, units) and bias.shape[-1:] in ((1,), (units,), ()) and bias.ndim <= 2
+    return False  # MatMul: its bias, if any, is a separate Add
+
+
+def _shift_bias(layer: WeightedLayer, shift: np.ndarray, names: graphs.Names) -> None:
+    """Add `shift` to the layer's output per channel, through a new bias initializer."""
+    node = layer.node
+    dtype = layer.values.dtype
+    if node.op == "Gemm":
+        shift = shift / float(node.attrs.get("beta", 1.0)) * float(node.attrs.get("alpha", 1.0))
+    has_bias = len(node.inputs) >= 3 and node.inputs[2].name
+    current = graphs.constant_value(node.inputs[2]).astype(np.float64).reshape(-1) if has_bias else 0.0
+    bias = names.constant(f"{layer.weight.name}_bias", (current + shift).astype(dtype))
+    if has_bias:
+        node.inputs[2] = bias
+    else:
+        node.inputs.append(bias)
