@@ -93,6 +93,7 @@ class EncodedWeight:
     name: str
     values: np.ndarray   # the dense weight the decoding ops compute
     stored_bytes: int    # bytes of the initializers the decoding ops read
+    sources: set[str]    # the names of those initializers
 
 
 def encoded_weights(model: onnx.ModelProto) -> list[EncodedWeight]:
@@ -136,8 +137,8 @@ def encoded_weights(model: onnx.ModelProto) -> list[EncodedWeight]:
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     values = session.run(wanted, {})
-    return [EncodedWeight(name, value, sum(_tensor_nbytes(initializers[source]) for source in cones[name]))
-            for name, value in zip(wanted, values)]
+    return [EncodedWeight(name, value, sum(_tensor_nbytes(initializers[source]) for source in cones[name]),
+                          cones[name]) for name, value in zip(wanted, values)]
 
 
 def _ancestors(graph: onnx.GraphProto, names: set[str]) -> set[str]:

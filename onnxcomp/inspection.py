@@ -1,4 +1,8 @@
-"""What a model holds: opset, interface, operators, parameters by op type, and each weight's sparsity."""
+"""What a model holds: opset, interface, operators, parameters by op type, and each weight's sparsity.
+
+Weights stored in a compact layout (onnxcomp/encoding.py: pruned or shared weights decoded by standard ops) are
+listed once, decoded, with their stored bytes next to their dense bytes; their parts are not listed apart.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxcomp import encoding
 from onnxcomp.data import value_dims, value_type
 
 
@@ -18,9 +23,14 @@ class WeightInfo:
     op_type: str  # op of the first node that reads it
     shape: list[int]
     dtype: str
-    bytes: int
-    sparsity: float  # fraction of exact zeros
+    bytes: int          # bytes on disk
+    sparsity: float     # fraction of exact zeros
     unique_values: int
+    dense_bytes: int = 0  # bytes of the dense tensor, when it is stored in a compact layout (else = bytes)
+
+    @property
+    def encoded(self) -> bool:
+        return self.dense_bytes != self.bytes
 
 
 @dataclass
@@ -64,8 +74,14 @@ class ModelSummary:
             lines.append(f"largest weights ({len(shown)} of {len(self.weights)}):")
             width = max(len(w.name) for w in shown)
             for w in shown:
+                stored = f"  stored {w.bytes:,} B ({w.bytes / w.dense_bytes:.2f}x)" if w.encoded else ""
                 lines.append(f"  {w.name:{width}s} {w.op_type:12s} {str(w.shape):18s} {w.dtype:8s} "
-                             f"{w.bytes:>10,} B  sparsity {w.sparsity:6.1%}  unique {w.unique_values:,}")
+                             f"{w.dense_bytes:>10,} B  sparsity {w.sparsity:6.1%}  unique {w.unique_values:,}{stored}")
+        encoded = [w for w in self.weights if w.encoded]
+        if encoded:
+            dense, stored = sum(w.dense_bytes for w in encoded), sum(w.bytes for w in encoded)
+            lines.append(f"compact weights: {len(encoded)}, {dense:,} B dense stored in {stored:,} B "
+                         f"({stored / dense:.3f}x)")
         return "\n".join(lines)
 
 
@@ -84,15 +100,15 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
                     constants.append((attribute.t, node.output[0]))
     by_op: dict[str, dict[str, int]] = defaultdict(lambda: {"parameters": 0, "bytes": 0})
     weights = []
-    for tensor, name in [(t, t.name) for t in graph.initializer] + constants:
+    compact = encoding.encoded_weights(model)
+    parts = set().union(*(w.sources for w in compact)) if compact else set()
+    for tensor, name in [(t, t.name) for t in graph.initializer if t.name not in parts] + constants:
         values = numpy_helper.to_array(tensor)
-        op = readers.get(name, "(unused)")
-        info = WeightInfo(name, op, list(values.shape), str(values.dtype), int(values.nbytes),
-                          float(np.mean(values == 0)) if values.size else 0.0,
-                          int(np.unique(values).size) if values.dtype.kind in "biuf" else 0)
-        weights.append(info)
-        by_op[op]["parameters"] += int(values.size)
-        by_op[op]["bytes"] += info.bytes
+        weights.append(_info(name, readers.get(name, "(unused)"), values, int(values.nbytes)))
+    weights += [_info(w.name, readers.get(w.name, "(unused)"), w.values, w.stored_bytes) for w in compact]
+    for info in weights:
+        by_op[info.op_type]["parameters"] += int(np.prod(info.shape))
+        by_op[info.op_type]["bytes"] += info.bytes
     initializers = {t.name for t in graph.initializer}
     inputs = [{"name": v.name, "dtype": value_type(v), "shape": value_dims(v)} for v in graph.input
               if v.name not in initializers]
@@ -111,3 +127,9 @@ def _all_nodes(graph: onnx.GraphProto):
         for attribute in node.attribute:
             for subgraph in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []):
                 yield from _all_nodes(subgraph)
+
+
+def _info(name: str, op: str, values: np.ndarray, stored_bytes: int) -> WeightInfo:
+    return WeightInfo(name, op, list(values.shape), str(values.dtype), stored_bytes,
+                      float(np.mean(values == 0)) if values.size else 0.0,
+                      int(np.unique(values).size) if values.dtype.kind in "biuf" else 0, int(values.nbytes))

@@ -208,10 +208,7 @@ def run_batches(model: onnx.ModelProto, tensors: list[str], dataset, *, samples:
     """Yield (samples done, {tensor: value}) for consecutive batches of the first `samples` samples."""
     from onnxcomp import runtime
 
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in existing)
+    augmented = _computing(model, tensors)
     # Every observed tensor is a graph output here, and ONNX Runtime's optimizations keep graph outputs as
     # they are, so the fastest level gives the same statistics.
     session = runtime.session(augmented, provider, optimization="all")
@@ -226,6 +223,41 @@ def run_batches(model: onnx.ModelProto, tensors: list[str], dataset, *, samples:
         del outputs
         yield stop, values
         del values  # the caller has dropped its reference too: memory stays at one batch
+
+
+def _computing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are `tensors`, without the nodes they do not depend on."""
+    needed = set(tensors)
+    kept: set[int] = set()
+    grown = True
+    while grown:  # the nodes may not be in topological order: repeat until nothing is added
+        grown = False
+        for index, node in enumerate(model.graph.node):
+            if index not in kept and any(name in needed for name in node.output):
+                kept.add(index)
+                needed.update(node.input)
+                needed.update(_names_read_by_subgraphs(node))
+                grown = True
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    del augmented.graph.node[:]
+    augmented.graph.node.extend(node for index, node in enumerate(model.graph.node) if index in kept)
+    kept_initializers = [t for t in augmented.graph.initializer if t.name in needed]
+    del augmented.graph.initializer[:]
+    augmented.graph.initializer.extend(kept_initializers)
+    del augmented.graph.output[:]
+    augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(tensors))
+    return augmented
+
+
+def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
+    names = set()
+    for attribute in node.attribute:
+        for graph in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []):
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(_names_read_by_subgraphs(inner))
+    return names
 
 
 def activation_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: list[str], dataset, *,

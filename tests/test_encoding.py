@@ -1,0 +1,81 @@
+"""Compact sparse storage: exact decoding by standard ops, folded by ONNX Runtime, and its size on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from helpers import optimized_ops, run_model
+from onnxcomp import encoding
+from onnxcomp import graph as graphs
+from onnxcomp.inspection import summarize
+
+RNG = np.random.default_rng(0)
+
+
+def conv_model(weight: np.ndarray, opset: int = 13) -> onnx.ModelProto:
+    channels = weight.shape[1]
+    x = gs.Variable("x", np.float32, [1, channels, 6, 6])
+    y = gs.Variable("y", np.float32, [1, weight.shape[0], 6, 6])
+    conv = gs.Node("Conv", "conv", {"pads": [1, 1, 1, 1]}, [x, gs.Constant("W", weight)], [y])
+    return gs.export_onnx(gs.Graph(nodes=[conv], inputs=[x], outputs=[y], opset=opset))
+
+
+def encoded(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = graphs.import_model(model)
+    encoding.encode_sparse(graph, graph.tensors()["W"], graphs.Names(graph))
+    result = gs.export_onnx(graph.cleanup().toposort())
+    onnx.checker.check_model(result, full_check=True)
+    return result
+
+
+def pruned_weight(shape, sparsity: float) -> np.ndarray:
+    weight = RNG.normal(size=shape).astype(np.float32)
+    weight.reshape(-1)[RNG.permutation(weight.size)[:int(round(sparsity * weight.size))]] = 0
+    return weight
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("shape", [(8, 4, 3, 3), (5, 3, 3, 3)])  # 288 weights, and 135: not a multiple of 8
+def test_decoded_weights_give_the_dense_outputs_exactly(shape, sparsity):
+    weight = pruned_weight(shape, sparsity)
+    dense = conv_model(weight)
+    feed = {"x": RNG.normal(size=(1, shape[1], 6, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(run_model(encoded(dense), feed)[0], run_model(dense, feed)[0])
+
+
+def test_onnx_runtime_folds_the_decoding_ops_away(tmp_path):
+    session, ops = optimized_ops(encoded(conv_model(pruned_weight((16, 8, 3, 3), 0.5))), tmp_path)
+    assert "Conv" in ops or "FusedConv" in ops
+    assert not {"BitShift", "CumSum", "Gather", "Where", "Mod"} & set(ops), ops
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_bytes_per_weight_within_the_bound(sparsity):
+    weight = pruned_weight((64, 64, 3, 3), sparsity)
+    dense, compact = conv_model(weight), encoded(conv_model(weight))
+    stored = sum(t.ByteSize() for t in compact.graph.initializer)
+    assert stored <= ((1 - sparsity) * 4 + 0.13) * weight.size + 200  # decoding constants: a few small tensors
+    saved = dense.ByteSize() - compact.ByteSize()
+    assert saved >= (sparsity * 4 - 0.13) * weight.size - 2000  # the whole file shrinks, less the nodes
+
+
+def test_encoded_weights_are_decoded_for_inspection():
+    weight = pruned_weight((16, 8, 3, 3), 0.75)
+    model = encoded(conv_model(weight))
+    (found,) = encoding.encoded_weights(model)
+    assert found.name == "W"
+    np.testing.assert_array_equal(found.values, weight)
+    everything = sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    assert found.stored_bytes == everything  # the mask, the values and the decoding constants
+    assert found.stored_bytes <= encoding.sparse_bytes(weight.size, int(np.count_nonzero(weight))) + 100
+    (info,) = [w for w in summarize(model).weights if w.name == "W"]
+    assert info.encoded and info.dense_bytes == weight.nbytes and info.bytes == found.stored_bytes
+    assert info.sparsity == pytest.approx(0.75, abs=1 / weight.size)
+    assert not [w for w in summarize(model).weights if w.name.startswith("W.")]  # its parts are not listed
+
+
+def test_models_without_compact_weights_have_none():
+    assert encoding.encoded_weights(conv_model(pruned_weight((4, 2, 3, 3), 0.5))) == []
