@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -151,6 +151,7 @@ class InputStatistics:
     count: int = 0
     reference: "InputStatistics | None" = None
     cross: np.ndarray | None = None
+    solved: dict = field(default_factory=dict, repr=False)  # what users of the statistics derive from them
 
     @property
     def mean(self) -> np.ndarray:

@@ -481,12 +481,8 @@ def _pruned_rows(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics,
             target = rows * _expand_diagonal(layer, (cross + added) / (own + added))[:, None, :]
             new_rows = _zero_smallest(target, target ** 2 * _expand_diagonal(layer, own)[:, None, :], zeros)
         else:
-            regular = _regularized(own, stats.count, damping)
-            # the dense weights that best give the unpruned layer's outputs from the inputs it gets now,
-            # W̃ = W E[x_ref xᵀ] E[x xᵀ]⁻¹ with both moments regularized alike: W̃ = W when nothing upstream changed
-            cross_regular = _regularized(cross.transpose(0, 2, 1), stats.count, damping, like=own)
-            target = np.linalg.solve(regular, (rows @ cross_regular).transpose(0, 2, 1)).transpose(0, 2, 1)
-            new_rows = _reconstruct(target, regular, zeros)
+            target, upper = _solved(layer, rows, stats, use_bias, damping, own, cross)
+            new_rows = _reconstruct(target, upper, zeros)
     else:
         new_rows = _zero_smallest(rows, np.abs(rows), zeros)
     if correction == "none":
@@ -541,17 +537,32 @@ def _regularized(moment: np.ndarray, count: int, damping: float, like: np.ndarra
     return regular
 
 
-def _reconstruct(rows: np.ndarray, hessian: np.ndarray, zeros: int) -> np.ndarray:
+def _solved(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics, use_bias: bool, damping: float,
+            own: np.ndarray, cross: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(W̃, upper Cholesky factor of the regularized H⁻¹), which do not depend on the sparsity: computed once
+    per layer, statistics and damping, and kept on the statistics for the other sparsities."""
+    key = (id(layer), damping, use_bias)
+    if key not in stats.solved:
+        regular = _regularized(own, stats.count, damping)
+        # the dense weights that best give the unpruned layer's outputs from the inputs it gets now,
+        # W̃ = W E[x_ref xᵀ] E[x xᵀ]⁻¹ with both moments regularized alike: W̃ = W when nothing upstream changed
+        cross_regular = _regularized(cross.transpose(0, 2, 1), stats.count, damping, like=own)
+        target = np.linalg.solve(regular, (rows @ cross_regular).transpose(0, 2, 1)).transpose(0, 2, 1)
+        inverse = np.linalg.inv(regular)
+        upper = np.linalg.cholesky((inverse + inverse.transpose(0, 2, 1)) / 2).transpose(0, 2, 1)
+        stats.solved[key] = (target, upper)
+    return stats.solved[key]
+
+
+def _reconstruct(rows: np.ndarray, upper: np.ndarray, zeros: int) -> np.ndarray:
     """Zero `zeros` weights of rows (groups, units, D) and update the kept ones to keep w·x on calibration data.
 
     Column by column: the error of zeroing a weight is spread over the not yet visited columns of its row
-    through the upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U). The weights to zero in a block of columns are those
-    with the least w² / U_jj², the saliency of optimal brain surgeon.
+    through `upper`, the upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U). The weights to zero in a block of columns
+    are those with the least w² / U_jj², the saliency of optimal brain surgeon.
     """
     groups, units, dims = rows.shape
     weights = rows.copy()
-    inverse = np.linalg.inv(hessian)
-    upper = np.linalg.cholesky((inverse + inverse.transpose(0, 2, 1)) / 2).transpose(0, 2, 1)
     left, size_left = zeros, rows.size
     for start in range(0, dims, BLOCK):
         stop = min(start + BLOCK, dims)
