@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -29,3 +30,35 @@ def digits_model() -> Path:
 @pytest.fixture(scope="session")
 def digits_data() -> Path:
     return PROJECT / "models" / "digits_test.npz"
+
+
+CIFAR_PREPROCESS = "scale=1/255,mean=0.485|0.456|0.406,std=0.229|0.224|0.225"
+IMAGENET_PREPROCESS = "resize=256,crop=224,scale=1,mean=127|127|127,std=128|128|128"
+
+
+@pytest.fixture(scope="session")
+def cifar(assets):
+    """ResNet-20's 2000 CIFAR-10 test images, preprocessed, and their labels.
+
+    Lossy passes calibrate on images 0..99 and are judged on images 500..1999.
+    """
+    from onnxcomp import data as datasets
+
+    with np.load(assets / "data/cifar10/cifar10_test_2000.npz") as archive:
+        images = datasets.Preprocess.parse(CIFAR_PREPROCESS).apply(archive["images"])
+        labels = archive["labels"].astype(np.int64)
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def imagenet(assets):
+    """EfficientNet-Lite0's 500 dev images, preprocessed, their labels, and the split lossy passes use:
+    calibration on every 5th image (in labels.csv order, which is sorted), evaluation on the other 400."""
+    import onnxcomp
+    from onnxcomp import data as datasets
+
+    model = onnxcomp.load(assets / "models/efficientnet_lite0_imagenet.onnx")
+    dataset = datasets.open_data(assets / "data/imagenet/dev500", model, preprocess=IMAGENET_PREPROCESS)
+    images = dataset.batch(0, dataset.num_samples)[model.graph.input[0].name]
+    calibration = np.arange(0, len(images), 5)
+    return images, dataset.labels, calibration, np.setdiff1d(np.arange(len(images)), calibration)

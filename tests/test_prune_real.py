@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 import onnxcomp
-from onnxcomp import data as datasets
-from test_quantize_real import CIFAR, IMAGENET, split_accuracy
+from test_quantize_real import split_accuracy
 
 
-def test_resnet20_half_pruned_within_1_point_and_file_shrinks(assets, tmp_path):
+def test_resnet20_half_pruned_within_1_point_and_file_shrinks(assets, cifar, tmp_path):
     model_path = str(assets / "models/resnet20_cifar10.onnx")
-    model = onnxcomp.load(model_path)
-    name = model.graph.input[0].name
-    with np.load(assets / "data/cifar10/cifar10_test_2000.npz") as archive:
-        images = datasets.Preprocess.parse(CIFAR).apply(archive["images"])
-        labels = archive["labels"].astype(np.int64)
+    name = onnxcomp.load(model_path).graph.input[0].name
+    images, labels = cifar
     pruned, report = onnxcomp.optimize(model_path, "fuse-bn,prune:sparsity=0.5", calib_data={name: images[:100]},
                                        output=tmp_path / "pruned.onnx", validate_result=False)
     stats = report.passes[1].stats
@@ -27,14 +21,10 @@ def test_resnet20_half_pruned_within_1_point_and_file_shrinks(assets, tmp_path):
     assert -saved >= (0.5 * 4 - 0.13) * pruned_weights - 18 * 1500
 
 
-def test_efficientnet_30_percent_pruned_within_1_point(assets, tmp_path):
+def test_efficientnet_30_percent_pruned_within_1_point(assets, imagenet, tmp_path):
     model_path = str(assets / "models/efficientnet_lite0_imagenet.onnx")
-    model = onnxcomp.load(model_path)
-    name = model.graph.input[0].name
-    dataset = datasets.open_data(assets / "data/imagenet/dev500", model, preprocess=IMAGENET)
-    images, labels = dataset.batch(0, dataset.num_samples)[name], dataset.labels
-    calibration = np.arange(0, len(images), 5)  # every 5th image; the other 400 evaluate
-    evaluation = np.setdiff1d(np.arange(len(images)), calibration)
+    name = onnxcomp.load(model_path).graph.input[0].name
+    images, labels, calibration, evaluation = imagenet
     _, report = onnxcomp.optimize(model_path, "fuse-bn,prune:sparsity=0.3", calib_data={name: images[calibration]},
                                   output=tmp_path / "pruned.onnx", validate_result=False)
     assert abs(report.passes[1].stats["sparsity"] - 0.3) <= 0.005
