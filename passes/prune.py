@@ -202,6 +202,7 @@ def _measure(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext
                                               config.batch_size)
             for plan in plans:
                 plan.damping = damping
+                plan.fit.solved.clear()  # one solve per candidate damping: memory the rest does not need
             result["held_out_snr_db"] = round(float(_snr_db(errors[damping])), 1)
         result["damping"] = plans[0].damping
     return result
