@@ -17,6 +17,15 @@ Before:                       After:
 
 That is 4 bytes per non-zero value plus 1 bit per weight: (1 − s) × 4 + 0.125 bytes per weight at sparsity s,
 plus the decoding nodes' few hundred bytes. The operators need opset 11 (BitShift, CumSum).
+
+Codebook layout (weight sharing), for a weight whose values all come from a codebook of at most 2^b values:
+
+    W.codebook [K]   the shared values
+    W.indices  [⌈n·b/8⌉ + 1] uint8: the index of each element into the codebook, b bits each, back to back
+
+decoded by Range → Div/Mod 8 (byte and bit offset of each index) → Gather two bytes → Div by 2^offset → Mod 2^b
+→ Gather(W.codebook). With `sparse`, only the non-zero elements carry an index and the mask of the sparse layout
+places them, so pruning and sharing compose: b/8 bytes per kept weight plus 1 bit per weight.
 """
 
 from __future__ import annotations
@@ -38,54 +47,131 @@ def sparse_bytes(count: int, nonzero: int, itemsize: int = 4) -> int:
     return max(nonzero, 1) * itemsize + (count + 7) // 8
 
 
+def packed_bytes(count: int, bits: int) -> int:
+    """Bytes of `count` indices of `bits` bits packed back to back, plus the one byte the decoder reads past."""
+    return (count * bits + 7) // 8 + 1
+
+
+def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
+    """`indices` (each below 2**bits) as one bit stream, least significant bit first: index i occupies bits
+    i·bits … i·bits + bits − 1. A zero byte is appended, so reading two bytes at the last index stays inside."""
+    flat = np.asarray(indices, dtype=np.uint32).reshape(-1)
+    stream = ((flat[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(-1)
+    return np.concatenate([np.packbits(stream, bitorder="little"), np.zeros(1, np.uint8)])
+
+
 def encode_sparse(graph: gs.Graph, weight: gs.Constant, names: graphs.Names) -> gs.Variable:
     """Replace `weight`, for every node that reads it, by its sparse layout and the nodes that decode it.
 
     The decoded tensor takes the weight's name, so the nodes that read it and anything that reports it by name
     see no change. The graph's opset must be at least SPARSE_MIN_OPSET.
     """
-    dense = np.asarray(weight.values)
-    flat = dense.reshape(-1)
-    present = flat != 0
-    values = flat[present]
+    decoder = _Decoder(graph, weight, names)
+    present = decoder.dense.reshape(-1) != 0
+    values = decoder.dense.reshape(-1)[present]
     if values.size == 0:  # Gather needs something to index; every position is masked out anyway
-        values = np.zeros(1, dtype=dense.dtype)
-    mask = np.packbits(present, bitorder="little").reshape(-1, 1)
-    name = weight.name
-    weight.name = names.new(f"{name}.dense")  # free the name for the decoded tensor; this tensor is dropped
-    decoded = gs.Variable(name, dtype=dense.dtype, shape=list(dense.shape))
-    for node in graphs.consumers(weight):
-        for index, tensor in enumerate(node.inputs):
-            if tensor is weight:
-                node.inputs[index] = decoded
-    graph.outputs = [decoded if out is weight else out for out in graph.outputs]
+        values = np.zeros(1, dtype=decoder.dense.dtype)
+    return decoder.finish(decoder.scatter(present, decoder.constant("values", values)))
 
-    def node(op: str, inputs: list, dtype, shape, **attrs) -> gs.Variable:
-        out = gs.Variable(names.new(f"{name}.{op.lower()}"), dtype=dtype, shape=shape)
-        graph.nodes.append(gs.Node(op, names.new(f"{name}.decode.{op}"), attrs, inputs, [out]))
+
+def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, indices: np.ndarray, bits: int,
+                    names: graphs.Names, *, sparse: bool = False) -> gs.Variable:
+    """Replace `weight` by a codebook and `bits`-bit indices into it, and the nodes that decode them.
+
+    The weight must equal codebook[indices] element by element; with `sparse`, `indices` cover only its
+    non-zero elements (row-major order), and a bit mask says where they go. The graph's opset must be at
+    least SPARSE_MIN_OPSET.
+    """
+    decoder = _Decoder(graph, weight, names)
+    flat = decoder.dense.reshape(-1)
+    present = flat != 0
+    expected = flat[present] if sparse else flat
+    indices = np.asarray(indices).reshape(-1)
+    if not 1 <= bits <= 8 or indices.size != expected.size or (indices.size and indices.max() >= 2 ** bits) \
+            or not np.array_equal(np.asarray(codebook, dtype=flat.dtype)[indices], expected):
+        raise ValueError("the codebook, the indices and the bits do not give the weight")
+    values = decoder.unpack(codebook.astype(flat.dtype), indices, bits)
+    return decoder.finish(decoder.scatter(present, values) if sparse else values)
+
+
+class _Decoder:
+    """Builds the decoding nodes of one weight. The decoded tensor replaces the weight under its name."""
+
+    def __init__(self, graph: gs.Graph, weight: gs.Constant, names: graphs.Names):
+        self.graph, self.names, self.name = graph, names, weight.name
+        self.dense = np.asarray(weight.values)
+        self.count = self.dense.size
+        weight.name = names.new(f"{self.name}.dense")  # free the name for the decoded tensor; this one is dropped
+        self.decoded = gs.Variable(self.name, dtype=self.dense.dtype, shape=list(self.dense.shape))
+        for reader in graphs.consumers(weight):
+            for index, tensor in enumerate(reader.inputs):
+                if tensor is weight:
+                    reader.inputs[index] = self.decoded
+        graph.outputs = [self.decoded if out is weight else out for out in graph.outputs]
+
+    def constant(self, part: str, values: np.ndarray) -> gs.Constant:
+        return self.names.constant(f"{self.name}.{part}", values)
+
+    def node(self, op: str, inputs: list, dtype, shape, **attrs) -> gs.Variable:
+        out = gs.Variable(self.names.new(f"{self.name}.{op.lower()}"), dtype=dtype, shape=shape)
+        self.graph.nodes.append(gs.Node(op, self.names.new(f"{self.name}.decode.{op}"), attrs, inputs, [out]))
         return out
 
-    count = flat.size
-    packed = names.constant(f"{name}.mask", mask)
-    shifted = node("BitShift", [packed, names.constant(f"{name}.shifts", np.arange(8, dtype=np.uint8))],
-                   np.uint8, [mask.shape[0], 8], direction="RIGHT")
-    bits = node("Mod", [shifted, names.constant(f"{name}.two", np.array(2, dtype=np.uint8))], np.uint8,
-                [mask.shape[0], 8])
-    bits = node("Reshape", [bits, names.constant(f"{name}.flat", np.array([-1], dtype=np.int64))], np.uint8,
-                [mask.size * 8])
-    if mask.size * 8 != count:
-        bits = node("Slice", [bits, names.constant(f"{name}.start", np.array([0], dtype=np.int64)),
-                              names.constant(f"{name}.stop", np.array([count], dtype=np.int64))], np.uint8, [count])
-    counted = node("CumSum", [node("Cast", [bits], np.int64, [count], to=onnx.TensorProto.INT64),
-                              names.constant(f"{name}.axis", np.array(0, dtype=np.int64))], np.int64, [count])
-    positions = node("Sub", [counted, names.constant(f"{name}.one", np.array(1, dtype=np.int64))], np.int64, [count])
-    gathered = node("Gather", [names.constant(f"{name}.values", values), positions], dense.dtype, [count])
-    present_bool = node("Cast", [bits], np.bool_, [count], to=onnx.TensorProto.BOOL)
-    zero = names.constant(f"{name}.zero", np.zeros((), dtype=dense.dtype))
-    flat_dense = node("Where", [present_bool, gathered, zero], dense.dtype, [count])
-    shape = names.constant(f"{name}.shape", np.array(dense.shape, dtype=np.int64))
-    graph.nodes.append(gs.Node("Reshape", names.new(f"{name}.decode.Reshape"), {}, [flat_dense, shape], [decoded]))
-    return decoded
+    def scatter(self, present: np.ndarray, values: gs.Tensor) -> gs.Variable:
+        """The flat dense weight: `values` at the positions the packed bit mask of `present` marks, else 0."""
+        mask = np.packbits(present, bitorder="little").reshape(-1, 1)
+        count, dtype = self.count, self.dense.dtype
+        shifted = self.node("BitShift", [self.constant("mask", mask),
+                                         self.constant("shifts", np.arange(8, dtype=np.uint8))],
+                            np.uint8, [mask.shape[0], 8], direction="RIGHT")
+        bits = self.node("Mod", [shifted, self.constant("two", np.array(2, dtype=np.uint8))], np.uint8,
+                         [mask.shape[0], 8])
+        bits = self.node("Reshape", [bits, self.constant("flat", np.array([-1], dtype=np.int64))], np.uint8,
+                         [mask.size * 8])
+        if mask.size * 8 != count:
+            bits = self.node("Slice", [bits, self.constant("start", np.array([0], dtype=np.int64)),
+                                       self.constant("stop", np.array([count], dtype=np.int64))], np.uint8, [count])
+        counted = self.node("CumSum", [self.node("Cast", [bits], np.int64, [count], to=onnx.TensorProto.INT64),
+                                       self.constant("axis", np.array(0, dtype=np.int64))], np.int64, [count])
+        positions = self.node("Sub", [counted, self.constant("one", np.array(1, dtype=np.int64))], np.int64, [count])
+        gathered = self.node("Gather", [values, positions], dtype, [count])
+        present_bool = self.node("Cast", [bits], np.bool_, [count], to=onnx.TensorProto.BOOL)
+        zero = self.constant("zero", np.zeros((), dtype=dtype))
+        return self.node("Where", [present_bool, gathered, zero], dtype, [count])
+
+    def unpack(self, codebook: np.ndarray, indices: np.ndarray, bits: int) -> gs.Variable:
+        """codebook[indices], with the indices stored packed at `bits` bits each (pack_indices).
+
+        Index i starts at bit p = i·bits, in byte p // 8 at offset p % 8, and never reaches past the next byte:
+        it is (byte[p // 8] + 256 · byte[p // 8 + 1]) // 2^(p % 8) mod 2^bits.
+        """
+        count = max(indices.size, 1)
+        if indices.size == 0:
+            indices = np.zeros(1, dtype=np.int64)
+        i64 = np.int64
+        stream = self.constant("indices", pack_indices(indices, bits))
+        position = self.node("Range", [self.constant("first", np.array(0, i64)),  # i · bits for i < count
+                                       self.constant("end", np.array(count * bits, i64)),
+                                       self.constant("bits", np.array(bits, i64))], i64, [count])
+        byte = self.node("Div", [position, self.constant("eight", np.array(8, i64))], i64, [count])
+        offset = self.node("Mod", [position, self.constant("eight_", np.array(8, i64))], i64, [count])
+        wide = self.node("Cast", [stream], np.int32, [stream.values.size], to=onnx.TensorProto.INT32)
+        low = self.node("Gather", [wide, byte], np.int32, [count])
+        high = self.node("Gather", [wide, self.node("Add", [byte, self.constant("next", np.array(1, i64))], i64,
+                                                    [count])], np.int32, [count])
+        word = self.node("Add", [low, self.node("Mul", [high, self.constant("byte", np.array(256, np.int32))],
+                                                np.int32, [count])], np.int32, [count])
+        scale = self.node("Gather", [self.constant("powers", (2 ** np.arange(8)).astype(np.int32)), offset],
+                          np.int32, [count])
+        shifted = self.node("Div", [word, scale], np.int32, [count])
+        index = self.node("Mod", [shifted, self.constant("levels", np.array(2 ** bits, np.int32))], np.int32, [count])
+        return self.node("Gather", [self.constant("codebook", codebook), index], codebook.dtype, [count])
+
+    def finish(self, flat: gs.Tensor) -> gs.Variable:
+        shape = self.constant("shape", np.array(self.dense.shape, dtype=np.int64))
+        self.graph.nodes.append(gs.Node("Reshape", self.names.new(f"{self.name}.decode.Reshape"), {},
+                                        [flat, shape], [self.decoded]))
+        return self.decoded
 
 
 @dataclass

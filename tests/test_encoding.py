@@ -79,3 +79,34 @@ def test_encoded_weights_are_decoded_for_inspection():
 
 def test_models_without_compact_weights_have_none():
     assert encoding.encoded_weights(conv_model(pruned_weight((4, 2, 3, 3), 0.5))) == []
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("sparse", [False, True])
+def test_codebook_layout_decodes_exactly_at_every_bit_width(bits, sparse, tmp_path):
+    codebook = np.sort(RNG.normal(size=2 ** bits)).astype(np.float32)
+    codebook[codebook == 0] = 1.0  # zeros come from the mask in the sparse layout
+    indices = RNG.integers(0, 2 ** bits, size=(6, 4, 3, 3))
+    weight = codebook[indices]
+    if sparse:
+        weight.reshape(-1)[RNG.permutation(weight.size)[:weight.size // 2]] = 0
+    model = conv_model(weight)
+    graph = graphs.import_model(model)
+    kept = indices.reshape(-1)[weight.reshape(-1) != 0] if sparse else indices
+    encoding.encode_codebook(graph, graph.tensors()["W"], codebook, kept, bits, graphs.Names(graph), sparse=sparse)
+    compact = gs.export_onnx(graph.cleanup().toposort())
+    onnx.checker.check_model(compact, full_check=True)
+    feed = {"x": RNG.normal(size=(1, 4, 6, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(run_model(compact, feed)[0], run_model(model, feed)[0])
+    stored = {t.name: onnx.numpy_helper.to_array(t).nbytes for t in compact.graph.initializer}
+    assert stored["W.indices"] == encoding.packed_bytes(kept.size, bits) <= kept.size * bits / 8 + 2
+    _, ops = optimized_ops(compact, tmp_path)
+    assert not {"Range", "Gather", "Div", "Mod", "Where"} & set(ops), ops
+
+
+def test_codebook_that_does_not_give_the_weight_is_refused():
+    weight = np.ones((2, 4, 3, 3), np.float32)
+    graph = graphs.import_model(conv_model(weight))
+    with pytest.raises(ValueError, match="do not give the weight"):
+        encoding.encode_codebook(graph, graph.tensors()["W"], np.array([0.5, 2.0]), np.zeros(72, int), 1,
+                                 graphs.Names(graph))
