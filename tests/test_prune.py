@@ -292,3 +292,19 @@ def test_per_layer_report_in_the_cli(tmp_path, digits_model):
     weight_lines = [line for line in inspected.stdout.splitlines() if "_fused_weight" in line and "stored" in line]
     assert len(weight_lines) == 3  # each pruned weight: its sparsity, and its stored next to its dense bytes
     assert (tmp_path / "out.onnx").stat().st_size < 0.6 * digits_model.stat().st_size
+
+
+def test_weights_computed_from_constants_are_folded_then_pruned():
+    """CNTK and Paddle exports compute weights, e.g. Reshape(initializer): they are folded into initializers."""
+    model = net()
+    flat = next(t for t in model.graph.initializer if t.name == "W2")
+    values = numpy_helper.to_array(flat)
+    model.graph.initializer.remove(flat)
+    model.graph.initializer.extend([numpy_helper.from_array(values.reshape(-1), "W2_flat"),
+                                    numpy_helper.from_array(np.array(values.shape, np.int64), "W2_shape")])
+    model.graph.node.insert(0, helper.make_node("Reshape", ["W2_flat", "W2_shape"], ["W2"], name="reshape_w2"))
+    pruned, records = run(model, "prune:sparsity=0.5,allocation=uniform")
+    assert records[0].stats["pruned"] == 2 and "skipped:weight-not-constant" not in records[0].stats
+    dense, _ = run(net(), "prune:sparsity=0.5,allocation=uniform")
+    feed = {"x": images(4, seed=3)}
+    np.testing.assert_array_equal(run_model(pruned, feed)[0], run_model(dense, feed)[0])
