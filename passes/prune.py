@@ -53,7 +53,8 @@ import onnx_graphsurgeon as gs
 from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
-from onnxcomp.passes.layers import WEIGHTED_OPS, InputStatistics, WeightedLayer, find_layers, input_statistics
+from onnxcomp.passes.layers import (WEIGHTED_OPS, InputStatistics, WeightedLayer, find_layers, held_out_batch,
+                                    input_statistics)
 from onnxcomp.registry import register
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -371,8 +372,6 @@ def _lower_hull(xs: np.ndarray, ys: np.ndarray) -> list[tuple[float, float]]:
 
 def _held_out(data, samples: int, batch_size: int):
     """The calibration samples of the batches `input_statistics` holds out, or None when there are none."""
-    from onnxcomp.passes.layers import held_out_batch
-
     runs = data.runs(samples, batch_size)
     indices = [i for number, (start, stop) in enumerate(runs) if held_out_batch(number, len(runs), CHECK_EVERY)
                for i in range(start, stop)]
