@@ -12,6 +12,7 @@ ConvTranspose scatters instead of gathering, so its statistics are per input cha
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import sys
 from collections import Counter
@@ -136,6 +137,38 @@ def find_layers(graph: gs.Graph, ops: tuple[str, ...] = WEIGHTED_OPS) -> tuple[l
             node.name = names.new(f"{node.op}_{tensor.name}")
         layers.append(WeightedLayer(node, tensor))
     return layers, skipped
+
+
+def select_layers(graph: gs.Graph, ops: tuple[str, ...], *, include: tuple[str, ...] = (),
+                  exclude: tuple[str, ...] = (), min_size: int = 0,
+                  depthwise: bool = True) -> tuple[list[WeightedLayer], Counter, list[str]]:
+    """The layers a compression pass works on, the reasons others were passed over, and warnings.
+
+    `include` / `exclude` are shell patterns over node and weight names; a pattern that matches no layer gets
+    a warning that names it. Depthwise convolutions (unless `depthwise`) and weights under `min_size` are left.
+    """
+    layers, skipped = find_layers(graph, ops)
+    matched = dict.fromkeys(include + exclude, False)
+    chosen = []
+    for layer in layers:
+        names = (layer.node.name, layer.weight.name)
+        hits = {p for p in matched if any(fnmatch.fnmatchcase(n, p) for n in names if n)}
+        for pattern in hits:
+            matched[pattern] = True
+        if include and not hits & set(include):
+            skipped["not-included"] += 1
+        elif hits & set(exclude):
+            skipped["excluded"] += 1
+        elif layer.depthwise and not depthwise:
+            skipped["depthwise"] += 1
+        elif layer.values.size < min_size:
+            skipped["small"] += 1
+        else:
+            chosen.append(layer)
+    unmatched = [p for p, hit in matched.items() if not hit]
+    warnings = [f"pattern{'s' if len(unmatched) > 1 else ''} {', '.join(repr(p) for p in unmatched)} matched no "
+                "layer it could change"] if unmatched else []
+    return chosen, skipped, warnings
 
 
 @dataclass

@@ -42,7 +42,6 @@ What is done about the error (`correction`):
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -53,8 +52,8 @@ import onnx_graphsurgeon as gs
 from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
-from onnxcomp.passes.layers import (WEIGHTED_OPS, InputStatistics, WeightedLayer, find_layers, held_out_batch,
-                                    input_statistics)
+from onnxcomp.passes.layers import (WEIGHTED_OPS, InputStatistics, WeightedLayer, held_out_batch, input_statistics,
+                                    select_layers)
 from onnxcomp.registry import register
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -291,28 +290,8 @@ def _waves(graph: gs.Graph, plans: list[LayerPlan]) -> list[list[LayerPlan]]:
 
 
 def _select(graph: gs.Graph, config: PruneConfig) -> tuple[list[WeightedLayer], Counter, list[str]]:
-    layers, skipped = find_layers(graph, config.ops)
-    matched = dict.fromkeys(config.include + config.exclude, False)
-    chosen = []
-    for layer in layers:
-        names = (layer.node.name, layer.weight.name)
-        hits = {p for p in matched if any(fnmatch.fnmatchcase(n, p) for n in names if n)}
-        for pattern in hits:
-            matched[pattern] = True
-        if config.include and not hits & set(config.include):
-            skipped["not-included"] += 1
-        elif hits & set(config.exclude):
-            skipped["excluded"] += 1
-        elif layer.depthwise and not config.depthwise:
-            skipped["depthwise"] += 1
-        elif layer.values.size < config.min_size:
-            skipped["small"] += 1
-        else:
-            chosen.append(layer)
-    unmatched = [p for p, hit in matched.items() if not hit]
-    warnings = [f"pattern{'s' if len(unmatched) > 1 else ''} {', '.join(repr(p) for p in unmatched)} matched no "
-                "prunable layer"] if unmatched else []
-    return chosen, skipped, warnings
+    return select_layers(graph, config.ops, include=config.include, exclude=config.exclude,
+                         min_size=config.min_size, depthwise=config.depthwise)
 
 
 def _round_to_total(targets: np.ndarray, total: int) -> np.ndarray:
