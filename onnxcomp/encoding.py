@@ -71,27 +71,55 @@ def encode_sparse(graph: gs.Graph, weight: gs.Constant, names: graphs.Names) -> 
     values = decoder.dense.reshape(-1)[present]
     if values.size == 0:  # Gather needs something to index; every position is masked out anyway
         values = np.zeros(1, dtype=decoder.dense.dtype)
-    return decoder.finish(decoder.scatter(present, decoder.constant("values", values)))
+    return decoder.finish(decoder.scatter(present, decoder.constant("values", values), values.dtype)[0])
 
 
 def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, indices: np.ndarray, bits: int,
                     names: graphs.Names, *, sparse: bool = False) -> gs.Variable:
     """Replace `weight` by a codebook and `bits`-bit indices into it, and the nodes that decode them.
 
-    The weight must equal codebook[indices] element by element; with `sparse`, `indices` cover only its
-    non-zero elements (row-major order), and a bit mask says where they go. The graph's opset must be at
-    least SPARSE_MIN_OPSET.
+    `codebook` is one vector for the whole tensor, or one row per slice along the weight's first axis
+    (shape (weight.shape[0], K)). The weight must equal the codebook looked up at `indices`, element by element;
+    with `sparse`, `indices` cover only its non-zero elements (row-major order) and a bit mask says where they
+    go. The graph's opset must be at least SPARSE_MIN_OPSET.
     """
     decoder = _Decoder(graph, weight, names)
     flat = decoder.dense.reshape(-1)
+    codebook = np.asarray(codebook, dtype=flat.dtype)
     present = flat != 0
-    expected = flat[present] if sparse else flat
-    indices = np.asarray(indices).reshape(-1)
-    if not 1 <= bits <= 8 or indices.size != expected.size or (indices.size and indices.max() >= 2 ** bits) \
-            or not np.array_equal(np.asarray(codebook, dtype=flat.dtype)[indices], expected):
+    stored = present if sparse else np.ones(flat.size, dtype=bool)
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    row_size = flat.size // max(decoder.dense.shape[0], 1) if decoder.dense.ndim else 1
+    per_row = codebook.ndim == 2
+    if not 1 <= bits <= 8 or indices.size != int(stored.sum()) or (indices.size and indices.max() >= 2 ** bits) \
+            or (per_row and (codebook.shape[0] != decoder.dense.shape[0] or codebook.shape[1] > 2 ** bits)):
         raise ValueError("the codebook, the indices and the bits do not give the weight")
-    values = decoder.unpack(codebook.astype(flat.dtype), indices, bits)
-    return decoder.finish(decoder.scatter(present, values) if sparse else values)
+    rows = np.arange(flat.size)[stored] // row_size
+    looked_up = codebook[rows, indices] if per_row else codebook[indices]
+    if not np.array_equal(looked_up, flat[stored]):
+        raise ValueError("the codebook, the indices and the bits do not give the weight")
+    count, levels = flat.size, (codebook.shape[-1] if codebook.size else 1)
+    index = decoder.unpack(indices, bits)
+    if sparse:
+        index, present_bool = decoder.scatter(present, index, np.int32)
+    if per_row:  # the row's codebook starts at row · K in the flattened codebooks
+        index = decoder.node("Add", [index, _row_offsets(decoder, count, row_size, levels)], np.int32, [count])
+    values = decoder.node("Gather", [decoder.constant("codebook", codebook.reshape(-1)), index], flat.dtype, [count])
+    if sparse:
+        values = decoder.node("Where", [present_bool, values, decoder.constant("zero_value", np.zeros((), flat.dtype))],
+                              flat.dtype, [count])
+    return decoder.finish(values)
+
+
+def _row_offsets(decoder: "_Decoder", count: int, row_size: int, levels: int) -> gs.Variable:
+    """(i // row_size) · levels for every element i, computed from three scalars."""
+    i64 = np.int64
+    position = decoder.node("Range", [decoder.constant("zero_position", np.array(0, i64)),
+                                      decoder.constant("elements", np.array(count, i64)),
+                                      decoder.constant("step_one", np.array(1, i64))], i64, [count])
+    row = decoder.node("Div", [position, decoder.constant("row_size", np.array(row_size, i64))], i64, [count])
+    offset = decoder.node("Mul", [row, decoder.constant("levels_per_row", np.array(levels, i64))], i64, [count])
+    return decoder.node("Cast", [offset], np.int32, [count], to=onnx.TensorProto.INT32)
 
 
 class _Decoder:
@@ -117,10 +145,10 @@ class _Decoder:
         self.graph.nodes.append(gs.Node(op, self.names.new(f"{self.name}.decode.{op}"), attrs, inputs, [out]))
         return out
 
-    def scatter(self, present: np.ndarray, values: gs.Tensor) -> gs.Variable:
-        """The flat dense weight: `values` at the positions the packed bit mask of `present` marks, else 0."""
+    def scatter(self, present: np.ndarray, values: gs.Tensor, dtype) -> tuple[gs.Variable, gs.Variable]:
+        """(`values` at the positions the packed bit mask of `present` marks and 0 elsewhere, the mask as bool)."""
         mask = np.packbits(present, bitorder="little").reshape(-1, 1)
-        count, dtype = self.count, self.dense.dtype
+        count = self.count
         shifted = self.node("BitShift", [self.constant("mask", mask),
                                          self.constant("shifts", np.arange(8, dtype=np.uint8))],
                             np.uint8, [mask.shape[0], 8], direction="RIGHT")
@@ -137,10 +165,10 @@ class _Decoder:
         gathered = self.node("Gather", [values, positions], dtype, [count])
         present_bool = self.node("Cast", [bits], np.bool_, [count], to=onnx.TensorProto.BOOL)
         zero = self.constant("zero", np.zeros((), dtype=dtype))
-        return self.node("Where", [present_bool, gathered, zero], dtype, [count])
+        return self.node("Where", [present_bool, gathered, zero], dtype, [count]), present_bool
 
-    def unpack(self, codebook: np.ndarray, indices: np.ndarray, bits: int) -> gs.Variable:
-        """codebook[indices], with the indices stored packed at `bits` bits each (pack_indices).
+    def unpack(self, indices: np.ndarray, bits: int) -> gs.Variable:
+        """The indices (int32), stored packed at `bits` bits each (pack_indices).
 
         Index i starts at bit p = i·bits, in byte p // 8 at offset p % 8, and never reaches past the next byte:
         it is (byte[p // 8] + 256 · byte[p // 8 + 1]) // 2^(p % 8) mod 2^bits.
@@ -164,8 +192,7 @@ class _Decoder:
         scale = self.node("Gather", [self.constant("powers", (2 ** np.arange(8)).astype(np.int32)), offset],
                           np.int32, [count])
         shifted = self.node("Div", [word, scale], np.int32, [count])
-        index = self.node("Mod", [shifted, self.constant("levels", np.array(2 ** bits, np.int32))], np.int32, [count])
-        return self.node("Gather", [self.constant("codebook", codebook), index], codebook.dtype, [count])
+        return self.node("Mod", [shifted, self.constant("levels", np.array(2 ** bits, np.int32))], np.int32, [count])
 
     def finish(self, flat: gs.Tensor) -> gs.Variable:
         shape = self.constant("shape", np.array(self.dense.shape, dtype=np.int64))

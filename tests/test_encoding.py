@@ -104,6 +104,23 @@ def test_codebook_layout_decodes_exactly_at_every_bit_width(bits, sparse, tmp_pa
     assert not {"Range", "Gather", "Div", "Mod", "Where"} & set(ops), ops
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_one_codebook_per_output_channel(sparse):
+    bits = 3
+    codebooks = (np.sort(RNG.normal(size=(6, 2 ** bits)), axis=1) * np.arange(1, 7)[:, None]).astype(np.float32)
+    indices = RNG.integers(0, 2 ** bits, size=(6, 4, 3, 3))
+    weight = np.take_along_axis(codebooks, indices.reshape(6, -1), axis=1).reshape(indices.shape)
+    if sparse:
+        weight.reshape(-1)[RNG.permutation(weight.size)[:100]] = 0
+    model = conv_model(weight)
+    graph = graphs.import_model(model)
+    kept = indices.reshape(-1)[weight.reshape(-1) != 0] if sparse else indices
+    encoding.encode_codebook(graph, graph.tensors()["W"], codebooks, kept, bits, graphs.Names(graph), sparse=sparse)
+    compact = gs.export_onnx(graph.cleanup().toposort())
+    feed = {"x": RNG.normal(size=(1, 4, 6, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(run_model(compact, feed)[0], run_model(model, feed)[0])
+
+
 def test_codebook_that_does_not_give_the_weight_is_refused():
     weight = np.ones((2, 4, 3, 3), np.float32)
     graph = graphs.import_model(conv_model(weight))
