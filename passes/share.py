@@ -1,0 +1,199 @@
+"""share: weight sharing, each weight tensor's values replaced by at most 2^bits shared values found by k-means.
+
+Before:
+    x ─► Conv(W: 64×32×3×3 float32, 4 bytes per weight) ─► y
+After (bits=5):
+    W.codebook (32 values per output channel), W.indices (5 bits per weight) ─► decoding ops ─► W ─► Conv ─► y
+
+The values are clustered with one-dimensional k-means (passes/kmeans.py: linear initialisation, deterministic),
+and the tensor is stored as codebook + indices packed at `bits` bits (onnxcomp/encoding.py), decoded by standard
+ops that ONNX Runtime folds when it creates the session: the file shrinks to about bits/8 bytes per weight plus
+the codebooks, and inference runs at dense speed.
+
+- `granularity=auto` (default) gives each slice along the weight's first axis (the output channels of Conv, and
+  of Gemm with transB) its own codebook where the codebooks cost at most a quarter of the indices, else one
+  codebook for the tensor; `row` and `tensor` force one or the other. Channels whose ranges differ by orders of
+  magnitude (BN-scaled filters) are where one codebook per tensor fails.
+- Zero stays exactly zero: zeros (from `prune`) are not clustered, a bit mask places the others, and only those
+  carry an index. A tensor with at most 2^bits distinct values is kept exactly.
+- With calibration data (`importance=auto`), each weight's squared error is weighted by the energy E[x²] of the
+  input it multiplies, measured on the data: clusters follow the weights whose errors reach the output.
+- `encoding=dense` writes the shared values densely, for runtimes that do not fold constants.
+
+Stats: the bytes of the dense weights, of the stored layout, and of the stored layout with its indices and masks
+compressed by zlib (the entropy-coded size Deep Compression reports, as a figure, not as the file format).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp import encoding
+from onnxcomp import graph as graphs
+from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
+from onnxcomp.passes.kmeans import kmeans_1d
+from onnxcomp.passes.layers import WEIGHTED_OPS, WeightedLayer, input_statistics, select_layers
+from onnxcomp.registry import register
+
+ROW_CODEBOOK_SHARE = 0.25  # per-row codebooks are used where they cost at most this share of the index bytes
+
+
+@dataclass(frozen=True)
+class ShareConfig:
+    bits: int = 5
+    granularity: str = "auto"      # auto | row | tensor
+    importance: str = "auto"       # auto | energy | none; auto: energy with calibration data
+    ops: tuple[str, ...] = WEIGHTED_OPS
+    include: tuple[str, ...] = ()  # shell patterns over node and weight names; empty: every layer
+    exclude: tuple[str, ...] = ()
+    min_size: int = 1024           # weights; smaller tensors are left as they are
+    samples: int = 128
+    batch_size: int = 8
+    encoding: str = "compact"      # compact | dense
+
+    def __post_init__(self):
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be from 1 to 8, not {self.bits}")
+        if self.granularity not in ("auto", "row", "tensor"):
+            raise ValueError(f"granularity must be auto, row or tensor, not '{self.granularity}'")
+        if self.importance not in ("auto", "energy", "none"):
+            raise ValueError(f"importance must be auto, energy or none, not '{self.importance}'")
+        unknown = [op for op in self.ops if op not in WEIGHTED_OPS]
+        if unknown:
+            raise ValueError(f"ops must be among {', '.join(WEIGHTED_OPS)}, not {', '.join(unknown)}")
+        if self.encoding not in ("compact", "dense"):
+            raise ValueError(f"encoding must be compact or dense, not '{self.encoding}'")
+        if self.samples < 1 or self.batch_size < 1 or self.min_size < 0:
+            raise ValueError("samples and batch-size must be at least 1, min-size at least 0")
+
+
+@dataclass
+class Clustered:
+    values: np.ndarray     # the shared weight, in the weight's shape and dtype
+    codebook: np.ndarray   # (K,) or (rows, K)
+    indices: np.ndarray    # one per stored element: the non-zero ones when `sparse`, else all
+    sparse: bool
+    exact: bool            # no more distinct values than levels: nothing was approximated
+
+
+@register
+class Share(Pass):
+    name = "share"
+    summary = "weight sharing: k-means codebooks per channel or tensor, stored as codebook + packed indices"
+    Config = ShareConfig
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if self.config.importance == "energy" and ctx.calibration_data is None:
+            raise PreconditionError("share: importance=energy needs calibration data: pass --calib-data, "
+                                    "or use importance=none")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        config = self.config
+        layers, skipped, warnings = _select(graph, config)
+        if skipped.get("weight-not-constant"):
+            graph.fold_constants().cleanup()  # weights in a compact layout (prune) or computed from constants
+            layers, skipped, warnings = _select(graph, config)
+        stats: dict[str, int | float | str] = {}
+        if warnings:
+            stats["warning"] = "; ".join(warnings)
+            for warning in warnings:
+                ctx.log.warning("share: %s", warning)
+        if not layers:
+            stats.update({"shared": 0, **{f"skipped:{k}": v for k, v in sorted(skipped.items())}})
+            return PassResult(False, stats)
+        if config.encoding == "compact" and graph.opset < encoding.SPARSE_MIN_OPSET:
+            stats["opset"] = f"{graph.opset}->{encoding.SPARSE_MIN_OPSET}"
+            graphs.upgrade_opset(graph, encoding.SPARSE_MIN_OPSET)
+            layers, skipped, _ = _select(graph, config)
+        importance = config.importance if config.importance != "auto" else \
+            ("energy" if ctx.calibration_data is not None else "none")
+        weights_of = _importances(graph, layers, ctx, config) if importance == "energy" else {}
+        names = graphs.Names(graph)
+        totals = Counter()
+        rows = []
+        for layer in layers:
+            clustered = cluster(layer.values, config.bits, config.granularity, weights_of.get(id(layer)))
+            layer.weight.values = clustered.values
+            dense_bytes = clustered.values.nbytes
+            parts = _stored_parts(clustered, config.bits)
+            stored = sum(p.nbytes for p in parts)
+            totals.update({"dense_bytes": dense_bytes, "stored_bytes": stored,
+                           "zlib_bytes": sum(len(zlib.compress(p.tobytes(), 9)) for p in parts),
+                           "exact": int(clustered.exact)})
+            if config.encoding == "compact":
+                encoding.encode_codebook(graph, layer.weight, clustered.codebook, clustered.indices, config.bits,
+                                         names, sparse=clustered.sparse)
+            rows.append({"layer": layer.name, "op": layer.node.op, "weights": int(clustered.values.size),
+                         "codebooks": 1 if clustered.codebook.ndim == 1 else int(clustered.codebook.shape[0]),
+                         "zeros": round(float(np.mean(clustered.values == 0)), 4), "stored_bytes": stored})
+        stats.update({"shared": len(layers), "bits": config.bits, "importance": importance,
+                      "dense_bytes": totals["dense_bytes"], "stored_bytes": totals["stored_bytes"],
+                      "stored_bytes_zlib": totals["zlib_bytes"], "kept_exact": totals["exact"]})
+        stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
+        return PassResult(True, stats, rows)
+
+
+def _select(graph: gs.Graph, config: ShareConfig) -> tuple[list[WeightedLayer], Counter, list[str]]:
+    return select_layers(graph, config.ops, include=config.include, exclude=config.exclude,
+                         min_size=config.min_size, depthwise=True)
+
+
+def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
+            importance: np.ndarray | None = None) -> Clustered:
+    """The weight with its non-zero values replaced by at most 2^bits shared values, per row or per tensor."""
+    levels = 2 ** bits
+    present = weight != 0
+    sparse = not present.all()
+    rows = weight.shape[0] if weight.ndim >= 2 else 1
+    stored = int(present.sum()) if sparse else weight.size
+    if granularity == "auto":
+        granularity = "row" if rows * levels * weight.itemsize <= ROW_CODEBOOK_SHARE * stored * bits / 8 else "tensor"
+    slices = list(weight.reshape(rows, -1)) if granularity == "row" else [weight.reshape(-1)]
+    masks = list(present.reshape(rows, -1)) if granularity == "row" else [present.reshape(-1)]
+    gains = [None] * len(slices) if importance is None else \
+        (list(importance.reshape(rows, -1)) if granularity == "row" else [importance.reshape(-1)])
+    codebooks, indices, shared, exact = [], [], [], True
+    for values, mask, gain in zip(slices, masks, gains):
+        centroids, index = kmeans_1d(values[mask], levels, None if gain is None else gain[mask])
+        exact &= centroids.size == np.unique(values[mask]).size
+        book = np.zeros(levels, dtype=weight.dtype)
+        book[:centroids.size] = centroids.astype(weight.dtype)
+        part = np.zeros_like(values)
+        part[mask] = book[index]
+        codebooks.append(book)
+        indices.append(index)  # of the non-zero values, in order: of all values when none is zero
+        shared.append(part)
+    codebook = np.stack(codebooks) if granularity == "row" else codebooks[0]
+    return Clustered(np.concatenate(shared).reshape(weight.shape), codebook, np.concatenate(indices), sparse, exact)
+
+
+def _stored_parts(clustered: Clustered, bits: int) -> list[np.ndarray]:
+    """The arrays the compact layout stores: codebook, packed indices, and the packed mask when sparse."""
+    parts = [clustered.codebook, encoding.pack_indices(clustered.indices, bits)]
+    if clustered.sparse:
+        parts.append(np.packbits(clustered.values.reshape(-1) != 0, bitorder="little"))
+    return parts
+
+
+def _importances(graph: gs.Graph, layers: list[WeightedLayer], ctx: PassContext,
+                 config: ShareConfig) -> dict[int, np.ndarray]:
+    """For each layer, E[x²] of the input each weight multiplies, in the weight's shape."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    samples = min(config.samples, ctx.calibration_data.num_samples)
+    statistics = input_statistics(model, layers, ctx.calibration_data, samples=samples,
+                                  batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed)
+    result = {}
+    for layer in layers:
+        stats, _ = statistics[id(layer)]
+        second = stats.moment(centered=False)
+        energy = second if layer.diagonal else np.einsum("gii->gi", second)
+        if layer.diagonal:
+            energy = np.repeat(energy, int(np.prod(layer.values.shape[2:])), axis=-1)
+        rows = layer.rows()
+        result[id(layer)] = layer.from_rows(np.broadcast_to(energy[:, None, :], rows.shape).copy())
+    return result

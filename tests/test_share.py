@@ -1,0 +1,80 @@
+"""share: k-means codebooks, exact zeros and few-valued tensors, compact storage equal to the dense layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import run_model
+from onnxcomp.passes.share import cluster
+from test_bad_input import check_rejected
+from test_prune import images, net, run, weights
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 8])
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_at_most_2_to_the_bits_values_per_codebook(bits, granularity):
+    shared, records = run(net(), f"share:bits={bits},granularity={granularity}")
+    w2 = weights(shared)["W2"]
+    slices = list(w2.reshape(w2.shape[0], -1)) if granularity == "row" else [w2]
+    assert max(np.unique(s).size for s in slices) <= 2 ** bits
+    assert records[0].stats["shared"] == 2 and records[0].stats["skipped:small"] == 2
+
+
+def test_compact_layout_gives_the_outputs_of_the_dense_layout_and_shrinks():
+    compact, records = run(net(), "share:bits=4")
+    dense, _ = run(net(), "share:bits=4,encoding=dense")
+    feed = {"x": images(8, seed=2)}
+    np.testing.assert_array_equal(run_model(compact, feed)[0], run_model(dense, feed)[0])
+    stats = records[0].stats
+    weights_shared = 1152 + 9216
+    assert stats["stored_bytes"] <= weights_shared * 4 / 8 + 2 * 32 * 16 * 4 + 16  # indices, codebooks, padding
+    assert stats["stored_bytes_zlib"] <= stats["stored_bytes"] + 64
+    assert compact.ByteSize() < dense.ByteSize() - 0.8 * (weights_shared * 4 - stats["stored_bytes"])
+
+
+def test_zeros_stay_zero_after_prune():
+    pruned, _ = run(net(), "prune:sparsity=0.6")
+    shared, records = run(pruned, "share:bits=3")
+    before, after = weights(pruned)["W2"], weights(shared)["W2"]
+    np.testing.assert_array_equal(after == 0, before == 0)
+    assert np.unique(after[after != 0]).size <= 32 * 8  # 8 values per output channel
+    feed = {"x": images(4, seed=3)}
+    dense, _ = run(pruned, "share:bits=3,encoding=dense")
+    np.testing.assert_array_equal(run_model(shared, feed)[0], run_model(dense, feed)[0])
+
+
+def test_tensor_with_few_distinct_values_is_kept_exactly():
+    weight = RNG.choice(np.array([-0.5, 0.25, 1.0], np.float32), size=(8, 4, 3, 3))
+    result = cluster(weight, 2)
+    np.testing.assert_array_equal(result.values, weight)
+    assert result.exact
+    assert not cluster(RNG.normal(size=(8, 4, 3, 3)).astype(np.float32), 2).exact
+
+
+def test_non_float_weights_are_skipped_and_counted():
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.INT32, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 32])],
+                              initializer=[numpy_helper.from_array(np.ones((64, 32), np.int32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    result, records = run(model, "share:bits=4")
+    assert not records[0].modified and records[0].stats["skipped:not-float"] == 1
+
+
+def test_importance_from_calibration_data_changes_the_codebooks():
+    plain, _ = run(net(), "share:bits=2")
+    weighted, records = run(net(), "share:bits=2", images(32, seed=1))
+    assert records[0].stats["importance"] == "energy"
+    assert not np.array_equal(weights(plain)["W2"], weights(weighted)["W2"])
+
+
+@pytest.mark.parametrize("option", ["bits=0", "bits=9", "bits=five", "granularity=pixel", "importance=magic"])
+def test_bad_options_are_usage_errors(tmp_path, option):
+    onnx.save(net(), tmp_path / "net.onnx")
+    check_rejected(tmp_path, ["optimize", tmp_path / "net.onnx", "--passes", f"share:{option}", "-o",
+                              tmp_path / "out.onnx", "--no-validate"], "share", option.split("=")[0])
