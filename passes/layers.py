@@ -56,6 +56,34 @@ class WeightedLayer:
         """True when only per-input-channel statistics describe the layer's input (ConvTranspose)."""
         return self.node.op == "ConvTranspose"
 
+    @property
+    def can_take_bias(self) -> bool:
+        """True when the layer has, or may be given, a per-output-unit bias."""
+        node = self.node
+        if node.op in ("Conv", "ConvTranspose"):
+            return len(node.inputs) < 3 or graphs.constant_value(node.inputs[2]) is not None
+        if node.op == "Gemm":
+            if len(node.inputs) < 3 or not node.inputs[2].name:
+                return True
+            bias = graphs.constant_value(node.inputs[2])
+            units = self.rows().shape[1]
+            return bias is not None and float(node.attrs.get("beta", 1.0)) != 0.0 and \
+                bias.size in (1, units) and bias.shape[-1:] in ((1,), (units,), ()) and bias.ndim <= 2
+        return False  # MatMul: its bias, if any, is a separate Add
+
+    def shift_bias(self, shift: np.ndarray, names: graphs.Names) -> None:
+        """Add `shift` to the layer's output per unit, through a new bias initializer."""
+        node = self.node
+        if node.op == "Gemm":
+            shift = shift / float(node.attrs.get("beta", 1.0)) * float(node.attrs.get("alpha", 1.0))
+        has_bias = len(node.inputs) >= 3 and node.inputs[2].name
+        current = graphs.constant_value(node.inputs[2]).astype(np.float64).reshape(-1) if has_bias else 0.0
+        bias = names.constant(f"{self.weight.name}_bias", (current + shift).astype(self.values.dtype))
+        if has_bias:
+            node.inputs[2] = bias
+        else:
+            node.inputs.append(bias)
+
     def rows(self, values: np.ndarray | None = None) -> np.ndarray:
         """The weight as (groups, output units per group, inputs per unit)."""
         w = self.values if values is None else values

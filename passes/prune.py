@@ -153,7 +153,7 @@ class Prune(Pass):
             stats["opset"] = f"{graph.opset}->{encoding.SPARSE_MIN_OPSET}"
             graphs.upgrade_opset(graph, encoding.SPARSE_MIN_OPSET)  # checked; raises a PreconditionError
             layers, skipped, _ = _select(graph, config)
-        plans = [LayerPlan(layer, can_take_bias=_can_take_bias(layer)) for layer in layers]
+        plans = [LayerPlan(layer, can_take_bias=layer.can_take_bias) for layer in layers]
         unpruned = gs.export_onnx(graph, do_type_check=False)
         if allocation == "sensitivity" or correction != "none":
             stats.update(_measure(graph, unpruned, plans, ctx, config, correction))
@@ -240,7 +240,7 @@ def _prune(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, 
             pruned, bias_shift, plan.error = _prune_layer(plan, plan.zeros, correction)
             plan.layer.weight.values = pruned.astype(plan.layer.values.dtype)
             if bias_shift is not None:
-                _shift_bias(plan.layer, bias_shift, names)
+                plan.layer.shift_bias(bias_shift, names)
 
 
 def _store(graph: gs.Graph, plans: list[LayerPlan], layout: str) -> tuple[int, int]:
@@ -374,7 +374,7 @@ class _Outputs:
         for plan, pruned, bias_shift in changes:
             plan.layer.weight.values = pruned.astype(plan.layer.values.dtype)
             if bias_shift is not None:
-                _shift_bias(plan.layer, bias_shift, scratch)
+                plan.layer.shift_bias(bias_shift, scratch)
         model = gs.export_onnx(self.graph, do_type_check=False)
         for (plan, _, _), (values, inputs) in zip(changes, kept):
             plan.layer.weight.values = values
@@ -591,33 +591,3 @@ def _expand_diagonal(layer: WeightedLayer, per_channel: np.ndarray) -> np.ndarra
 
 def _snr_db(error) -> np.ndarray:
     return -10.0 * np.log10(np.maximum(np.asarray(error, dtype=np.float64), 1e-12))
-
-
-def _can_take_bias(layer: WeightedLayer) -> bool:
-    """True when the layer has, or may be given, a per-output-channel bias."""
-    node = layer.node
-    if node.op in ("Conv", "ConvTranspose"):
-        return len(node.inputs) < 3 or graphs.constant_value(node.inputs[2]) is not None
-    if node.op == "Gemm":
-        if len(node.inputs) < 3 or not node.inputs[2].name:
-            return True
-        bias = graphs.constant_value(node.inputs[2])
-        units = layer.rows().shape[1]
-        return bias is not None and float(node.attrs.get("beta", 1.0)) != 0.0 and \
-            bias.size in (1, units) and bias.shape[-1:] in ((1,), (units,), ()) and bias.ndim <= 2
-    return False  # MatMul: its bias, if any, is a separate Add
-
-
-def _shift_bias(layer: WeightedLayer, shift: np.ndarray, names: graphs.Names) -> None:
-    """Add `shift` to the layer's output per channel, through a new bias initializer."""
-    node = layer.node
-    dtype = layer.values.dtype
-    if node.op == "Gemm":
-        shift = shift / float(node.attrs.get("beta", 1.0)) * float(node.attrs.get("alpha", 1.0))
-    has_bias = len(node.inputs) >= 3 and node.inputs[2].name
-    current = graphs.constant_value(node.inputs[2]).astype(np.float64).reshape(-1) if has_bias else 0.0
-    bias = names.constant(f"{layer.weight.name}_bias", (current + shift).astype(dtype))
-    if has_bias:
-        node.inputs[2] = bias
-    else:
-        node.inputs.append(bias)

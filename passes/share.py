@@ -46,7 +46,7 @@ ROW_CODEBOOK_SHARE = 0.25  # per-row codebooks are used where they cost at most 
 @dataclass(frozen=True)
 class ShareConfig:
     bits: int = 5
-    granularity: str = "auto"      # auto | row | tensor
+    granularity: str = "auto"      # auto | row | scaled | tensor
     importance: str = "auto"       # auto | energy | none; auto: energy with calibration data
     ops: tuple[str, ...] = WEIGHTED_OPS
     include: tuple[str, ...] = ()  # shell patterns over node and weight names; empty: every layer
@@ -59,8 +59,8 @@ class ShareConfig:
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be from 1 to 8, not {self.bits}")
-        if self.granularity not in ("auto", "row", "tensor"):
-            raise ValueError(f"granularity must be auto, row or tensor, not '{self.granularity}'")
+        if self.granularity not in ("auto", "row", "scaled", "tensor"):
+            raise ValueError(f"granularity must be auto, row, scaled or tensor, not '{self.granularity}'")
         if self.importance not in ("auto", "energy", "none"):
             raise ValueError(f"importance must be auto, energy or none, not '{self.importance}'")
         unknown = [op for op in self.ops if op not in WEIGHTED_OPS]
@@ -76,6 +76,7 @@ class ShareConfig:
 class Clustered:
     values: np.ndarray     # the shared weight, in the weight's shape and dtype
     codebook: np.ndarray   # (K,) or (rows, K)
+    scales: np.ndarray | None  # (rows,): the codebook is shared by rows scaled to the same range
     indices: np.ndarray    # one per stored element: the non-zero ones when `sparse`, else all
     sparse: bool
     exact: bool            # no more distinct values than levels: nothing was approximated
@@ -127,7 +128,7 @@ class Share(Pass):
                            "exact": int(clustered.exact)})
             if config.encoding == "compact":
                 encoding.encode_codebook(graph, layer.weight, clustered.codebook, clustered.indices, config.bits,
-                                         names, sparse=clustered.sparse)
+                                         names, sparse=clustered.sparse, scales=clustered.scales)
             rows.append({"layer": layer.name, "op": layer.node.op, "weights": int(clustered.values.size),
                          "codebooks": 1 if clustered.codebook.ndim == 1 else int(clustered.codebook.shape[0]),
                          "zeros": round(float(np.mean(clustered.values == 0)), 4), "stored_bytes": stored})
@@ -145,36 +146,53 @@ def _select(graph: gs.Graph, config: ShareConfig) -> tuple[list[WeightedLayer], 
 
 def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
             importance: np.ndarray | None = None) -> Clustered:
-    """The weight with its non-zero values replaced by at most 2^bits shared values, per row or per tensor."""
+    """The weight with its non-zero values replaced by at most 2^bits shared values.
+
+    `row`: one codebook per slice along the first axis. `scaled`: one codebook for the slices, each divided by
+    its largest magnitude, and one scale per slice. `tensor`: one codebook. `auto`: `row` where its codebooks
+    cost at most ROW_CODEBOOK_SHARE of the indices, else `scaled`.
+    """
     levels = 2 ** bits
     present = weight != 0
     sparse = not present.all()
     rows = weight.shape[0] if weight.ndim >= 2 else 1
     stored = int(present.sum()) if sparse else weight.size
     if granularity == "auto":
-        granularity = "row" if rows * levels * weight.itemsize <= ROW_CODEBOOK_SHARE * stored * bits / 8 else "tensor"
-    slices = list(weight.reshape(rows, -1)) if granularity == "row" else [weight.reshape(-1)]
-    masks = list(present.reshape(rows, -1)) if granularity == "row" else [present.reshape(-1)]
+        granularity = "row" if rows * levels * weight.itemsize <= ROW_CODEBOOK_SHARE * stored * bits / 8 else "scaled"
+    by_row = weight.reshape(rows, -1)
+    scales = None
+    if granularity == "scaled":
+        scales = np.abs(by_row).max(axis=1).astype(weight.dtype)
+        scales[scales == 0] = 1
+        by_row = by_row / scales[:, None]
+    per_row = granularity == "row"
+    slices = list(by_row) if per_row else [by_row.reshape(-1)]
+    masks = list(present.reshape(rows, -1)) if per_row else [present.reshape(-1)]
     gains = [None] * len(slices) if importance is None else \
-        (list(importance.reshape(rows, -1)) if granularity == "row" else [importance.reshape(-1)])
+        (list(importance.reshape(rows, -1)) if per_row else [importance.reshape(-1)])
     codebooks, indices, shared, exact = [], [], [], True
     for values, mask, gain in zip(slices, masks, gains):
         centroids, index = kmeans_1d(values[mask], levels, None if gain is None else gain[mask])
         exact &= centroids.size == np.unique(values[mask]).size
         book = np.zeros(levels, dtype=weight.dtype)
         book[:centroids.size] = centroids.astype(weight.dtype)
-        part = np.zeros_like(values)
+        part = np.zeros(values.shape, dtype=weight.dtype)
         part[mask] = book[index]
         codebooks.append(book)
         indices.append(index)  # of the non-zero values, in order: of all values when none is zero
         shared.append(part)
-    codebook = np.stack(codebooks) if granularity == "row" else codebooks[0]
-    return Clustered(np.concatenate(shared).reshape(weight.shape), codebook, np.concatenate(indices), sparse, exact)
+    codebook = np.stack(codebooks) if per_row else codebooks[0]
+    values = np.concatenate(shared).reshape(rows, -1)
+    if scales is not None:
+        values = values * scales[:, None]  # float32 products, as the decoding Mul computes them
+    return Clustered(values.reshape(weight.shape), codebook, scales, np.concatenate(indices), sparse, exact)
 
 
 def _stored_parts(clustered: Clustered, bits: int) -> list[np.ndarray]:
     """The arrays the compact layout stores: codebook, packed indices, and the packed mask when sparse."""
     parts = [clustered.codebook, encoding.pack_indices(clustered.indices, bits)]
+    if clustered.scales is not None:
+        parts.append(clustered.scales)
     if clustered.sparse:
         parts.append(np.packbits(clustered.values.reshape(-1) != 0, bitorder="little"))
     return parts
