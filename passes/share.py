@@ -11,13 +11,18 @@ ops that ONNX Runtime folds when it creates the session: the file shrinks to abo
 the codebooks, and inference runs at dense speed.
 
 - `granularity=auto` (default) gives each slice along the weight's first axis (the output channels of Conv, and
-  of Gemm with transB) its own codebook where the codebooks cost at most a quarter of the indices, else one
-  codebook for the tensor; `row` and `tensor` force one or the other. Channels whose ranges differ by orders of
-  magnitude (BN-scaled filters) are where one codebook per tensor fails.
+  of Gemm with transB) its own codebook where the codebooks cost at most a quarter of the indices; elsewhere
+  (depthwise filters of 9 weights) the slices, each divided by its largest magnitude, share one codebook and
+  keep one scale each (`scaled`). `row`, `scaled` and `tensor` (one codebook) force a choice. Channels whose
+  ranges differ by orders of magnitude (BN-scaled filters) are where one codebook per tensor fails.
 - Zero stays exactly zero: zeros (from `prune`) are not clustered, a bit mask places the others, and only those
   carry an index. A tensor with at most 2^bits distinct values is kept exactly.
 - With calibration data (`importance=auto`), each weight's squared error is weighted by the energy E[x²] of the
   input it multiplies, measured on the data: clusters follow the weights whose errors reach the output.
+- With calibration data (`correction=auto`), each output unit's spread and mean on the data are restored to the
+  unshared layer's, as re-estimating a BatchNormalization would: the spread through the unit's own codebook or
+  scale (so the weight stays shared), the mean through the bias. It needs the units along the weight's first
+  axis (Conv, Gemm with transB) and per-row or scaled codebooks.
 - `encoding=dense` writes the shared values densely, for runtimes that do not fold constants.
 
 Stats: the bytes of the dense weights, of the stored layout, and of the stored layout with its indices and masks
@@ -52,6 +57,7 @@ class ShareConfig:
     include: tuple[str, ...] = ()  # shell patterns over node and weight names; empty: every layer
     exclude: tuple[str, ...] = ()
     min_size: int = 1024           # weights; smaller tensors are left as they are
+    correction: str = "auto"       # auto | true | false: restore each output unit's mean and spread
     samples: int = 128
     batch_size: int = 8
     encoding: str = "compact"      # compact | dense
@@ -66,6 +72,8 @@ class ShareConfig:
         unknown = [op for op in self.ops if op not in WEIGHTED_OPS]
         if unknown:
             raise ValueError(f"ops must be among {', '.join(WEIGHTED_OPS)}, not {', '.join(unknown)}")
+        if self.correction not in ("auto", "true", "false"):
+            raise ValueError(f"correction must be auto, true or false, not '{self.correction}'")
         if self.encoding not in ("compact", "dense"):
             raise ValueError(f"encoding must be compact or dense, not '{self.encoding}'")
         if self.samples < 1 or self.batch_size < 1 or self.min_size < 0:
@@ -89,9 +97,9 @@ class Share(Pass):
     Config = ShareConfig
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if self.config.importance == "energy" and ctx.calibration_data is None:
-            raise PreconditionError("share: importance=energy needs calibration data: pass --calib-data, "
-                                    "or use importance=none")
+        if ctx.calibration_data is None and (self.config.importance == "energy" or self.config.correction == "true"):
+            raise PreconditionError("share: importance=energy and correction=true need calibration data: pass "
+                                    "--calib-data, or use importance=none and correction=false")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
@@ -113,12 +121,16 @@ class Share(Pass):
             layers, skipped, _ = _select(graph, config)
         importance = config.importance if config.importance != "auto" else \
             ("energy" if ctx.calibration_data is not None else "none")
-        weights_of = _importances(graph, layers, ctx, config) if importance == "energy" else {}
+        correct = config.correction == "true" or (config.correction == "auto" and ctx.calibration_data is not None)
+        statistics = _statistics(graph, layers, ctx, config) if importance == "energy" or correct else {}
+        weights_of = _importances(layers, statistics) if importance == "energy" else {}
         names = graphs.Names(graph)
         totals = Counter()
         rows = []
         for layer in layers:
             clustered = cluster(layer.values, config.bits, config.granularity, weights_of.get(id(layer)))
+            if correct:
+                totals["corrected"] += _restore_units(layer, clustered, statistics[id(layer)], names)
             layer.weight.values = clustered.values
             dense_bytes = clustered.values.nbytes
             parts = _stored_parts(clustered, config.bits)
@@ -134,7 +146,8 @@ class Share(Pass):
                          "zeros": round(float(np.mean(clustered.values == 0)), 4), "stored_bytes": stored})
         stats.update({"shared": len(layers), "bits": config.bits, "importance": importance,
                       "dense_bytes": totals["dense_bytes"], "stored_bytes": totals["stored_bytes"],
-                      "stored_bytes_zlib": totals["zlib_bytes"], "kept_exact": totals["exact"]})
+                      "stored_bytes_zlib": totals["zlib_bytes"], "kept_exact": totals["exact"],
+                      "corrected": totals["corrected"]})
         stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
         return PassResult(True, stats, rows)
 
@@ -188,6 +201,51 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
     return Clustered(values.reshape(weight.shape), codebook, scales, np.concatenate(indices), sparse, exact)
 
 
+def _restore_units(layer: WeightedLayer, clustered: Clustered, stats, names: graphs.Names) -> int:
+    """Give each output unit back its spread and mean on calibration data, as prune's `channel` correction does;
+    returns 1 when the layer was corrected.
+
+    The spread is restored through the unit's own codebook (`row`) or scale (`scaled`), so the weight stays
+    shared; that needs the units along the weight's first axis (Conv, Gemm with transB). The mean shift goes
+    into the bias.
+    """
+    node = layer.node
+    units_first = node.op == "Conv" or (node.op == "Gemm" and int(node.attrs.get("transB", 0)))
+    if not units_first or layer.diagonal or (clustered.codebook.ndim == 1 and clustered.scales is None):
+        return 0
+    use_bias = layer.can_take_bias
+    moment = stats.moment(centered=use_bias)
+    original, shared = layer.rows().astype(np.float64), layer.rows(clustered.values).astype(np.float64)
+    spread = ((original @ moment) * original).sum(axis=-1).reshape(-1)
+    now = ((shared @ moment) * shared).sum(axis=-1).reshape(-1)
+    factor = np.sqrt(np.where(now > 0, spread / np.maximum(now, 1e-30), 1.0)).astype(clustered.values.dtype)
+    if clustered.scales is not None:
+        clustered.scales = clustered.scales * factor
+    else:
+        clustered.codebook = clustered.codebook * factor[:, None]
+    clustered.values = _decoded(clustered, layer.values.shape)
+    if use_bias:
+        mean = stats.mean
+        corrected = layer.rows(clustered.values).astype(np.float64)
+        layer.shift_bias(np.einsum("grd,gd->gr", original - corrected, mean).reshape(-1), names)
+    return 1
+
+
+def _decoded(clustered: Clustered, shape: tuple) -> np.ndarray:
+    """The weight the layout gives: codebook values at the indices, times the scales, zeros where the mask says."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    present = (clustered.values != 0).reshape(rows, -1) if clustered.sparse else \
+        np.ones((rows, int(np.prod(shape)) // rows), dtype=bool)
+    row_of = np.nonzero(present)[0]
+    looked_up = clustered.codebook[row_of, clustered.indices] if clustered.codebook.ndim == 2 else \
+        clustered.codebook[clustered.indices]
+    if clustered.scales is not None:
+        looked_up = looked_up * clustered.scales[row_of]
+    values = np.zeros(present.shape, dtype=clustered.values.dtype)
+    values[present] = looked_up
+    return values.reshape(shape)
+
+
 def _stored_parts(clustered: Clustered, bits: int) -> list[np.ndarray]:
     """The arrays the compact layout stores: codebook, packed indices, and the packed mask when sparse."""
     parts = [clustered.codebook, encoding.pack_indices(clustered.indices, bits)]
@@ -198,16 +256,20 @@ def _stored_parts(clustered: Clustered, bits: int) -> list[np.ndarray]:
     return parts
 
 
-def _importances(graph: gs.Graph, layers: list[WeightedLayer], ctx: PassContext,
-                 config: ShareConfig) -> dict[int, np.ndarray]:
-    """For each layer, E[x²] of the input each weight multiplies, in the weight's shape."""
+def _statistics(graph: gs.Graph, layers: list[WeightedLayer], ctx: PassContext, config: ShareConfig) -> dict:
+    """Each layer's input statistics on the calibration data, by id(layer)."""
     model = gs.export_onnx(graph, do_type_check=False)
     samples = min(config.samples, ctx.calibration_data.num_samples)
     statistics = input_statistics(model, layers, ctx.calibration_data, samples=samples,
                                   batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed)
+    return {key: fit for key, (fit, _) in statistics.items()}
+
+
+def _importances(layers: list[WeightedLayer], statistics: dict) -> dict[int, np.ndarray]:
+    """For each layer, E[x²] of the input each weight multiplies, in the weight's shape."""
     result = {}
     for layer in layers:
-        stats, _ = statistics[id(layer)]
+        stats = statistics[id(layer)]
         second = stats.moment(centered=False)
         energy = second if layer.diagonal else np.einsum("gii->gi", second)
         if layer.diagonal:

@@ -78,3 +78,27 @@ def test_bad_options_are_usage_errors(tmp_path, option):
     onnx.save(net(), tmp_path / "net.onnx")
     check_rejected(tmp_path, ["optimize", tmp_path / "net.onnx", "--passes", f"share:{option}", "-o",
                               tmp_path / "out.onnx", "--no-validate"], "share", option.split("=")[0])
+
+
+def test_unit_correction_reduces_the_error_on_new_data_and_keeps_the_sharing():
+    calibration, evaluation = images(48, seed=1), images(48, seed=2)
+    reference = run_model(net(), {"x": evaluation})[0]
+    error = {}
+    for correction in ("false", "true"):
+        shared, records = run(net(), f"share:bits=2,correction={correction},importance=none", calibration)
+        output = run_model(shared, {"x": evaluation})[0]
+        error[correction] = np.sum((output - reference) ** 2)
+        w2 = weights(shared)["W2"]
+        assert max(np.unique(row).size for row in w2.reshape(w2.shape[0], -1)) <= 4
+    assert records[0].stats["corrected"] == 2
+    assert error["true"] < 0.7 * error["false"], error
+    conv2 = next(n for n in shared.graph.node if n.name == "conv2")
+    assert len(conv2.input) == 3  # the mean shift went into a new bias
+
+
+def test_data_driven_options_need_calibration_data():
+    from onnxcomp.pass_base import PreconditionError
+
+    for option in ("importance=energy", "correction=true"):
+        with pytest.raises(PreconditionError, match="--calib-data"):
+            run(net(), f"share:{option}")
