@@ -199,6 +199,31 @@ def select_layers(graph: gs.Graph, ops: tuple[str, ...], *, include: tuple[str, 
     return chosen, skipped, warnings
 
 
+def prepare(graph: gs.Graph, select, ctx, pass_name: str, compact: bool) -> tuple[list[WeightedLayer], Counter, dict]:
+    """(layers, skipped, stats) for a compression pass, from `select()` → (layers, skipped, warnings).
+
+    Weights computed from constants, or stored in a compact layout by an earlier pass, are folded into
+    initializers first. Warnings are logged and put in the stats. When there are layers to change and they are
+    to be stored compactly, the opset is raised to what the decoding ops need (with ONNX's checked converter).
+    """
+    from onnxcomp import encoding
+
+    layers, skipped, warnings = select()
+    if skipped.get("weight-not-constant"):
+        graph.fold_constants().cleanup()
+        layers, skipped, warnings = select()
+    stats: dict[str, int | float | str] = {}
+    if warnings:
+        stats["warning"] = "; ".join(warnings)
+        for warning in warnings:
+            ctx.log.warning("%s: %s", pass_name, warning)
+    if layers and compact and graph.opset < encoding.SPARSE_MIN_OPSET:
+        stats["opset"] = f"{graph.opset}->{encoding.SPARSE_MIN_OPSET}"
+        graphs.upgrade_opset(graph, encoding.SPARSE_MIN_OPSET)  # raises a PreconditionError when it cannot
+        layers, skipped, _ = select()
+    return layers, skipped, stats
+
+
 @dataclass
 class InputStatistics:
     """Σ x xᵀ (groups, D, D), or Σ x² (groups, D) for diagonal layers, and Σ x over `count` input vectors.

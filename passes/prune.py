@@ -53,7 +53,7 @@ from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.layers import (WEIGHTED_OPS, InputStatistics, WeightedLayer, held_out_batch, input_statistics,
-                                    select_layers)
+                                    prepare, select_layers)
 from onnxcomp.registry import register
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -136,23 +136,11 @@ class Prune(Pass):
         with_data = ctx.calibration_data is not None
         allocation = config.allocation if config.allocation != "auto" else ("sensitivity" if with_data else "uniform")
         correction = config.correction if config.correction != "auto" else ("reconstruct" if with_data else "none")
-        layers, skipped, warnings = _select(graph, config)
-        if skipped.get("weight-not-constant"):
-            # weights decoded from a compact layout (an earlier prune or share) or computed from constants
-            graph.fold_constants().cleanup()
-            layers, skipped, warnings = _select(graph, config)
-        stats: dict[str, int | float | str] = {}
-        if warnings:
-            stats["warning"] = "; ".join(warnings)
-            for warning in warnings:
-                ctx.log.warning("prune: %s", warning)
+        layers, skipped, stats = prepare(graph, lambda: _select(graph, config), ctx, self.name,
+                                         config.encoding == "sparse")
         if not layers or config.sparsity == 0.0:
             stats.update({"pruned": 0, **{f"skipped:{k}": v for k, v in sorted(skipped.items())}})
             return PassResult(False, stats)
-        if config.encoding == "sparse" and graph.opset < encoding.SPARSE_MIN_OPSET:
-            stats["opset"] = f"{graph.opset}->{encoding.SPARSE_MIN_OPSET}"
-            graphs.upgrade_opset(graph, encoding.SPARSE_MIN_OPSET)  # checked; raises a PreconditionError
-            layers, skipped, _ = _select(graph, config)
         plans = [LayerPlan(layer, can_take_bias=layer.can_take_bias) for layer in layers]
         unpruned = gs.export_onnx(graph, do_type_check=False)
         if allocation == "sensitivity" or correction != "none":

@@ -42,7 +42,7 @@ from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.kmeans import kmeans_1d
-from onnxcomp.passes.layers import WEIGHTED_OPS, WeightedLayer, input_statistics, select_layers
+from onnxcomp.passes.layers import WEIGHTED_OPS, WeightedLayer, input_statistics, prepare, select_layers
 from onnxcomp.registry import register
 
 ROW_CODEBOOK_SHARE = 0.25  # per-row codebooks are used where they cost at most this share of the index bytes
@@ -103,22 +103,11 @@ class Share(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
-        layers, skipped, warnings = _select(graph, config)
-        if skipped.get("weight-not-constant"):
-            graph.fold_constants().cleanup()  # weights in a compact layout (prune) or computed from constants
-            layers, skipped, warnings = _select(graph, config)
-        stats: dict[str, int | float | str] = {}
-        if warnings:
-            stats["warning"] = "; ".join(warnings)
-            for warning in warnings:
-                ctx.log.warning("share: %s", warning)
+        layers, skipped, stats = prepare(graph, lambda: _select(graph, config), ctx, self.name,
+                                         config.encoding == "compact")
         if not layers:
             stats.update({"shared": 0, **{f"skipped:{k}": v for k, v in sorted(skipped.items())}})
             return PassResult(False, stats)
-        if config.encoding == "compact" and graph.opset < encoding.SPARSE_MIN_OPSET:
-            stats["opset"] = f"{graph.opset}->{encoding.SPARSE_MIN_OPSET}"
-            graphs.upgrade_opset(graph, encoding.SPARSE_MIN_OPSET)
-            layers, skipped, _ = _select(graph, config)
         importance = config.importance if config.importance != "auto" else \
             ("energy" if ctx.calibration_data is not None else "none")
         correct = config.correction == "true" or (config.correction == "auto" and ctx.calibration_data is not None)
