@@ -75,13 +75,14 @@ def encode_sparse(graph: gs.Graph, weight: gs.Constant, names: graphs.Names) -> 
 
 
 def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, indices: np.ndarray, bits: int,
-                    names: graphs.Names, *, sparse: bool = False) -> gs.Variable:
+                    names: graphs.Names, *, sparse: bool = False, scales: np.ndarray | None = None) -> gs.Variable:
     """Replace `weight` by a codebook and `bits`-bit indices into it, and the nodes that decode them.
 
     `codebook` is one vector for the whole tensor, or one row per slice along the weight's first axis
-    (shape (weight.shape[0], K)). The weight must equal the codebook looked up at `indices`, element by element;
-    with `sparse`, `indices` cover only its non-zero elements (row-major order) and a bit mask says where they
-    go. The graph's opset must be at least SPARSE_MIN_OPSET.
+    (shape (weight.shape[0], K)). With `scales` (one per slice along the first axis), the looked-up values are
+    multiplied by their slice's scale. The weight must equal the codebook looked up at `indices` (times the
+    scale), element by element; with `sparse`, `indices` cover only its non-zero elements (row-major order) and
+    a bit mask says where they go. The graph's opset must be at least SPARSE_MIN_OPSET.
     """
     decoder = _Decoder(graph, weight, names)
     flat = decoder.dense.reshape(-1)
@@ -96,6 +97,9 @@ def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, 
         raise ValueError("the codebook, the indices and the bits do not give the weight")
     rows = np.arange(flat.size)[stored] // row_size
     looked_up = codebook[rows, indices] if per_row else codebook[indices]
+    if scales is not None:
+        scales = np.asarray(scales, dtype=flat.dtype).reshape(-1, 1)
+        looked_up = looked_up * scales[rows, 0]
     if not np.array_equal(looked_up, flat[stored]):
         raise ValueError("the codebook, the indices and the bits do not give the weight")
     count, levels = flat.size, (codebook.shape[-1] if codebook.size else 1)
@@ -105,6 +109,12 @@ def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, 
     if per_row:  # the row's codebook starts at row · K in the flattened codebooks
         index = decoder.node("Add", [index, _row_offsets(decoder, count, row_size, levels)], np.int32, [count])
     values = decoder.node("Gather", [decoder.constant("codebook", codebook.reshape(-1)), index], flat.dtype, [count])
+    if scales is not None:
+        by_row = decoder.node("Reshape", [values, decoder.constant("by_row", np.array([scales.shape[0], -1], np.int64))],
+                              flat.dtype, [scales.shape[0], row_size])
+        values = decoder.node("Reshape", [decoder.node("Mul", [by_row, decoder.constant("scales", scales)], flat.dtype,
+                                                       [scales.shape[0], row_size]),
+                                          decoder.constant("flat_values", np.array([-1], np.int64))], flat.dtype, [count])
     if sparse:
         values = decoder.node("Where", [present_bool, values, decoder.constant("zero_value", np.zeros((), flat.dtype))],
                               flat.dtype, [count])
