@@ -19,7 +19,7 @@ the codebooks, and inference runs at dense speed.
   carry an index. A tensor with at most 2^bits distinct values is kept exactly.
 - With calibration data (`importance=auto`), each weight's squared error is weighted by the energy E[x²] of the
   input it multiplies, measured on the data: clusters follow the weights whose errors reach the output.
-- With calibration data (`correction=auto`), each output unit's spread and mean on the data are restored to the
+- With calibration data (`correction`, on by default when there is data), each output unit's spread and mean on the data are restored to the
   unshared layer's, as re-estimating a BatchNormalization would: the spread through the unit's own codebook or
   scale (so the weight stays shared), the mean through the bias. It needs the units along the weight's first
   axis (Conv, Gemm with transB) and per-row or scaled codebooks.
@@ -57,7 +57,7 @@ class ShareConfig:
     include: tuple[str, ...] = ()  # shell patterns over node and weight names; empty: every layer
     exclude: tuple[str, ...] = ()
     min_size: int = 1024           # weights; smaller tensors are left as they are
-    correction: str = "auto"       # auto | true | false: restore each output unit's mean and spread
+    correction: bool | None = None  # restore each output unit's mean and spread; None: with calibration data
     samples: int = 128
     batch_size: int = 8
     encoding: str = "compact"      # compact | dense
@@ -72,8 +72,6 @@ class ShareConfig:
         unknown = [op for op in self.ops if op not in WEIGHTED_OPS]
         if unknown:
             raise ValueError(f"ops must be among {', '.join(WEIGHTED_OPS)}, not {', '.join(unknown)}")
-        if self.correction not in ("auto", "true", "false"):
-            raise ValueError(f"correction must be auto, true or false, not '{self.correction}'")
         if self.encoding not in ("compact", "dense"):
             raise ValueError(f"encoding must be compact or dense, not '{self.encoding}'")
         if self.samples < 1 or self.batch_size < 1 or self.min_size < 0:
@@ -97,7 +95,7 @@ class Share(Pass):
     Config = ShareConfig
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.calibration_data is None and (self.config.importance == "energy" or self.config.correction == "true"):
+        if ctx.calibration_data is None and (self.config.importance == "energy" or self.config.correction):
             raise PreconditionError("share: importance=energy and correction=true need calibration data: pass "
                                     "--calib-data, or use importance=none and correction=false")
 
@@ -110,7 +108,7 @@ class Share(Pass):
             return PassResult(False, stats)
         importance = config.importance if config.importance != "auto" else \
             ("energy" if ctx.calibration_data is not None else "none")
-        correct = config.correction == "true" or (config.correction == "auto" and ctx.calibration_data is not None)
+        correct = ctx.calibration_data is not None if config.correction is None else config.correction
         statistics = _statistics(graph, layers, ctx, config) if importance == "energy" or correct else {}
         weights_of = _importances(layers, statistics) if importance == "energy" else {}
         names = graphs.Names(graph)
