@@ -106,6 +106,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def environment() -> dict:
+    """Library versions and machine, for the results file of a benchmark run."""
+    return {"versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data: the fixed calibration / evaluation split
 
@@ -582,9 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        **environment(),
         "settings": {"models": keys, "variants": args.variants, "ours": args.ours, "runs": args.runs,
                      "calib_batch": args.calib_batch, "threads": args.threads, "skip_memory": args.skip_memory,
                      "ort_optimization": "ORT_ENABLE_ALL", "provider": "CPUExecutionProvider"},

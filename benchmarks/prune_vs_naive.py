@@ -64,7 +64,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import int8_vs_ort  # noqa: E402  (the shared data split)
+import int8_vs_ort  # noqa: E402  (the shared data split, error and log helpers)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "prune.json"
@@ -81,13 +81,7 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MASK_BYTES_PER_WEIGHT = 0.13  # 1 bit = 0.125 bytes, rounded up as quoted in the bound
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+fail, log = int8_vs_ort.fail, int8_vs_ort.log
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,9 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "date": date,
-        "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        **int8_vs_ort.environment(),
         "settings": {"models": keys, "sparsities": args.sparsities, "methods": {m: METHODS[m][0] for m in args.methods},
                      "check_sparsity": args.check_sparsity, "runs": args.runs, "provider": "CPUExecutionProvider",
                      "evaluation_session": "default SessionOptions",
