@@ -397,3 +397,41 @@ def _pads(node: gs.Node, spatial: tuple, extent: list[int], strides: list[int]) 
     if auto_pad == "VALID":
         return [0] * (2 * dims)
     return list(node.attrs.get("pads", [0] * (2 * dims)))
+
+
+def relative_error(layer: WeightedLayer, rows: np.ndarray, new_rows: np.ndarray, stats: InputStatistics,
+                   use_bias: bool) -> float:
+    """E‖W x_ref − W' x‖² / E‖W x_ref‖² for rows W and new rows W' (groups, units, D), where x_ref is the
+    layer's input in the reference model and x its input now (the same without reference statistics), both
+    centred when the bias absorbs the mean."""
+    reference = stats.reference or stats
+    own = stats.moment(centered=use_bias)
+    cross = stats.cross_moment(centered=use_bias)
+    signal = unit_energy(layer, rows, reference.moment(centered=True)).sum()
+    expected = unit_energy(layer, rows, reference.moment(centered=use_bias)).sum()
+    if layer.diagonal:
+        mixed = (rows * new_rows * expand_diagonal(layer, cross)[:, None, :]).sum()
+    else:
+        mixed = ((new_rows @ cross) * rows).sum()
+    error = (expected - 2 * mixed + unit_energy(layer, new_rows, own).sum()) / max(signal, 1e-30)
+    return float(max(error, 0.0))
+
+
+def unit_energy(layer: WeightedLayer, rows: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """w H wᵀ for each unit (groups, units): the output energy rows of weights give with input moments H."""
+    if layer.diagonal:
+        return (rows * rows * expand_diagonal(layer, moment)[:, None, :]).sum(axis=-1)
+    return ((rows @ moment) * rows).sum(axis=-1)
+
+
+def expand_diagonal(layer: WeightedLayer, per_channel: np.ndarray) -> np.ndarray:
+    """Per-input-channel statistics (groups, Cin/g) repeated over the kernel positions of a ConvTranspose row."""
+    if not layer.diagonal:
+        return per_channel
+    kernel = int(np.prod(layer.values.shape[2:]))
+    return np.repeat(per_channel, kernel, axis=-1)
+
+
+def snr_db(error) -> np.ndarray:
+    """A relative error energy as a signal-to-noise ratio in dB."""
+    return -10.0 * np.log10(np.maximum(np.asarray(error, dtype=np.float64), 1e-12))

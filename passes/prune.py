@@ -52,8 +52,9 @@ import onnx_graphsurgeon as gs
 from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
-from onnxcomp.passes.layers import (WEIGHTED_OPS, InputStatistics, WeightedLayer, held_out_batch, input_statistics,
-                                    prepare, select_layers)
+from onnxcomp.passes.allocation import ModelOutputs, allocate, round_to_total
+from onnxcomp.passes.layers import (WEIGHTED_OPS, InputStatistics, WeightedLayer, expand_diagonal, held_out_batch,
+                                    input_statistics, prepare, relative_error, select_layers, snr_db, unit_energy)
 from onnxcomp.registry import register
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -148,7 +149,7 @@ class Prune(Pass):
         sizes = np.array([plan.layer.values.size for plan in plans])
         target = int(round(config.sparsity * sizes.sum()))
         if allocation == "uniform":
-            counts = _round_to_total(config.sparsity * sizes, target)
+            counts = round_to_total(config.sparsity * sizes, target)
         elif allocation == "global":
             counts = _global_counts([plan.layer.values for plan in plans], target)
         else:
@@ -162,7 +163,7 @@ class Prune(Pass):
                       "target": config.sparsity, "allocation": allocation, "correction": correction,
                       "dense_bytes": dense_bytes, "stored_bytes": stored_bytes})
         if with_data:
-            stats["mean_layer_snr_db"] = round(float(np.mean(_snr_db([plan.error for plan in plans]))), 1)
+            stats["mean_layer_snr_db"] = round(float(np.mean(snr_db([plan.error for plan in plans]))), 1)
         stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
         if any(node.op == "BatchNormalization" for node in graph.nodes):
             stats["note"] = "BatchNormalization nodes remain: run fuse-bn before prune so magnitudes are the real ones"
@@ -191,7 +192,7 @@ def _measure(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext
             for plan in plans:
                 plan.damping = damping
                 plan.fit.solved.clear()  # one solve per candidate damping: memory the rest does not need
-            result["held_out_snr_db"] = round(float(_snr_db(errors[damping])), 1)
+            result["held_out_snr_db"] = round(float(snr_db(errors[damping])), 1)
         result["damping"] = plans[0].damping
     return result
 
@@ -206,7 +207,8 @@ def _sensitivity_counts(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContex
         plan.gain = float(gain)
     curves = [(levels, errors * gain) for (levels, errors), gain in zip(curves, gains)]
     sizes = np.array([plan.layer.values.size for plan in plans])
-    return _round_to_total(_allocate(curves, sizes, target), target)
+    zeros = allocate([(levels * size, errors) for (levels, errors), size in zip(curves, sizes)], target)
+    return round_to_total(zeros, target)
 
 
 def _prune(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, config: PruneConfig,
@@ -251,7 +253,7 @@ def _layer_row(plan: LayerPlan) -> dict:
     row = {"layer": plan.layer.name, "op": plan.layer.node.op, "weights": int(plan.layer.values.size),
            "sparsity": round(plan.zeros / plan.layer.values.size, 4)}
     if not math.isnan(plan.error):
-        row["output_snr_db"] = round(float(_snr_db(plan.error)), 1)
+        row["output_snr_db"] = round(float(snr_db(plan.error)), 1)
     if not math.isnan(plan.gain):
         row["output_gain"] = round(plan.gain, 3)
     return row
@@ -282,15 +284,6 @@ def _select(graph: gs.Graph, config: PruneConfig) -> tuple[list[WeightedLayer], 
                          min_size=config.min_size, depthwise=config.depthwise)
 
 
-def _round_to_total(targets: np.ndarray, total: int) -> np.ndarray:
-    """Integers close to `targets` that sum to `total` (largest remainders get the rounding up)."""
-    floors = np.floor(targets).astype(np.int64)
-    short = total - int(floors.sum())
-    if short > 0:
-        floors[np.argsort(-(targets - floors), kind="stable")[:short]] += 1
-    elif short < 0:
-        floors[np.argsort(targets - floors, kind="stable")[:-short]] -= 1
-    return floors
 
 
 def _global_counts(weights: list[np.ndarray], target: int) -> np.ndarray:
@@ -301,40 +294,8 @@ def _global_counts(weights: list[np.ndarray], target: int) -> np.ndarray:
     return np.bincount(owner[smallest], minlength=len(weights))
 
 
-def _allocate(curves: list[tuple[np.ndarray, np.ndarray]], sizes: np.ndarray, target: int) -> np.ndarray:
-    """Zeros per layer reaching `target` with the least summed error, from each layer's (sparsities, errors).
-
-    Each curve is replaced by its lower convex hull; its segments are then taken cheapest error per weight first,
-    which is optimal for convex curves. The last segment taken is taken in part, so the target is met exactly.
-    """
-    segments = []
-    for index, ((levels, errors), size) in enumerate(zip(curves, sizes)):
-        hull = _lower_hull(levels * size, errors)
-        for (x0, e0), (x1, e1) in zip(hull, hull[1:]):
-            segments.append(((e1 - e0) / (x1 - x0), index, x1 - x0))
-    segments.sort(key=lambda s: (s[0], s[1]))  # within a layer, hull slopes increase: order is kept
-    zeros = np.zeros(len(sizes))
-    left = float(target)
-    for _, index, width in segments:
-        if left <= 0:
-            break
-        taken = min(width, left)
-        zeros[index] += taken
-        left -= taken
-    return zeros
 
 
-def _lower_hull(xs: np.ndarray, ys: np.ndarray) -> list[tuple[float, float]]:
-    hull: list[tuple[float, float]] = []
-    for point in zip(xs.tolist(), ys.tolist()):
-        while len(hull) >= 2:
-            (x0, y0), (x1, y1) = hull[-2], hull[-1]
-            if (y1 - y0) * (point[0] - x0) >= (point[1] - y0) * (x1 - x0):  # middle point on or above the chord
-                hull.pop()
-            else:
-                break
-        hull.append(point)
-    return hull
 
 
 def _held_out(data, samples: int, batch_size: int):
@@ -345,51 +306,20 @@ def _held_out(data, samples: int, batch_size: int):
     return data.select(indices) if indices else None
 
 
-class _Outputs:
-    """The model's outputs on some samples, with some layers' weights (and biases) changed for the run."""
-
-    def __init__(self, graph: gs.Graph, ctx: PassContext, data, samples: int, batch_size: int):
-        self.graph, self.ctx, self.data, self.samples, self.batch_size = graph, ctx, data, samples, batch_size
-        self.names = [t.name for t in graph.outputs]
-        self.reference = self.run([])
-        self.signal = max(float(np.dot(self.reference, self.reference)), 1e-30)
-
-    def run(self, changes: list[tuple[LayerPlan, np.ndarray, np.ndarray | None]]) -> np.ndarray:
-        from onnxcomp.passes import calibrate
-
-        kept = [(plan.layer.weight.values, list(plan.layer.node.inputs)) for plan, _, _ in changes]
-        scratch = graphs.Names(self.graph)
-        for plan, pruned, bias_shift in changes:
-            plan.layer.weight.values = pruned.astype(plan.layer.values.dtype)
-            if bias_shift is not None:
-                plan.layer.shift_bias(bias_shift, scratch)
-        model = gs.export_onnx(self.graph, do_type_check=False)
-        for (plan, _, _), (values, inputs) in zip(changes, kept):
-            plan.layer.weight.values = values
-            plan.layer.node.inputs.clear()
-            plan.layer.node.inputs.extend(inputs)
-        batches = calibrate.run_batches(model, self.names, self.data, samples=self.samples,
-                                        batch_size=self.batch_size, provider=self.ctx.provider)
-        return np.concatenate([np.concatenate([np.asarray(v, np.float64).ravel() for v in values.values()])
-                               for _, values in batches])
-
-    def relative_error(self, changes) -> float:
-        difference = self.run(changes) - self.reference
-        return float(np.dot(difference, difference)) / self.signal
 
 
 def _choose_damping(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContext, correction: str, sparsity: float,
                     held_out, batch_size: int) -> tuple[float, dict[float, float]]:
     """The damping whose pruning, fitted on the other calibration samples with every layer at `sparsity`, gives
     the least relative error of the model's outputs on the held-out samples; and each candidate's error."""
-    outputs = _Outputs(graph, ctx, held_out, held_out.num_samples, batch_size)
+    outputs = ModelOutputs(graph, ctx, held_out, held_out.num_samples, batch_size)
     errors = {}
     for damping in DAMPINGS:
         changes = []
         for plan in plans:
             pruned, bias_shift, _ = _prune_layer(plan, int(round(sparsity * plan.layer.values.size)), correction,
                                                  stats=plan.fit, damping=damping)
-            changes.append((plan, pruned, bias_shift))
+            changes.append((plan.layer, pruned, bias_shift))
         errors[damping] = outputs.relative_error(changes)
     return min(errors, key=errors.get), errors
 
@@ -402,12 +332,12 @@ def _output_gains(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContext, cor
     by its skip connection, the convolution that opens a stage is not. Weighting each layer's error curve by
     this gain makes the allocation minimise the error of the outputs, not of the layers.
     """
-    outputs = _Outputs(graph, ctx, ctx.calibration_data, samples, batch_size)
+    outputs = ModelOutputs(graph, ctx, ctx.calibration_data, samples, batch_size)
     gains = np.ones(len(plans))
     for index, plan in enumerate(plans):
         pruned, bias_shift, error = _prune_layer(plan, int(round(level * plan.layer.values.size)), correction)
         if error > 0:
-            gains[index] = outputs.relative_error([(plan, pruned, bias_shift)]) / error
+            gains[index] = outputs.relative_error([(plan.layer, pruned, bias_shift)]) / error
     return gains
 
 
@@ -434,7 +364,7 @@ def _prune_layer(plan: LayerPlan, zeros: int, correction: str, stats: InputStati
     use_bias = correction != "none" and plan.can_take_bias
     new_rows, bias_shift = _pruned_rows(layer, rows, stats, zeros, correction, use_bias,
                                         plan.damping if damping is None else damping)
-    return layer.from_rows(new_rows), bias_shift, _relative_error(layer, rows, new_rows, stats, use_bias)
+    return layer.from_rows(new_rows), bias_shift, relative_error(layer, rows, new_rows, stats, use_bias)
 
 
 def _pruned_rows(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics, zeros: int, correction: str,
@@ -445,8 +375,8 @@ def _pruned_rows(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics,
     if correction == "reconstruct":
         if layer.diagonal:  # no cross terms: keep the largest energy-weighted weights, nothing to re-solve
             added = damping * own.mean(axis=1, keepdims=True)
-            target = rows * _expand_diagonal(layer, (cross + added) / (own + added))[:, None, :]
-            new_rows = _zero_smallest(target, target ** 2 * _expand_diagonal(layer, own)[:, None, :], zeros)
+            target = rows * expand_diagonal(layer, (cross + added) / (own + added))[:, None, :]
+            new_rows = _zero_smallest(target, target ** 2 * expand_diagonal(layer, own)[:, None, :], zeros)
         else:
             target, upper = _solved(layer, rows, stats, use_bias, damping, own, cross)
             new_rows = _reconstruct(target, upper, zeros)
@@ -456,31 +386,16 @@ def _pruned_rows(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics,
         return new_rows, None
     # Restore each output unit's spread and mean on calibration data to those of the unpruned layer, as
     # re-estimating a BatchNormalization would: pruning and least squares both shrink the outputs.
-    spread = _unit_energy(layer, rows, reference.moment(centered=use_bias))
-    now = _unit_energy(layer, new_rows, own)
+    spread = unit_energy(layer, rows, reference.moment(centered=use_bias))
+    now = unit_energy(layer, new_rows, own)
     new_rows = new_rows * np.sqrt(np.where(now > 0, spread / np.maximum(now, 1e-30), 1.0))[:, :, None]
     if not use_bias:
         return new_rows, None
-    bias_shift = (np.einsum("grd,gd->gr", rows, _expand_diagonal(layer, reference.mean))   # w·E[x_ref] − w'·E[x]
-                  - np.einsum("grd,gd->gr", new_rows, _expand_diagonal(layer, stats.mean))).reshape(-1)
+    bias_shift = (np.einsum("grd,gd->gr", rows, expand_diagonal(layer, reference.mean))   # w·E[x_ref] − w'·E[x]
+                  - np.einsum("grd,gd->gr", new_rows, expand_diagonal(layer, stats.mean))).reshape(-1)
     return new_rows, bias_shift
 
 
-def _relative_error(layer: WeightedLayer, rows: np.ndarray, new_rows: np.ndarray, stats: InputStatistics,
-                    use_bias: bool) -> float:
-    """E‖W x_ref − W' x‖² / E‖W x_ref‖², where x_ref is the layer's input in the unpruned model and x its input
-    now (the same without sequential statistics), both centred when the bias absorbs the mean."""
-    reference = stats.reference or stats
-    own = stats.moment(centered=use_bias)
-    cross = stats.cross_moment(centered=use_bias)
-    signal = _unit_energy(layer, rows, reference.moment(centered=True)).sum()
-    expected = _unit_energy(layer, rows, reference.moment(centered=use_bias)).sum()
-    if layer.diagonal:
-        mixed = (rows * new_rows * _expand_diagonal(layer, cross)[:, None, :]).sum()
-    else:
-        mixed = ((new_rows @ cross) * rows).sum()
-    error = (expected - 2 * mixed + _unit_energy(layer, new_rows, own).sum()) / max(signal, 1e-30)
-    return float(max(error, 0.0))
 
 
 def _zero_smallest(rows: np.ndarray, score: np.ndarray, zeros: int) -> np.ndarray:
@@ -555,27 +470,3 @@ def _reconstruct(rows: np.ndarray, upper: np.ndarray, zeros: int) -> np.ndarray:
         if stop < dims:
             weights[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
     return weights
-
-
-def _energy(layer: WeightedLayer, rows: np.ndarray, moment: np.ndarray) -> float:
-    """Σ over units of w H wᵀ: the output energy that rows of weights give with input moments H."""
-    return float(_unit_energy(layer, rows, moment).sum())
-
-
-def _unit_energy(layer: WeightedLayer, rows: np.ndarray, moment: np.ndarray) -> np.ndarray:
-    """w H wᵀ for each unit (groups, units)."""
-    if layer.diagonal:
-        return (rows * rows * _expand_diagonal(layer, moment)[:, None, :]).sum(axis=-1)
-    return ((rows @ moment) * rows).sum(axis=-1)
-
-
-def _expand_diagonal(layer: WeightedLayer, per_channel: np.ndarray) -> np.ndarray:
-    """Per-input-channel statistics (groups, Cin/g) repeated over the kernel positions of a ConvTranspose row."""
-    if not layer.diagonal:
-        return per_channel
-    kernel = int(np.prod(layer.values.shape[2:]))
-    return np.repeat(per_channel, kernel, axis=-1)
-
-
-def _snr_db(error) -> np.ndarray:
-    return -10.0 * np.log10(np.maximum(np.asarray(error, dtype=np.float64), 1e-12))
