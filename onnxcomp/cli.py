@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from onnxcomp import api, inspection, model_io, registry
+from onnxcomp import api, inspection, model_io, recipe, registry
 from onnxcomp.errors import InputError, OnnxcompError
 from onnxcomp.report import Report
 from onnxcomp.validate import validate
@@ -136,6 +136,9 @@ def _passes(args) -> int:
     width = max(len(name) for name in passes)
     for name, cls in passes.items():
         print(f"{name:{width}s}  {cls.summary}")
+    print("\nrecipes (usable wherever a pass name is):")
+    for name, passes_text in recipe.RECIPES.items():
+        print(f"{name}  = {passes_text}")
     return 0
 
 

@@ -40,6 +40,7 @@ from onnx import numpy_helper
 from onnxcomp import graph as graphs
 
 SPARSE_MIN_OPSET = 11
+HELPER_SIZE = 8  # constants of at most this many values are decoding helpers, named `decode.*`
 
 
 def sparse_bytes(count: int, nonzero: int, itemsize: int = 4) -> int:
@@ -147,12 +148,17 @@ class _Decoder:
                     reader.inputs[index] = self.decoded
         graph.outputs = [self.decoded if out is weight else out for out in graph.outputs]
 
+    # The decoding nodes go unnamed, and their outputs and the constants of a few values (shifts, sizes, shapes)
+    # get short names: a model of a few hundred thousand weights has hundreds of decoding nodes, and names
+    # derived from the weight's made up a sixth of a shared ResNet-20's file. Larger constants keep the weight's
+    # name: `W.indices`, `W.codebook`, `W.mask`, ….
     def constant(self, part: str, values: np.ndarray) -> gs.Constant:
-        return self.names.constant(f"{self.name}.{part}", values)
+        small = np.asarray(values).size <= HELPER_SIZE  # the same for many weights: cleanup merges the copies
+        return self.names.constant(f"decode.{part}" if small else f"{self.name}.{part}", values)
 
     def node(self, op: str, inputs: list, dtype, shape, **attrs) -> gs.Variable:
-        out = gs.Variable(self.names.new(f"{self.name}.{op.lower()}"), dtype=dtype, shape=shape)
-        self.graph.nodes.append(gs.Node(op, self.names.new(f"{self.name}.decode.{op}"), attrs, inputs, [out]))
+        out = gs.Variable(self.names.new("decode"), dtype=dtype, shape=shape)
+        self.graph.nodes.append(gs.Node(op, "", attrs, inputs, [out]))
         return out
 
     def scatter(self, present: np.ndarray, values: gs.Tensor, dtype) -> tuple[gs.Variable, gs.Variable]:
@@ -206,8 +212,7 @@ class _Decoder:
 
     def finish(self, flat: gs.Tensor) -> gs.Variable:
         shape = self.constant("shape", np.array(self.dense.shape, dtype=np.int64))
-        self.graph.nodes.append(gs.Node("Reshape", self.names.new(f"{self.name}.decode.Reshape"), {},
-                                        [flat, shape], [self.decoded]))
+        self.graph.nodes.append(gs.Node("Reshape", "", {}, [flat, shape], [self.decoded]))
         return self.decoded
 
 

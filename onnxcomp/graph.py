@@ -152,15 +152,19 @@ class Names:
 
     def __init__(self, graph: gs.Graph):
         self.taken: set[str] = set()
+        self.tried: dict[str, int] = {}  # base → last suffix tried: many names from one base stay linear
         for scope in [graph] + list(graph.subgraphs(recursive=True)):  # subgraphs see outer names
             self.taken.update(scope.tensors().keys())
             self.taken.update(node.name for node in scope.nodes)
 
     def new(self, base: str) -> str:
-        candidate, index = base, 0
+        candidate, index = base, self.tried.get(base, 0)
+        if index:
+            candidate = f"{base}_{index}"
         while candidate in self.taken:
             index += 1
             candidate = f"{base}_{index}"
+        self.tried[base] = index
         self.taken.add(candidate)
         return candidate
 

@@ -4,6 +4,9 @@ On the command line: `fuse-bn,prune:sparsity=0.5,granularity=tensor,share:bits=5
 unless the next item is `key=value`, which adds an option to the pass before it. List options separate their
 items with `|`.
 
+A named recipe stands for its passes (see RECIPES): `deep-compression,int8` is the Deep Compression pipeline
+followed by int8. A named recipe takes no options; to change one, write its passes out.
+
 In a TOML file, a list of tables:
 
     [[pass]]
@@ -29,29 +32,56 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
+RECIPES = {
+    # Han et al. 2015 without retraining: exact BN folding, then pruning, then weight sharing; the prune mask
+    # and the codebook indices are stored packed, decoded by ONNX Runtime when it creates the session
+    "deep-compression": "fuse-bn,prune:sparsity=0.5,share:bits=4",
+}
+
+
 def parse(text: str) -> list[Pass]:
     """Turn `name[:key=value[,key=value]][,name...]` into configured passes."""
+    specs = _specs(text)
+    if not specs:
+        raise InputError("the recipe names no pass; see `onnxcomp passes` for the list")
+    return [registry.get(name).from_options(options) for name, options in specs]
+
+
+def _specs(text: str) -> list[tuple[str, dict[str, str]]]:
     specs: list[tuple[str, dict[str, str]]] = []
+    after_recipe = None  # the named recipe the previous item expanded, which takes no options
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         name, _, first_option = item.partition(":")
+        name = name.strip()
         if "=" in name:  # `key=value` continues the previous pass's options
             if not specs:
                 raise InputError(f"recipe '{text}': option '{item}' comes before any pass name")
+            if after_recipe:
+                raise _recipe_options(after_recipe)
             key, _, value = item.partition("=")
             specs[-1][1][key.strip()] = value.strip()
             continue
+        if name in RECIPES:
+            if first_option:
+                raise _recipe_options(name)
+            specs.extend(_specs(RECIPES[name]))
+            after_recipe = name
+            continue
+        after_recipe = None
         options: dict[str, str] = {}
         if first_option:
             key, equals, value = first_option.partition("=")
             if not equals:
                 raise InputError(f"recipe '{text}': option '{first_option}' of '{name}' needs the form key=value")
             options[key.strip()] = value.strip()
-        specs.append((name.strip(), options))
-    if not specs:
-        raise InputError("the recipe names no pass; see `onnxcomp passes` for the list")
-    return [registry.get(name).from_options(options) for name, options in specs]
+        specs.append((name, options))
+    return specs
+
+
+def _recipe_options(name: str) -> InputError:
+    return InputError(f"recipe '{name}' takes no options; write its passes out instead: {RECIPES[name]}")
 
 
 def load_toml(path: str | Path) -> list[Pass]:

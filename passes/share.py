@@ -31,9 +31,12 @@ compressed by zlib (the entropy-coded size Deep Compression reports, as a figure
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import math
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -42,15 +45,20 @@ from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.kmeans import kmeans_1d
-from onnxcomp.passes.layers import WEIGHTED_OPS, WeightedLayer, input_statistics, prepare, select_layers
+from onnxcomp.passes.allocation import ModelOutputs, allocate
+from onnxcomp.passes.layers import (WEIGHTED_OPS, WeightedLayer, input_statistics, prepare, relative_error,
+                                    select_layers, snr_db, unit_energy)
 from onnxcomp.registry import register
 
+PROBE_SAMPLES = 32  # calibration samples on which each layer's effect on the model's outputs is measured
 ROW_CODEBOOK_SHARE = 0.25  # per-row codebooks are used where they cost at most this share of the index bytes
 
 
 @dataclass(frozen=True)
 class ShareConfig:
-    bits: int = 5
+    bits: int = 5                  # index bits per weight; with allocation=sensitivity, the budget's bits
+    allocation: str = "auto"       # auto | uniform | sensitivity; auto: sensitivity with calibration data
+    layer_bits: tuple[str, ...] = ()  # "pattern:bits" items: the bits of the layers a pattern matches, fixed
     granularity: str = "auto"      # auto | row | scaled | tensor
     importance: str = "auto"       # auto | energy | none; auto: energy with calibration data
     ops: tuple[str, ...] = WEIGHTED_OPS
@@ -65,6 +73,12 @@ class ShareConfig:
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be from 1 to 8, not {self.bits}")
+        if self.allocation not in ("auto", "uniform", "sensitivity"):
+            raise ValueError(f"allocation must be auto, uniform or sensitivity, not '{self.allocation}'")
+        for item in self.layer_bits:
+            pattern, _, bits = item.rpartition(":")
+            if not pattern or not bits.strip().isdigit() or not 1 <= int(bits) <= 8:
+                raise ValueError(f"layer-bits items are pattern:bits with bits from 1 to 8, not '{item}'")
         if self.granularity not in ("auto", "row", "scaled", "tensor"):
             raise ValueError(f"granularity must be auto, row, scaled or tensor, not '{self.granularity}'")
         if self.importance not in ("auto", "energy", "none"):
@@ -76,6 +90,11 @@ class ShareConfig:
             raise ValueError(f"encoding must be compact or dense, not '{self.encoding}'")
         if self.samples < 1 or self.batch_size < 1 or self.min_size < 0:
             raise ValueError("samples and batch-size must be at least 1, min-size at least 0")
+
+    @property
+    def fixed_bits(self) -> dict[str, int]:
+        """layer_bits as {pattern: bits}."""
+        return {item.rpartition(":")[0]: int(item.rpartition(":")[2]) for item in self.layer_bits}
 
 
 @dataclass
@@ -95,9 +114,15 @@ class Share(Pass):
     Config = ShareConfig
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.calibration_data is None and (self.config.importance == "energy" or self.config.correction):
-            raise PreconditionError("share: importance=energy and correction=true need calibration data: pass "
-                                    "--calib-data, or use importance=none and correction=false")
+        config = self.config
+        wants = [name for name, wanted in (("importance=energy", config.importance == "energy"),
+                                           ("correction=true", config.correction),
+                                           ("allocation=sensitivity", config.allocation == "sensitivity"))
+                 if wanted]
+        if wants and ctx.calibration_data is None:
+            raise PreconditionError(f"share: {' and '.join(wants)} need{'s' if len(wants) == 1 else ''} calibration "
+                                    "data: pass --calib-data, or use importance=none, correction=false and "
+                                    "allocation=uniform")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
@@ -106,37 +131,126 @@ class Share(Pass):
         if not layers:
             stats.update({"shared": 0, **{f"skipped:{k}": v for k, v in sorted(skipped.items())}})
             return PassResult(False, stats)
-        importance = config.importance if config.importance != "auto" else \
-            ("energy" if ctx.calibration_data is not None else "none")
-        correct = ctx.calibration_data is not None if config.correction is None else config.correction
-        statistics = _statistics(graph, layers, ctx, config) if importance == "energy" or correct else {}
+        with_data = ctx.calibration_data is not None
+        importance = config.importance if config.importance != "auto" else ("energy" if with_data else "none")
+        correct = with_data if config.correction is None else config.correction
+        allocation = config.allocation if config.allocation != "auto" else ("sensitivity" if with_data else "uniform")
+        statistics = _statistics(graph, layers, ctx, config) if with_data else {}
         weights_of = _importances(layers, statistics) if importance == "energy" else {}
+        fixed = _fixed_bits(layers, config)
+        plans = {id(layer): Choice(fixed.get(id(layer), config.bits), config.granularity) for layer in layers}
+        if allocation == "sensitivity":
+            free = [layer for layer in layers if id(layer) not in fixed]
+            plans.update(_allocate_bits(graph, free, statistics, weights_of, ctx, config, correct))
         names = graphs.Names(graph)
         totals = Counter()
         rows = []
         for layer in layers:
-            clustered = cluster(layer.values, config.bits, config.granularity, weights_of.get(id(layer)))
+            plan = plans[id(layer)]
+            stats_of = statistics.get(id(layer))
+            clustered = cluster(layer.values, plan.bits, plan.granularity, weights_of.get(id(layer)))
+            if correct and _restorable(layer, clustered) and os.environ.get("GPTQ"):
+                clustered = _error_feedback(layer, clustered, stats_of, float(os.environ["GPTQ"]))
             if correct:
-                totals["corrected"] += _restore_units(layer, clustered, statistics[id(layer)], names)
+                clustered, bias_shift, restored = _restored(layer, clustered, stats_of)
+                totals["corrected"] += int(restored)
+                if bias_shift is not None:
+                    layer.shift_bias(bias_shift, names)
+            row = {"layer": layer.name, "op": layer.node.op, "weights": int(clustered.values.size), "bits": plan.bits,
+                   "codebooks": 1 if clustered.codebook.ndim == 1 else int(clustered.codebook.shape[0]),
+                   "zeros": round(float(np.mean(clustered.values == 0)), 4)}
+            if stats_of is not None:
+                error = _error(layer, clustered, stats_of, correct)
+                row["output_snr_db"] = round(float(snr_db(error)), 1)
+            if not math.isnan(plan.gain):
+                row["output_gain"] = round(plan.gain, 3)
             layer.weight.values = clustered.values
-            dense_bytes = clustered.values.nbytes
-            parts = _stored_parts(clustered, config.bits)
+            parts = _stored_parts(clustered, plan.bits)
             stored = sum(p.nbytes for p in parts)
-            totals.update({"dense_bytes": dense_bytes, "stored_bytes": stored,
+            totals.update({"dense_bytes": clustered.values.nbytes, "stored_bytes": stored,
                            "zlib_bytes": sum(len(zlib.compress(p.tobytes(), 9)) for p in parts),
-                           "exact": int(clustered.exact)})
+                           "exact": int(clustered.exact), "index_bits": plan.bits * clustered.indices.size,
+                           "indices": clustered.indices.size})
             if config.encoding == "compact":
-                encoding.encode_codebook(graph, layer.weight, clustered.codebook, clustered.indices, config.bits,
+                encoding.encode_codebook(graph, layer.weight, clustered.codebook, clustered.indices, plan.bits,
                                          names, sparse=clustered.sparse, scales=clustered.scales)
-            rows.append({"layer": layer.name, "op": layer.node.op, "weights": int(clustered.values.size),
-                         "codebooks": 1 if clustered.codebook.ndim == 1 else int(clustered.codebook.shape[0]),
-                         "zeros": round(float(np.mean(clustered.values == 0)), 4), "stored_bytes": stored})
-        stats.update({"shared": len(layers), "bits": config.bits, "importance": importance,
-                      "dense_bytes": totals["dense_bytes"], "stored_bytes": totals["stored_bytes"],
-                      "stored_bytes_zlib": totals["zlib_bytes"], "kept_exact": totals["exact"],
-                      "corrected": totals["corrected"]})
+            rows.append({**row, "stored_bytes": stored})
+        stats.update({"shared": len(layers), "bits": config.bits, "allocation": allocation,
+                      "mean_bits": round(totals["index_bits"] / max(totals["indices"], 1), 3),
+                      "importance": importance, "dense_bytes": totals["dense_bytes"],
+                      "stored_bytes": totals["stored_bytes"], "stored_bytes_zlib": totals["zlib_bytes"],
+                      "kept_exact": totals["exact"], "corrected": totals["corrected"]})
         stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
         return PassResult(True, stats, rows)
+
+
+@dataclass
+class Choice:
+    """How one layer is shared."""
+    bits: int
+    granularity: str
+    gain: float = math.nan  # relative error of the model's outputs per unit of the layer's own
+
+
+def _fixed_bits(layers: list[WeightedLayer], config: ShareConfig) -> dict[int, int]:
+    """The bits `layer_bits` fixes, by id(layer): the first pattern matching the node or weight name wins."""
+    fixed = {}
+    for layer in layers:
+        for pattern, bits in config.fixed_bits.items():
+            if any(name and fnmatch.fnmatchcase(name, pattern) for name in (layer.node.name, layer.weight.name)):
+                fixed[id(layer)] = bits
+                break
+    return fixed
+
+
+def _allocate_bits(graph: gs.Graph, layers: list[WeightedLayer], statistics: dict, weights_of: dict,
+                   ctx: PassContext, config: ShareConfig, correct: bool) -> dict[int, Choice]:
+    """Bits and granularity per layer, within the bytes that `bits` for every layer would store, spending them
+    where the model's output error per byte saved is highest.
+
+    Each layer is clustered at every bits (and, with granularity=auto, as `row`, `scaled` and `tensor`); its relative
+    output error on calibration data, times its gain (measured by sharing the layer alone at `bits` and running
+    the model), against its stored bytes, is the curve the allocation spends the budget over.
+    """
+    if not layers:
+        return {}
+    granularities = ("row", "scaled", "tensor") if config.granularity == "auto" else (config.granularity,)
+    probe = ModelOutputs(graph, ctx, ctx.calibration_data, min(PROBE_SAMPLES, config.samples,
+                                                                ctx.calibration_data.num_samples), config.batch_size)
+    curves, options, budget, gains = [], [], 0.0, []
+    for layer in layers:
+        stats = statistics[id(layer)]
+        candidates = []  # (stored bytes, relative error, Choice)
+        for bits in range(1, 9):
+            for granularity in granularities:
+                clustered = cluster(layer.values, bits, granularity, weights_of.get(id(layer)))
+                if correct:
+                    clustered, _, _ = _restored(layer, clustered, stats)
+                candidates.append((sum(p.nbytes for p in _stored_parts(clustered, bits)),
+                                   _error(layer, clustered, stats, correct), Choice(bits, granularity)))
+        uniform = cluster(layer.values, config.bits, config.granularity, weights_of.get(id(layer)))
+        budget += uniform.indices.size * config.bits / 8 + _mask_bytes(uniform)
+        if correct:
+            uniform, bias_shift, _ = _restored(layer, uniform, stats)
+        else:
+            bias_shift = None
+        own = _error(layer, uniform, stats, correct)
+        gain = probe.relative_error([(layer, uniform.values, bias_shift)]) / own if own > 0 else 1.0
+        gains.append(gain)
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        most = candidates[0][0]
+        curves.append((np.array([most - c[0] for c in candidates], dtype=np.float64),
+                       np.array([c[1] * gain for c in candidates])))
+        options.append(candidates)
+    most_total = sum(candidates[0][0] for candidates in options)
+    saved = allocate(curves, most_total - budget, whole_segments=True)
+    choices = {}
+    for layer, candidates, (savings, errors), amount, gain in zip(layers, options, curves, saved, gains):
+        at = [i for i in range(len(candidates)) if abs(savings[i] - amount) < 0.5]  # the hull vertex reached
+        choice = candidates[min(at, key=lambda i: errors[i])][2]
+        choice.gain = float(gain)
+        choices[id(layer)] = choice
+    return choices
 
 
 def _select(graph: gs.Graph, config: ShareConfig) -> tuple[list[WeightedLayer], Counter, list[str]]:
@@ -153,12 +267,14 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
     cost at most ROW_CODEBOOK_SHARE of the indices, else `scaled`.
     """
     levels = 2 ** bits
-    present = weight != 0
-    sparse = not present.all()
+    zeros = weight == 0
+    # a bit mask over all weights pays for itself when it saves more index bits than it costs; otherwise zeros
+    # keep an exact 0 entry in the codebook of the slices that have them
+    masked = int(zeros.sum()) * bits > weight.size
     rows = weight.shape[0] if weight.ndim >= 2 else 1
-    stored = int(present.sum()) if sparse else weight.size
+    stored = weight.size - int(zeros.sum()) if masked else weight.size
     if granularity == "auto":
-        granularity = "row" if rows * levels * weight.itemsize <= ROW_CODEBOOK_SHARE * stored * bits / 8 else "scaled"
+        granularity = auto_granularity(rows, stored, bits, weight.itemsize)
     by_row = weight.reshape(rows, -1)
     scales = None
     if granularity == "scaled":
@@ -167,55 +283,132 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
         by_row = by_row / scales[:, None]
     per_row = granularity == "row"
     slices = list(by_row) if per_row else [by_row.reshape(-1)]
-    masks = list(present.reshape(rows, -1)) if per_row else [present.reshape(-1)]
+    zero_slices = list(zeros.reshape(rows, -1)) if per_row else [zeros.reshape(-1)]
     gains = [None] * len(slices) if importance is None else \
         (list(importance.reshape(rows, -1)) if per_row else [importance.reshape(-1)])
-    codebooks, indices, shared, exact = [], [], [], True
-    for values, mask, gain in zip(slices, masks, gains):
-        centroids, index = kmeans_1d(values[mask], levels, None if gain is None else gain[mask])
-        exact &= centroids.size == np.unique(values[mask]).size
-        book = np.zeros(levels, dtype=weight.dtype)
-        book[:centroids.size] = centroids.astype(weight.dtype)
-        part = np.zeros(values.shape, dtype=weight.dtype)
-        part[mask] = book[index]
+    codebooks, indices, exact = [], [], True
+    for values, zero, gain in zip(slices, zero_slices, gains):
+        reserve = int(not masked and zero.any())  # entry 0 of the codebook is the exact zero
+        nonzero = ~zero
+        centroids, index = kmeans_1d(values[nonzero], levels - reserve, None if gain is None else gain[nonzero])
+        exact &= centroids.size == np.unique(values[nonzero]).size
+        entries = np.concatenate([np.zeros(reserve), centroids]).astype(weight.dtype)
+        book = np.full(levels, entries[-1] if entries.size else 0, dtype=weight.dtype)  # unused: repeat a used one
+        book[:entries.size] = entries
+        full = np.zeros(values.size, dtype=np.int64)  # zeros: entry 0, which is 0 when reserved
+        full[nonzero] = index + reserve
         codebooks.append(book)
-        indices.append(index)  # of the non-zero values, in order: of all values when none is zero
-        shared.append(part)
+        indices.append(full)
     codebook = np.stack(codebooks) if per_row else codebooks[0]
-    values = np.concatenate(shared).reshape(rows, -1)
+    index = np.stack(indices) if per_row else indices[0].reshape(rows, -1)
+    return _assemble(codebook, scales, index, zeros.reshape(rows, -1), masked, exact, weight.shape)
+
+
+def _assemble(codebook: np.ndarray, scales: np.ndarray | None, index: np.ndarray, zeros: np.ndarray, masked: bool,
+              exact: bool, shape: tuple) -> Clustered:
+    """The Clustered weight from every element's codebook index (rows, row size); `zeros` stay zero. In the
+    masked layout only the elements that decode to non-zero keep an index: a value whose centroid is exactly
+    zero joins the zeros of the mask."""
+    rows = index.shape[0]
+    looked_up = codebook[np.arange(rows)[:, None], index] if codebook.ndim == 2 else codebook[index]
     if scales is not None:
-        values = values * scales[:, None]  # float32 products, as the decoding Mul computes them
-    return Clustered(values.reshape(weight.shape), codebook, scales, np.concatenate(indices), sparse, exact)
+        looked_up = looked_up * scales[:, None]  # float32 products, as the decoding Mul computes them
+    values = np.where(zeros, 0, looked_up).astype(codebook.dtype)
+    kept = values != 0 if masked else np.ones(values.shape, dtype=bool)
+    return Clustered(values.reshape(shape), codebook, scales, index[kept], masked, exact)
 
 
-def _restore_units(layer: WeightedLayer, clustered: Clustered, stats, names: graphs.Names) -> int:
-    """Give each output unit back its spread and mean on calibration data, as prune's `channel` correction does;
-    returns 1 when the layer was corrected.
+def auto_granularity(rows: int, stored: int, bits: int, itemsize: int) -> str:
+    """`row` where one codebook per row costs at most ROW_CODEBOOK_SHARE of the `stored` indices, else `scaled`."""
+    return "row" if rows * 2 ** bits * itemsize <= ROW_CODEBOOK_SHARE * stored * bits / 8 else "scaled"
+
+
+def _restored(layer: WeightedLayer, clustered: Clustered, stats) -> tuple[Clustered, np.ndarray | None, bool]:
+    """(clustered with each output unit's spread on calibration data restored, the bias shift that restores its
+    mean or None, whether the layer could be restored), as prune's `channel` correction does.
 
     The spread is restored through the unit's own codebook (`row`) or scale (`scaled`), so the weight stays
     shared; that needs the units along the weight's first axis (Conv, Gemm with transB). The mean shift goes
     into the bias.
     """
-    node = layer.node
-    units_first = node.op == "Conv" or (node.op == "Gemm" and int(node.attrs.get("transB", 0)))
-    if not units_first or layer.diagonal or (clustered.codebook.ndim == 1 and clustered.scales is None):
-        return 0
+    if not _restorable(layer, clustered):
+        return clustered, None, False
     use_bias = layer.can_take_bias
     moment = stats.moment(centered=use_bias)
     original, shared = layer.rows().astype(np.float64), layer.rows(clustered.values).astype(np.float64)
-    spread = ((original @ moment) * original).sum(axis=-1).reshape(-1)
-    now = ((shared @ moment) * shared).sum(axis=-1).reshape(-1)
-    factor = np.sqrt(np.where(now > 0, spread / np.maximum(now, 1e-30), 1.0)).astype(clustered.values.dtype)
+    spread = unit_energy(layer, original, moment).reshape(-1)
+    now = unit_energy(layer, shared, moment).reshape(-1)
+    # a unit silent on the data (spread 0) keeps its scale: zeroing it would trust the data too far
+    factor = np.sqrt(np.where((now > 0) & (spread > 0), spread / np.maximum(now, 1e-30), 1.0))
+    factor = factor.astype(clustered.values.dtype)
     if clustered.scales is not None:
-        clustered.scales = clustered.scales * factor
+        restored = replace(clustered, scales=clustered.scales * factor)
     else:
-        clustered.codebook = clustered.codebook * factor[:, None]
-    clustered.values = _decoded(clustered, layer.values.shape)
-    if use_bias:
-        mean = stats.mean
-        corrected = layer.rows(clustered.values).astype(np.float64)
-        layer.shift_bias(np.einsum("grd,gd->gr", original - corrected, mean).reshape(-1), names)
-    return 1
+        restored = replace(clustered, codebook=clustered.codebook * factor[:, None])
+    restored.values = _decoded(restored, layer.values.shape)
+    if not use_bias:
+        return restored, None, True
+    corrected = layer.rows(restored.values).astype(np.float64)
+    return restored, np.einsum("grd,gd->gr", original - corrected, stats.mean).reshape(-1), True
+
+
+def _error_feedback(layer: WeightedLayer, clustered: Clustered, stats, damping: float) -> Clustered:
+    """The same codebooks with each weight's index chosen column by column, the error of each choice spread
+    over the columns not yet chosen so that the layer's output on calibration data is kept (optimal brain
+    surgeon updates through the inverse Hessian, as GPTQ does for a uniform grid, here for the codebook's
+    values). Zeros stay zero. Needs the units along the weight's first axis."""
+    from onnxcomp.passes.prune import BLOCK, _solved
+
+    rows = layer.rows().astype(np.float64)
+    groups, units, dims = rows.shape
+    present = layer.rows() != 0
+    count = groups * units
+    book = clustered.codebook.reshape(-1, clustered.codebook.shape[-1]).astype(np.float64)
+    allowed = np.broadcast_to(book, (count, book.shape[1])).copy()
+    if clustered.scales is not None:
+        allowed *= clustered.scales.astype(np.float64)[:, None]
+    allowed = allowed.reshape(groups, units, -1)
+    moment = stats.moment(centered=layer.can_take_bias)
+    _, upper = _solved(layer, rows, stats, layer.can_take_bias, damping, moment, moment)
+    weights = rows.copy()
+    chosen = np.zeros(rows.shape, dtype=np.int64)
+    for start in range(0, dims, BLOCK):
+        stop = min(start + BLOCK, dims)
+        block = weights[:, :, start:stop]
+        factor = upper[:, start:stop, start:stop]
+        errors = np.zeros_like(block)
+        for column in range(stop - start):
+            values = block[:, :, column]
+            index = np.abs(values[:, :, None] - allowed).argmin(axis=-1)
+            rounded = np.where(present[:, :, start + column], np.take_along_axis(allowed, index[:, :, None], -1)[..., 0],
+                               0.0)
+            error = (values - rounded) / factor[:, None, column, column]
+            block[:, :, column:] -= error[:, :, None] * factor[:, None, column, column:]
+            block[:, :, column] = rounded
+            errors[:, :, column] = error
+            chosen[:, :, start + column] = index
+        weights[:, :, start:stop] = block
+        if stop < dims:
+            weights[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
+    shape = clustered.values.shape
+    index = layer.from_rows(chosen).reshape(shape[0] if len(shape) >= 2 else 1, -1)
+    zeros = (layer.values == 0).reshape(index.shape)
+    return _assemble(clustered.codebook, clustered.scales, np.where(zeros, 0, index), zeros, clustered.sparse,
+                     clustered.exact, shape)
+
+
+def _restorable(layer: WeightedLayer, clustered: Clustered) -> bool:
+    node = layer.node
+    units_first = node.op == "Conv" or (node.op == "Gemm" and int(node.attrs.get("transB", 0)))
+    return units_first and not layer.diagonal and (clustered.codebook.ndim == 2 or clustered.scales is not None)
+
+
+def _error(layer: WeightedLayer, clustered: Clustered, stats, corrected: bool) -> float:
+    """The layer's relative output error on calibration data with the shared weight (after restoration, the
+    bias absorbing the mean shift when `corrected`)."""
+    use_bias = corrected and layer.can_take_bias and _restorable(layer, clustered)
+    return relative_error(layer, layer.rows().astype(np.float64), layer.rows(clustered.values).astype(np.float64),
+                          stats, use_bias)
 
 
 def _decoded(clustered: Clustered, shape: tuple) -> np.ndarray:
@@ -231,6 +424,10 @@ def _decoded(clustered: Clustered, shape: tuple) -> np.ndarray:
     values = np.zeros(present.shape, dtype=clustered.values.dtype)
     values[present] = looked_up
     return values.reshape(shape)
+
+
+def _mask_bytes(clustered: Clustered) -> int:
+    return (clustered.values.size + 7) // 8 if clustered.sparse else 0
 
 
 def _stored_parts(clustered: Clustered, bits: int) -> list[np.ndarray]:

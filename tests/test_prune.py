@@ -261,11 +261,11 @@ def test_bias_is_added_where_a_conv_had_none():
     assert len(conv2.input) == 3 and conv2.input[2]
 
 
-def test_sensitivity_allocation_spares_the_layer_that_matters():
-    """Two parallel convolutions of the same size; one is scaled by 0.01 before the sum, so its error barely
-    reaches the output: the allocation prunes it much more, and reaches the target exactly."""
+def loud_and_quiet(channels: int = 16) -> onnx.ModelProto:
+    """Two parallel convolutions `loud` and `quiet` of the same size; quiet's output is scaled by 0.01 before
+    the sum, so its error barely reaches the output."""
     rng = np.random.default_rng(5)
-    inits = [numpy_helper.from_array(rng.normal(size=(16, 4, 3, 3)).astype(np.float32), name) for name in "AB"]
+    inits = [numpy_helper.from_array(rng.normal(size=(channels, 4, 3, 3)).astype(np.float32), name) for name in "AB"]
     inits.append(numpy_helper.from_array(np.array(0.01, np.float32), "small"))
     nodes = [helper.make_node("Conv", ["x", "A"], ["a"], name="loud", pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["x", "B"], ["b"], name="quiet", pads=[1, 1, 1, 1]),
@@ -273,8 +273,12 @@ def test_sensitivity_allocation_spares_the_layer_that_matters():
              helper.make_node("Add", ["a", "bs"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    pruned, records = run(model, "prune:sparsity=0.5,min-size=0", images(40, seed=1))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_sensitivity_allocation_spares_the_layer_that_matters():
+    """The quiet layer is pruned much more, and the target is reached exactly."""
+    pruned, records = run(loud_and_quiet(), "prune:sparsity=0.5,min-size=0", images(40, seed=1))
     rows = {row["layer"]: row for row in records[0].layers}
     assert rows["quiet"]["sparsity"] > 0.8 > 0.2 > rows["loud"]["sparsity"]
     assert rows["quiet"]["output_gain"] < 0.01 * rows["loud"]["output_gain"]

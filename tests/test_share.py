@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from helpers import run_model
 from onnxcomp.passes.share import cluster
 from test_bad_input import check_rejected
-from test_prune import images, net, run, weights
+from test_prune import images, loud_and_quiet, net, run, sqnr, weights
 
 RNG = np.random.default_rng(0)
 
@@ -73,7 +73,8 @@ def test_importance_from_calibration_data_changes_the_codebooks():
     assert not np.array_equal(weights(plain)["W2"], weights(weighted)["W2"])
 
 
-@pytest.mark.parametrize("option", ["bits=0", "bits=9", "bits=five", "granularity=pixel", "importance=magic"])
+@pytest.mark.parametrize("option", ["bits=0", "bits=9", "bits=five", "granularity=pixel", "importance=magic",
+                                    "allocation=magic", "layer-bits=conv2:9", "layer-bits=conv2"])
 def test_bad_options_are_usage_errors(tmp_path, option):
     onnx.save(net(), tmp_path / "net.onnx")
     check_rejected(tmp_path, ["optimize", tmp_path / "net.onnx", "--passes", f"share:{option}", "-o",
@@ -85,7 +86,8 @@ def test_unit_correction_reduces_the_error_on_new_data_and_keeps_the_sharing():
     reference = run_model(net(), {"x": evaluation})[0]
     error = {}
     for correction in ("false", "true"):
-        shared, records = run(net(), f"share:bits=2,correction={correction},importance=none", calibration)
+        shared, records = run(net(), f"share:bits=2,correction={correction},importance=none,allocation=uniform",
+                              calibration)
         output = run_model(shared, {"x": evaluation})[0]
         error[correction] = np.sum((output - reference) ** 2)
         w2 = weights(shared)["W2"]
@@ -99,6 +101,58 @@ def test_unit_correction_reduces_the_error_on_new_data_and_keeps_the_sharing():
 def test_data_driven_options_need_calibration_data():
     from onnxcomp.pass_base import PreconditionError
 
-    for option in ("importance=energy", "correction=true"):
+    for option in ("importance=energy", "correction=true", "allocation=sensitivity"):
         with pytest.raises(PreconditionError, match="--calib-data"):
             run(net(), f"share:{option}")
+
+
+def test_few_zeros_keep_a_zero_entry_instead_of_a_mask():
+    weight = RNG.normal(size=(16, 8, 3, 3)).astype(np.float32)
+    weight.reshape(-1)[RNG.choice(weight.size, 20, replace=False)] = 0  # 1.7 %: a mask would cost more
+    result = cluster(weight, 4, "tensor")
+    assert not result.sparse and result.indices.size == weight.size
+    np.testing.assert_array_equal(result.values == 0, weight == 0)
+    assert np.unique(result.values).size <= 16 and result.codebook[0] == 0
+    weight.reshape(-1)[: weight.size // 2] = 0  # half zeros: the mask pays
+    result = cluster(weight, 4, "tensor")
+    assert result.sparse and result.indices.size == np.count_nonzero(weight)
+
+
+def test_bit_allocation_spends_the_bits_where_the_error_reaches_the_output():
+    """Within the bytes of 3 bits per weight, codebooks included, the layer whose error reaches the output gets
+    more bits than the one scaled by 0.01, and the output error falls below that of 3 bits everywhere."""
+    calibration, evaluation = images(40, seed=1), images(40, seed=2)
+    model = loud_and_quiet(channels=64)
+    reference = run_model(model, {"x": evaluation})[0]
+    uniform, _ = run(model, "share:bits=3,min-size=0,allocation=uniform", calibration)
+    allocated, records = run(model, "share:bits=3,min-size=0", calibration)
+    stats, rows = records[0].stats, {row["layer"]: row for row in records[0].layers}
+    assert stats["allocation"] == "sensitivity"
+    assert rows["loud"]["bits"] > 3 > rows["quiet"]["bits"]
+    assert stats["stored_bytes"] <= 2 * 2304 * 3 / 8
+    assert sqnr(reference, run_model(allocated, {"x": evaluation})[0]) > \
+        sqnr(reference, run_model(uniform, {"x": evaluation})[0]) + 3
+
+
+def test_layer_bits_fix_the_bits_of_matching_layers():
+    shared, records = run(net(), "share:bits=2,layer-bits=conv2:6", images(32, seed=1))
+    rows = {row["layer"]: row for row in records[0].layers}
+    assert rows["conv2"]["bits"] == 6
+    assert records[0].stats["allocation"] == "sensitivity"
+    w2 = weights(shared)["W2"]
+    assert 4 < max(np.unique(row).size for row in w2.reshape(w2.shape[0], -1)) <= 64
+
+
+def test_deep_compression_recipe_prunes_then_shares(tmp_path, digits_model):
+    from helpers import run_cli
+
+    out = tmp_path / "dc.onnx"
+    result = run_cli("optimize", digits_model, "--passes", "deep-compression", "-o", out,
+                     "--calib-data", digits_model.parent / "digits_calib.npz", "--no-validate")
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines() if line.split()[:1] in
+            (["fuse-bn"], ["prune"], ["share"])][:3] == ["fuse-bn", "prune", "share"]
+    assert out.stat().st_size < digits_model.stat().st_size / 3.5  # 16 k weights: decoding nodes weigh
+    rejected = run_cli("optimize", digits_model, "--passes", "deep-compression,sparsity=0.3", "-o", out)
+    assert rejected.returncode == 2 and "write its passes out" in rejected.stderr
+    assert "deep-compression" in run_cli("passes").stdout

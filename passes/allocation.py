@@ -1,0 +1,106 @@
+"""Spending a compression budget across layers, and measuring what a layer's change does to the model's outputs.
+
+prune and share both choose, per layer, how hard to compress it: each layer has a curve of output error against
+savings (weights zeroed, bytes saved), measured on calibration data, and the total savings are fixed. `allocate`
+takes the lower convex hull of every curve and its segments cheapest error per saving first, which is optimal for
+convex curves (the classic greedy of bit allocation in transform coding). A layer's own error reaches the
+model's outputs attenuated or amplified by what follows it; `ModelOutputs` measures that by running the model
+with changed weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp import graph as graphs
+from onnxcomp.passes.layers import WeightedLayer
+
+
+def allocate(curves: list[tuple[np.ndarray, np.ndarray]], target: float, whole_segments: bool = False) -> np.ndarray:
+    """Savings per layer reaching `target` in total with the least summed error, from each layer's
+    (savings, errors) points, savings increasing from 0.
+
+    Each curve is replaced by its lower convex hull, whose segments are taken cheapest error per saving first.
+    The last segment taken is taken in part, so the target is met exactly, unless `whole_segments` (the
+    savings are discrete steps): then it is taken whole and the target is met or passed.
+    """
+    segments = []
+    for index, (savings, errors) in enumerate(curves):
+        hull = lower_hull(np.asarray(savings, dtype=np.float64), np.asarray(errors, dtype=np.float64))
+        for (x0, e0), (x1, e1) in zip(hull, hull[1:]):
+            segments.append(((e1 - e0) / (x1 - x0), index, x1 - x0))
+    segments.sort(key=lambda s: (s[0], s[1]))  # within a layer, hull slopes increase: order is kept
+    taken = np.zeros(len(curves))
+    left = float(target)
+    for _, index, width in segments:
+        if left <= 0:
+            break
+        step = width if whole_segments else min(width, left)
+        taken[index] += step
+        left -= step
+    return taken
+
+
+def lower_hull(xs: np.ndarray, ys: np.ndarray) -> list[tuple[float, float]]:
+    """The lower convex hull of points given in increasing x (equal xs: the lowest y is kept)."""
+    hull: list[tuple[float, float]] = []
+    for point in zip(xs.tolist(), ys.tolist()):
+        if hull and point[0] == hull[-1][0]:
+            if point[1] >= hull[-1][1]:
+                continue
+            hull.pop()
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (y1 - y0) * (point[0] - x0) >= (point[1] - y0) * (x1 - x0):  # middle point on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(point)
+    return hull
+
+
+def round_to_total(targets: np.ndarray, total: int) -> np.ndarray:
+    """Integers close to `targets` that sum to `total` (largest remainders get the rounding up)."""
+    floors = np.floor(targets).astype(np.int64)
+    short = total - int(floors.sum())
+    if short > 0:
+        floors[np.argsort(-(targets - floors), kind="stable")[:short]] += 1
+    elif short < 0:
+        floors[np.argsort(targets - floors, kind="stable")[:-short]] -= 1
+    return floors
+
+
+class ModelOutputs:
+    """The model's outputs on some samples, with some layers' weights (and biases) changed for the run."""
+
+    def __init__(self, graph: gs.Graph, ctx, data, samples: int, batch_size: int):
+        self.graph, self.ctx, self.data, self.samples, self.batch_size = graph, ctx, data, samples, batch_size
+        self.names = [t.name for t in graph.outputs]
+        self.reference = self.run([])
+        self.signal = max(float(np.dot(self.reference, self.reference)), 1e-30)
+
+    def run(self, changes: list[tuple[WeightedLayer, np.ndarray, np.ndarray | None]]) -> np.ndarray:
+        """The outputs, flattened, with each (layer, weight, bias shift or None) of `changes` applied."""
+        from onnxcomp.passes import calibrate
+
+        kept = [(layer.weight.values, list(layer.node.inputs)) for layer, _, _ in changes]
+        scratch = graphs.Names(self.graph)
+        for layer, values, bias_shift in changes:
+            layer.weight.values = values.astype(layer.values.dtype)
+            if bias_shift is not None:
+                layer.shift_bias(bias_shift, scratch)
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        for (layer, _, _), (values, inputs) in zip(changes, kept):
+            layer.weight.values = values
+            layer.node.inputs.clear()
+            layer.node.inputs.extend(inputs)
+        batches = calibrate.run_batches(model, self.names, self.data, samples=self.samples,
+                                        batch_size=self.batch_size, provider=self.ctx.provider)
+        return np.concatenate([np.concatenate([np.asarray(v, np.float64).ravel() for v in values.values()])
+                               for _, values in batches])
+
+    def relative_error(self, changes) -> float:
+        """‖outputs with `changes` − outputs‖² / ‖outputs‖²."""
+        difference = self.run(changes) - self.reference
+        return float(np.dot(difference, difference)) / self.signal
