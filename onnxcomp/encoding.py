@@ -108,17 +108,15 @@ def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, 
     if sparse:
         index, present_bool = decoder.scatter(present, index, np.int32)
     if per_row:  # the row's codebook starts at row · K in the flattened codebooks
-        index = decoder.node("Add", [index, _row_offsets(decoder, count, row_size, levels)], np.int32, [count])
-    values = decoder.node("Gather", [decoder.constant("codebook", codebook.reshape(-1)), index], flat.dtype, [count])
+        index = decoder.node("Add", [index, _row_offsets(decoder, count, row_size, levels)])
+    values = decoder.node("Gather", [decoder.constant("codebook", codebook.reshape(-1)), index])
     if scales is not None:
-        by_row = decoder.node("Reshape", [values, decoder.constant("by_row", np.array([scales.shape[0], -1], np.int64))],
-                              flat.dtype, [scales.shape[0], row_size])
-        values = decoder.node("Reshape", [decoder.node("Mul", [by_row, decoder.constant("scales", scales)], flat.dtype,
-                                                       [scales.shape[0], row_size]),
-                                          decoder.constant("flat_values", np.array([-1], np.int64))], flat.dtype, [count])
+        by_row = decoder.constant("by_row", np.array([scales.shape[0], -1], np.int64))
+        by_row = decoder.node("Reshape", [values, by_row])
+        scaled = decoder.node("Mul", [by_row, decoder.constant("scales", scales)])
+        values = decoder.node("Reshape", [scaled, decoder.constant("flat_values", np.array([-1], np.int64))])
     if sparse:
-        values = decoder.node("Where", [present_bool, values, decoder.constant("zero_value", np.zeros((), flat.dtype))],
-                              flat.dtype, [count])
+        values = decoder.node("Where", [present_bool, values, decoder.constant("zero_value", np.zeros((), flat.dtype))])
     return decoder.finish(values)
 
 
@@ -127,10 +125,10 @@ def _row_offsets(decoder: "_Decoder", count: int, row_size: int, levels: int) ->
     i64 = np.int64
     position = decoder.node("Range", [decoder.constant("zero_position", np.array(0, i64)),
                                       decoder.constant("elements", np.array(count, i64)),
-                                      decoder.constant("step_one", np.array(1, i64))], i64, [count])
-    row = decoder.node("Div", [position, decoder.constant("row_size", np.array(row_size, i64))], i64, [count])
-    offset = decoder.node("Mul", [row, decoder.constant("levels_per_row", np.array(levels, i64))], i64, [count])
-    return decoder.node("Cast", [offset], np.int32, [count], to=onnx.TensorProto.INT32)
+                                      decoder.constant("step_one", np.array(1, i64))])
+    row = decoder.node("Div", [position, decoder.constant("row_size", np.array(row_size, i64))])
+    offset = decoder.node("Mul", [row, decoder.constant("levels_per_row", np.array(levels, i64))])
+    return decoder.node("Cast", [offset], to=onnx.TensorProto.INT32)
 
 
 class _Decoder:
@@ -156,8 +154,8 @@ class _Decoder:
         small = np.asarray(values).size <= HELPER_SIZE  # the same for many weights: cleanup merges the copies
         return self.names.constant(f"decode.{part}" if small else f"{self.name}.{part}", values)
 
-    def node(self, op: str, inputs: list, dtype, shape, **attrs) -> gs.Variable:
-        out = gs.Variable(self.names.new("decode"), dtype=dtype, shape=shape)
+    def node(self, op: str, inputs: list, **attrs) -> gs.Variable:
+        out = gs.Variable(self.names.new("decode"))  # no type or shape: no value_info entry in the file
         self.graph.nodes.append(gs.Node(op, "", attrs, inputs, [out]))
         return out
 
@@ -166,22 +164,19 @@ class _Decoder:
         mask = np.packbits(present, bitorder="little").reshape(-1, 1)
         count = self.count
         shifted = self.node("BitShift", [self.constant("mask", mask),
-                                         self.constant("shifts", np.arange(8, dtype=np.uint8))],
-                            np.uint8, [mask.shape[0], 8], direction="RIGHT")
-        bits = self.node("Mod", [shifted, self.constant("two", np.array(2, dtype=np.uint8))], np.uint8,
-                         [mask.shape[0], 8])
-        bits = self.node("Reshape", [bits, self.constant("flat", np.array([-1], dtype=np.int64))], np.uint8,
-                         [mask.size * 8])
+                                         self.constant("shifts", np.arange(8, dtype=np.uint8))], direction="RIGHT")
+        bits = self.node("Mod", [shifted, self.constant("two", np.array(2, dtype=np.uint8))])
+        bits = self.node("Reshape", [bits, self.constant("flat", np.array([-1], dtype=np.int64))])
         if mask.size * 8 != count:
             bits = self.node("Slice", [bits, self.constant("start", np.array([0], dtype=np.int64)),
-                                       self.constant("stop", np.array([count], dtype=np.int64))], np.uint8, [count])
-        counted = self.node("CumSum", [self.node("Cast", [bits], np.int64, [count], to=onnx.TensorProto.INT64),
-                                       self.constant("axis", np.array(0, dtype=np.int64))], np.int64, [count])
-        positions = self.node("Sub", [counted, self.constant("one", np.array(1, dtype=np.int64))], np.int64, [count])
-        gathered = self.node("Gather", [values, positions], dtype, [count])
-        present_bool = self.node("Cast", [bits], np.bool_, [count], to=onnx.TensorProto.BOOL)
+                                       self.constant("stop", np.array([count], dtype=np.int64))])
+        counted = self.node("CumSum", [self.node("Cast", [bits], to=onnx.TensorProto.INT64),
+                                       self.constant("axis", np.array(0, dtype=np.int64))])
+        positions = self.node("Sub", [counted, self.constant("one", np.array(1, dtype=np.int64))])
+        gathered = self.node("Gather", [values, positions])
+        present_bool = self.node("Cast", [bits], to=onnx.TensorProto.BOOL)
         zero = self.constant("zero", np.zeros((), dtype=dtype))
-        return self.node("Where", [present_bool, gathered, zero], dtype, [count]), present_bool
+        return self.node("Where", [present_bool, gathered, zero]), present_bool
 
     def unpack(self, indices: np.ndarray, bits: int) -> gs.Variable:
         """The indices (int32), stored packed at `bits` bits each (pack_indices).
@@ -196,19 +191,16 @@ class _Decoder:
         stream = self.constant("indices", pack_indices(indices, bits))
         position = self.node("Range", [self.constant("first", np.array(0, i64)),  # i · bits for i < count
                                        self.constant("end", np.array(count * bits, i64)),
-                                       self.constant("bits", np.array(bits, i64))], i64, [count])
-        byte = self.node("Div", [position, self.constant("eight", np.array(8, i64))], i64, [count])
-        offset = self.node("Mod", [position, self.constant("eight_", np.array(8, i64))], i64, [count])
-        wide = self.node("Cast", [stream], np.int32, [stream.values.size], to=onnx.TensorProto.INT32)
-        low = self.node("Gather", [wide, byte], np.int32, [count])
-        high = self.node("Gather", [wide, self.node("Add", [byte, self.constant("next", np.array(1, i64))], i64,
-                                                    [count])], np.int32, [count])
-        word = self.node("Add", [low, self.node("Mul", [high, self.constant("byte", np.array(256, np.int32))],
-                                                np.int32, [count])], np.int32, [count])
-        scale = self.node("Gather", [self.constant("powers", (2 ** np.arange(8)).astype(np.int32)), offset],
-                          np.int32, [count])
-        shifted = self.node("Div", [word, scale], np.int32, [count])
-        return self.node("Mod", [shifted, self.constant("levels", np.array(2 ** bits, np.int32))], np.int32, [count])
+                                       self.constant("bits", np.array(bits, i64))])
+        byte = self.node("Div", [position, self.constant("eight", np.array(8, i64))])
+        offset = self.node("Mod", [position, self.constant("eight_", np.array(8, i64))])
+        wide = self.node("Cast", [stream], to=onnx.TensorProto.INT32)
+        low = self.node("Gather", [wide, byte])
+        high = self.node("Gather", [wide, self.node("Add", [byte, self.constant("next", np.array(1, i64))])])
+        word = self.node("Add", [low, self.node("Mul", [high, self.constant("byte", np.array(256, np.int32))])])
+        scale = self.node("Gather", [self.constant("powers", (2 ** np.arange(8)).astype(np.int32)), offset])
+        shifted = self.node("Div", [word, scale])
+        return self.node("Mod", [shifted, self.constant("levels", np.array(2 ** bits, np.int32))])
 
     def finish(self, flat: gs.Tensor) -> gs.Variable:
         shape = self.constant("shape", np.array(self.dense.shape, dtype=np.int64))

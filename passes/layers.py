@@ -27,6 +27,13 @@ from onnxcomp import graph as graphs
 from onnxcomp.errors import InputError
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Candidate dampings of H, one chosen per model on held-out calibration samples: large values trust the
+# calibration data less (the updates tend to none), for data that does not cover what the model sees (few
+# images of many classes); small values fit the layer outputs closely.
+DAMPINGS = (0.01, 0.1, 1.0, 10.0)
+CHECK_EVERY = 5  # every 5th calibration batch is held out to choose the damping
+UNCHECKED_DAMPING = 1.0  # too few batches to hold some out: trust the calibration data moderately
+BLOCK = 128  # columns whose choices are made before their updates reach the later columns
 FLOAT_KINDS = ("float16", "float32", "float64", "bfloat16")
 
 
@@ -354,6 +361,14 @@ def held_out_batch(number: int, count: int, every: int) -> bool:
     return count > 1 and number == count - 1
 
 
+def held_out_samples(data, samples: int, batch_size: int):
+    """The calibration samples of the batches `input_statistics` holds out, or None when there are none."""
+    runs = data.runs(samples, batch_size)
+    indices = [i for number, (start, stop) in enumerate(runs) if held_out_batch(number, len(runs), CHECK_EVERY)
+               for i in range(start, stop)]
+    return data.select(indices) if indices else None
+
+
 def _sample(vectors: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
     if vectors.shape[0] <= limit:
         return vectors
@@ -435,3 +450,63 @@ def expand_diagonal(layer: WeightedLayer, per_channel: np.ndarray) -> np.ndarray
 def snr_db(error) -> np.ndarray:
     """A relative error energy as a signal-to-noise ratio in dB."""
     return -10.0 * np.log10(np.maximum(np.asarray(error, dtype=np.float64), 1e-12))
+
+
+def regularized(moment: np.ndarray, count: int, damping: float, like: np.ndarray | None = None) -> np.ndarray:
+    """H with its off-diagonal terms shrunk by d / (d + n) (few vectors: trust the cross terms less), plus
+    `damping` times the mean diagonal of `like` (default: of `moment` itself) on the diagonal."""
+    dims = moment.shape[-1]
+    diagonal = np.einsum("gii->gi", moment)
+    scale = np.einsum("gii->gi", moment if like is None else like).mean(axis=1, keepdims=True)
+    shrink = dims / (dims + count)
+    regular = (1 - shrink) * moment
+    index = np.arange(dims)
+    regular[:, index, index] = diagonal + damping * np.maximum(scale, 1e-12)
+    return regular
+
+
+def solved(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics, use_bias: bool, damping: float,
+           own: np.ndarray, cross: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(W̃, upper Cholesky factor of the regularized H⁻¹), which do not depend on how the weights are then
+    zeroed or rounded: computed once per layer, statistics and damping, and kept on the statistics."""
+    key = (id(layer), damping, use_bias)
+    if key not in stats.solved:
+        regular = regularized(own, stats.count, damping)
+        # the dense weights that best give the reference layer's outputs from the inputs it gets now,
+        # W̃ = W E[x_ref xᵀ] E[x xᵀ]⁻¹ with both moments regularized alike: W̃ = W when nothing upstream changed
+        cross_regular = regularized(cross.transpose(0, 2, 1), stats.count, damping, like=own)
+        target = np.linalg.solve(regular, (rows @ cross_regular).transpose(0, 2, 1)).transpose(0, 2, 1)
+        inverse = np.linalg.inv(regular)
+        upper = np.linalg.cholesky((inverse + inverse.transpose(0, 2, 1)) / 2).transpose(0, 2, 1)
+        stats.solved[key] = (target, upper)
+    return stats.solved[key]
+
+
+def obs_sweep(rows: np.ndarray, upper: np.ndarray, rounder) -> np.ndarray:
+    """Rows (groups, units, D) with each column replaced, in order, by what `rounder` makes of it, the error of
+    every replacement spread over the columns not yet visited so that w·x on calibration data is kept: the
+    optimal brain surgeon updates of SparseGPT (zeroing) and GPTQ (rounding), through `upper`, the upper
+    Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U).
+
+    For each block of BLOCK columns, `rounder(block, diagonal)` is called once with the block's current values
+    and U's diagonal there; it returns `round_column(values, column)`, called for the block's columns in turn.
+    """
+    dims = rows.shape[-1]
+    weights = rows.copy()
+    for start in range(0, dims, BLOCK):
+        stop = min(start + BLOCK, dims)
+        block = weights[:, :, start:stop]
+        factor = upper[:, start:stop, start:stop]
+        diagonal = np.einsum("gii->gi", factor)
+        round_column = rounder(block, diagonal)
+        errors = np.zeros_like(block)
+        for column in range(stop - start):
+            rounded = round_column(block[:, :, column], column)
+            error = (block[:, :, column] - rounded) / diagonal[:, None, column]
+            block[:, :, column:] -= error[:, :, None] * factor[:, None, column, column:]
+            block[:, :, column] = rounded
+            errors[:, :, column] = error
+        weights[:, :, start:stop] = block
+        if stop < dims:
+            weights[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
+    return weights

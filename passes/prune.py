@@ -53,22 +53,16 @@ from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.allocation import ModelOutputs, allocate, round_to_total
-from onnxcomp.passes.layers import (WEIGHTED_OPS, InputStatistics, WeightedLayer, expand_diagonal, held_out_batch,
-                                    input_statistics, prepare, relative_error, select_layers, snr_db, unit_energy)
+from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics,
+                                    WeightedLayer, expand_diagonal, held_out_samples, input_statistics, obs_sweep,
+                                    prepare, relative_error, select_layers, snr_db, solved, unit_energy)
 from onnxcomp.registry import register
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 CORRECTIONS = ("none", "channel", "reconstruct")
 LEVELS = np.round(np.arange(0.0, 0.91, 0.1), 2)  # sparsities at which each layer's sensitivity is measured
 DAMPING = 0.01  # share of the mean diagonal added to H, as in OBS / SparseGPT: keeps the inverse well-posed
-# Candidate dampings, one chosen per model on held-out calibration samples: large values trust the calibration
-# data less and tend to magnitude pruning, for data that does not cover what the model sees (few images of
-# many classes); small values fit the layer outputs closely.
-DAMPINGS = (0.01, 0.1, 1.0, 10.0)
 PROBE_SAMPLES = 32  # calibration samples on which each layer's effect on the model's outputs is measured
-CHECK_EVERY = 5  # every 5th calibration batch is held out to choose the damping
-UNCHECKED_DAMPING = 1.0  # too few batches to hold some out: trust the calibration data moderately
-BLOCK = 128     # columns whose mask is chosen together before their updates reach the later columns
 
 
 @dataclass(frozen=True)
@@ -181,7 +175,7 @@ def _measure(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext
         plan.fit, plan.check = statistics[id(plan.layer)]
         plan.stats = plan.fit + plan.check if plan.check is not None else plan.fit
     result: dict[str, int | float | str] = {"samples": samples}
-    held_out = _held_out(ctx.calibration_data, samples, config.batch_size)
+    held_out = held_out_samples(ctx.calibration_data, samples, config.batch_size)
     if correction == "reconstruct":
         if held_out is None:
             for plan in plans:
@@ -298,16 +292,6 @@ def _global_counts(weights: list[np.ndarray], target: int) -> np.ndarray:
 
 
 
-def _held_out(data, samples: int, batch_size: int):
-    """The calibration samples of the batches `input_statistics` holds out, or None when there are none."""
-    runs = data.runs(samples, batch_size)
-    indices = [i for number, (start, stop) in enumerate(runs) if held_out_batch(number, len(runs), CHECK_EVERY)
-               for i in range(start, stop)]
-    return data.select(indices) if indices else None
-
-
-
-
 def _choose_damping(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContext, correction: str, sparsity: float,
                     held_out, batch_size: int) -> tuple[float, dict[float, float]]:
     """The damping whose pruning, fitted on the other calibration samples with every layer at `sparsity`, gives
@@ -378,7 +362,7 @@ def _pruned_rows(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics,
             target = rows * expand_diagonal(layer, (cross + added) / (own + added))[:, None, :]
             new_rows = _zero_smallest(target, target ** 2 * expand_diagonal(layer, own)[:, None, :], zeros)
         else:
-            target, upper = _solved(layer, rows, stats, use_bias, damping, own, cross)
+            target, upper = solved(layer, rows, stats, use_bias, damping, own, cross)
             new_rows = _reconstruct(target, upper, zeros)
     else:
         new_rows = _zero_smallest(rows, np.abs(rows), zeros)
@@ -406,67 +390,24 @@ def _zero_smallest(rows: np.ndarray, score: np.ndarray, zeros: int) -> np.ndarra
     return out.reshape(rows.shape)
 
 
-def _regularized(moment: np.ndarray, count: int, damping: float, like: np.ndarray | None = None) -> np.ndarray:
-    """H with its off-diagonal terms shrunk by d / (d + n) (few vectors: trust the cross terms less), plus
-    `damping` times the mean diagonal of `like` (default: of `moment` itself) on the diagonal."""
-    dims = moment.shape[-1]
-    diagonal = np.einsum("gii->gi", moment)
-    scale = np.einsum("gii->gi", moment if like is None else like).mean(axis=1, keepdims=True)
-    shrink = dims / (dims + count)
-    regular = (1 - shrink) * moment
-    index = np.arange(dims)
-    regular[:, index, index] = diagonal + damping * np.maximum(scale, 1e-12)
-    return regular
-
-
-def _solved(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics, use_bias: bool, damping: float,
-            own: np.ndarray, cross: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(W̃, upper Cholesky factor of the regularized H⁻¹), which do not depend on the sparsity: computed once
-    per layer, statistics and damping, and kept on the statistics for the other sparsities."""
-    key = (id(layer), damping, use_bias)
-    if key not in stats.solved:
-        regular = _regularized(own, stats.count, damping)
-        # the dense weights that best give the unpruned layer's outputs from the inputs it gets now,
-        # W̃ = W E[x_ref xᵀ] E[x xᵀ]⁻¹ with both moments regularized alike: W̃ = W when nothing upstream changed
-        cross_regular = _regularized(cross.transpose(0, 2, 1), stats.count, damping, like=own)
-        target = np.linalg.solve(regular, (rows @ cross_regular).transpose(0, 2, 1)).transpose(0, 2, 1)
-        inverse = np.linalg.inv(regular)
-        upper = np.linalg.cholesky((inverse + inverse.transpose(0, 2, 1)) / 2).transpose(0, 2, 1)
-        stats.solved[key] = (target, upper)
-    return stats.solved[key]
-
-
 def _reconstruct(rows: np.ndarray, upper: np.ndarray, zeros: int) -> np.ndarray:
     """Zero `zeros` weights of rows (groups, units, D) and update the kept ones to keep w·x on calibration data.
 
-    Column by column: the error of zeroing a weight is spread over the not yet visited columns of its row
-    through `upper`, the upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U). The weights to zero in a block of columns
-    are those with the least w² / U_jj², the saliency of optimal brain surgeon.
+    Column by column (layers.obs_sweep): the error of zeroing a weight is spread over the not yet visited columns
+    of its row. The weights to zero in a block of columns are those with the least w² / U_jj², the saliency of
+    optimal brain surgeon, as many as the block's share of `zeros`.
     """
-    groups, units, dims = rows.shape
-    weights = rows.copy()
     left, size_left = zeros, rows.size
-    for start in range(0, dims, BLOCK):
-        stop = min(start + BLOCK, dims)
-        block = weights[:, :, start:stop]
-        factor = upper[:, start:stop, start:stop]
-        diagonal = np.einsum("gii->gi", factor)
+
+    def zero_in_block(block: np.ndarray, diagonal: np.ndarray):
+        nonlocal left, size_left
         saliency = block ** 2 / diagonal[:, None, :] ** 2
-        size = saliency.size
-        count = int(round(left * size / size_left))
-        left, size_left = left - count, size_left - size
-        mask = np.zeros(size, dtype=bool)
+        count = int(round(left * saliency.size / size_left))
+        left, size_left = left - count, size_left - saliency.size
+        mask = np.zeros(saliency.size, dtype=bool)
         if count > 0:
             mask[np.argpartition(saliency.reshape(-1), count - 1)[:count]] = True
         mask = mask.reshape(saliency.shape)
-        errors = np.zeros_like(block)
-        for column in range(stop - start):
-            kept = np.where(mask[:, :, column], 0.0, block[:, :, column])
-            error = (block[:, :, column] - kept) / diagonal[:, None, column]
-            block[:, :, column:] -= error[:, :, None] * factor[:, None, column, column:]
-            block[:, :, column] = kept
-            errors[:, :, column] = error
-        weights[:, :, start:stop] = block
-        if stop < dims:
-            weights[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
-    return weights
+        return lambda values, column: np.where(mask[:, :, column], 0.0, values)
+
+    return obs_sweep(rows, upper, zero_in_block)

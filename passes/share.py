@@ -32,7 +32,6 @@ compressed by zlib (the entropy-coded size Deep Compression reports, as a figure
 from __future__ import annotations
 
 import fnmatch
-import os
 import math
 import zlib
 from collections import Counter
@@ -44,10 +43,11 @@ import onnx_graphsurgeon as gs
 from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
-from onnxcomp.passes.kmeans import kmeans_1d
+from onnxcomp.passes.kmeans import kmeans_slices
 from onnxcomp.passes.allocation import ModelOutputs, allocate
-from onnxcomp.passes.layers import (WEIGHTED_OPS, WeightedLayer, input_statistics, prepare, relative_error,
-                                    select_layers, snr_db, unit_energy)
+from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, WeightedLayer,
+                                    held_out_samples, input_statistics, obs_sweep, prepare, relative_error,
+                                    select_layers, snr_db, solved, unit_energy)
 from onnxcomp.registry import register
 
 PROBE_SAMPLES = 32  # calibration samples on which each layer's effect on the model's outputs is measured
@@ -66,6 +66,7 @@ class ShareConfig:
     exclude: tuple[str, ...] = ()
     min_size: int = 1024           # weights; smaller tensors are left as they are
     correction: bool | None = None  # restore each output unit's mean and spread; None: with calibration data
+    feedback: bool | None = None   # choose indices with error feedback (GPTQ-style); None: with calibration data
     samples: int = 128
     batch_size: int = 8
     encoding: str = "compact"      # compact | dense
@@ -117,12 +118,13 @@ class Share(Pass):
         config = self.config
         wants = [name for name, wanted in (("importance=energy", config.importance == "energy"),
                                            ("correction=true", config.correction),
+                                           ("feedback=true", config.feedback),
                                            ("allocation=sensitivity", config.allocation == "sensitivity"))
                  if wanted]
         if wants and ctx.calibration_data is None:
             raise PreconditionError(f"share: {' and '.join(wants)} need{'s' if len(wants) == 1 else ''} calibration "
-                                    "data: pass --calib-data, or use importance=none, correction=false and "
-                                    "allocation=uniform")
+                                    "data: pass --calib-data, or use importance=none, correction=false, "
+                                    "feedback=false and allocation=uniform")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
@@ -135,27 +137,34 @@ class Share(Pass):
         importance = config.importance if config.importance != "auto" else ("energy" if with_data else "none")
         correct = with_data if config.correction is None else config.correction
         allocation = config.allocation if config.allocation != "auto" else ("sensitivity" if with_data else "uniform")
-        statistics = _statistics(graph, layers, ctx, config) if with_data else {}
+        feedback = with_data if config.feedback is None else config.feedback
+        statistics, fits, held_out = _statistics(graph, layers, ctx, config) if with_data else ({}, {}, None)
         weights_of = _importances(layers, statistics) if importance == "energy" else {}
         fixed = _fixed_bits(layers, config)
         plans = {id(layer): Choice(fixed.get(id(layer), config.bits), config.granularity) for layer in layers}
         if allocation == "sensitivity":
             free = [layer for layer in layers if id(layer) not in fixed]
             plans.update(_allocate_bits(graph, free, statistics, weights_of, ctx, config, correct))
+        clustered_of = {id(layer): cluster(layer.values, plans[id(layer)].bits, plans[id(layer)].granularity,
+                                           weights_of.get(id(layer))) for layer in layers}
+        if feedback:
+            if held_out is None:
+                stats["damping"] = UNCHECKED_DAMPING
+            else:
+                errors = _damping_errors(graph, layers, clustered_of, fits, held_out, ctx, config, correct)
+                stats["damping"] = min(errors, key=errors.get)
+                stats["held_out_snr_db"] = round(float(snr_db(errors[stats["damping"]])), 1)
         names = graphs.Names(graph)
         totals = Counter()
         rows = []
         for layer in layers:
             plan = plans[id(layer)]
             stats_of = statistics.get(id(layer))
-            clustered = cluster(layer.values, plan.bits, plan.granularity, weights_of.get(id(layer)))
-            if correct and _restorable(layer, clustered) and os.environ.get("GPTQ"):
-                clustered = _error_feedback(layer, clustered, stats_of, float(os.environ["GPTQ"]))
-            if correct:
-                clustered, bias_shift, restored = _restored(layer, clustered, stats_of)
-                totals["corrected"] += int(restored)
-                if bias_shift is not None:
-                    layer.shift_bias(bias_shift, names)
+            clustered, bias_shift = _finished(layer, clustered_of.pop(id(layer)), stats_of, feedback and
+                                              stats["damping"], correct)
+            totals["corrected"] += int(correct and _restorable(layer, clustered))
+            if bias_shift is not None:
+                layer.shift_bias(bias_shift, names)
             row = {"layer": layer.name, "op": layer.node.op, "weights": int(clustered.values.size), "bits": plan.bits,
                    "codebooks": 1 if clustered.codebook.ndim == 1 else int(clustered.codebook.shape[0]),
                    "zeros": round(float(np.mean(clustered.values == 0)), 4)}
@@ -286,19 +295,26 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
     zero_slices = list(zeros.reshape(rows, -1)) if per_row else [zeros.reshape(-1)]
     gains = [None] * len(slices) if importance is None else \
         (list(importance.reshape(rows, -1)) if per_row else [importance.reshape(-1)])
-    codebooks, indices, exact = [], [], True
-    for values, zero, gain in zip(slices, zero_slices, gains):
-        reserve = int(not masked and zero.any())  # entry 0 of the codebook is the exact zero
-        nonzero = ~zero
-        centroids, index = kmeans_1d(values[nonzero], levels - reserve, None if gain is None else gain[nonzero])
-        exact &= centroids.size == np.unique(values[nonzero]).size
-        entries = np.concatenate([np.zeros(reserve), centroids]).astype(weight.dtype)
-        book = np.full(levels, entries[-1] if entries.size else 0, dtype=weight.dtype)  # unused: repeat a used one
-        book[:entries.size] = entries
-        full = np.zeros(values.size, dtype=np.int64)  # zeros: entry 0, which is 0 when reserved
-        full[nonzero] = index + reserve
-        codebooks.append(book)
-        indices.append(full)
+    # entry 0 of a slice's codebook is the exact zero where the slice has zeros and no mask
+    reserves = [int(not masked and zero.any()) for zero in zero_slices]
+    ordered = np.sort(np.stack(slices) if per_row else slices[0][None], axis=1)
+    distinct = 1 + np.count_nonzero(ordered[:, 1:] != ordered[:, :-1], axis=1) - np.any(ordered == 0, axis=1)
+    exact = bool(np.all(distinct <= levels - np.array(reserves)))  # nothing was approximated
+    codebooks, indices = [], []
+    for reserve in (0, 1):  # slices with a reserved entry get one centroid less
+        chosen = [i for i, r in enumerate(reserves) if r == reserve]
+        found = kmeans_slices([slices[i][~zero_slices[i]] for i in chosen], levels - reserve,
+                              None if importance is None else [gains[i][~zero_slices[i]] for i in chosen])
+        for i, (centroids, index) in zip(chosen, found):
+            entries = np.concatenate([np.zeros(reserve), centroids]).astype(weight.dtype)
+            book = np.full(levels, entries[-1] if entries.size else 0, dtype=weight.dtype)  # unused: repeat one
+            book[:entries.size] = entries
+            full = np.zeros(slices[i].size, dtype=np.int64)  # zeros: entry 0, which is 0 when reserved
+            full[~zero_slices[i]] = index + reserve
+            codebooks.append((i, book))
+            indices.append((i, full))
+    codebooks = [book for _, book in sorted(codebooks, key=lambda item: item[0])]
+    indices = [full for _, full in sorted(indices, key=lambda item: item[0])]
     codebook = np.stack(codebooks) if per_row else codebooks[0]
     index = np.stack(indices) if per_row else indices[0].reshape(rows, -1)
     return _assemble(codebook, scales, index, zeros.reshape(rows, -1), masked, exact, weight.shape)
@@ -352,49 +368,68 @@ def _restored(layer: WeightedLayer, clustered: Clustered, stats) -> tuple[Cluste
     return restored, np.einsum("grd,gd->gr", original - corrected, stats.mean).reshape(-1), True
 
 
-def _error_feedback(layer: WeightedLayer, clustered: Clustered, stats, damping: float) -> Clustered:
-    """The same codebooks with each weight's index chosen column by column, the error of each choice spread
-    over the columns not yet chosen so that the layer's output on calibration data is kept (optimal brain
-    surgeon updates through the inverse Hessian, as GPTQ does for a uniform grid, here for the codebook's
-    values). Zeros stay zero. Needs the units along the weight's first axis."""
-    from onnxcomp.passes.prune import BLOCK, _solved
-
+def _error_feedback(layer: WeightedLayer, clustered: Clustered, stats, damping: float, use_bias: bool) -> Clustered:
+    """The same codebooks with each weight's index chosen column by column, the error of each choice spread over
+    the columns not yet chosen so that the layer's output on calibration data is kept (layers.obs_sweep: GPTQ's
+    updates, here rounding to the codebook's values instead of a uniform grid). Zeros stay zero. Needs the units
+    along the weight's first axis."""
     rows = layer.rows().astype(np.float64)
-    groups, units, dims = rows.shape
-    present = layer.rows() != 0
-    count = groups * units
+    groups, units, _ = rows.shape
+    present = rows != 0
     book = clustered.codebook.reshape(-1, clustered.codebook.shape[-1]).astype(np.float64)
-    allowed = np.broadcast_to(book, (count, book.shape[1])).copy()
+    allowed = np.broadcast_to(book, (groups * units, book.shape[1])).copy()
     if clustered.scales is not None:
         allowed *= clustered.scales.astype(np.float64)[:, None]
     allowed = allowed.reshape(groups, units, -1)
-    moment = stats.moment(centered=layer.can_take_bias)
-    _, upper = _solved(layer, rows, stats, layer.can_take_bias, damping, moment, moment)
-    weights = rows.copy()
+    moment = stats.moment(centered=use_bias)
+    _, upper = solved(layer, rows, stats, use_bias, damping, moment, moment)
     chosen = np.zeros(rows.shape, dtype=np.int64)
-    for start in range(0, dims, BLOCK):
-        stop = min(start + BLOCK, dims)
-        block = weights[:, :, start:stop]
-        factor = upper[:, start:stop, start:stop]
-        errors = np.zeros_like(block)
-        for column in range(stop - start):
-            values = block[:, :, column]
+    visited = 0
+
+    def nearest(block: np.ndarray, diagonal: np.ndarray):
+        nonlocal visited
+        first, visited = visited, visited + block.shape[-1]
+
+        def round_column(values: np.ndarray, column: np.ndarray) -> np.ndarray:
             index = np.abs(values[:, :, None] - allowed).argmin(axis=-1)
-            rounded = np.where(present[:, :, start + column], np.take_along_axis(allowed, index[:, :, None], -1)[..., 0],
-                               0.0)
-            error = (values - rounded) / factor[:, None, column, column]
-            block[:, :, column:] -= error[:, :, None] * factor[:, None, column, column:]
-            block[:, :, column] = rounded
-            errors[:, :, column] = error
-            chosen[:, :, start + column] = index
-        weights[:, :, start:stop] = block
-        if stop < dims:
-            weights[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
+            chosen[:, :, first + column] = index
+            return np.where(present[:, :, first + column],
+                            np.take_along_axis(allowed, index[:, :, None], axis=-1)[..., 0], 0.0)
+        return round_column
+
+    obs_sweep(rows, upper, nearest)
     shape = clustered.values.shape
     index = layer.from_rows(chosen).reshape(shape[0] if len(shape) >= 2 else 1, -1)
     zeros = (layer.values == 0).reshape(index.shape)
     return _assemble(clustered.codebook, clustered.scales, np.where(zeros, 0, index), zeros, clustered.sparse,
                      clustered.exact, shape)
+
+
+def _finished(layer: WeightedLayer, clustered: Clustered, stats, damping: float | bool,
+              correct: bool) -> tuple[Clustered, np.ndarray | None]:
+    """The clustered layer with its indices chosen with error feedback (when `damping`) and its units restored
+    (when `correct`), and the bias shift that restoring their means asks for."""
+    if damping and _restorable(layer, clustered):
+        clustered = _error_feedback(layer, clustered, stats, float(damping), correct and layer.can_take_bias)
+    if not correct:
+        return clustered, None
+    clustered, bias_shift, _ = _restored(layer, clustered, stats)
+    return clustered, bias_shift
+
+
+def _damping_errors(graph: gs.Graph, layers: list[WeightedLayer], clustered_of: dict, fits: dict, held_out,
+                    ctx: PassContext, config: ShareConfig, correct: bool) -> dict[float, float]:
+    """For each candidate damping, the relative error of the model's outputs on the held-out calibration
+    samples, with every layer's indices chosen and units restored on the other samples."""
+    outputs = ModelOutputs(graph, ctx, held_out, held_out.num_samples, config.batch_size)
+    errors = {}
+    for damping in DAMPINGS:
+        changes = []
+        for layer in layers:
+            clustered, bias_shift = _finished(layer, clustered_of[id(layer)], fits[id(layer)], damping, correct)
+            changes.append((layer, clustered.values, bias_shift))
+        errors[damping] = outputs.relative_error(changes)
+    return errors
 
 
 def _restorable(layer: WeightedLayer, clustered: Clustered) -> bool:
@@ -440,13 +475,17 @@ def _stored_parts(clustered: Clustered, bits: int) -> list[np.ndarray]:
     return parts
 
 
-def _statistics(graph: gs.Graph, layers: list[WeightedLayer], ctx: PassContext, config: ShareConfig) -> dict:
-    """Each layer's input statistics on the calibration data, by id(layer)."""
+def _statistics(graph: gs.Graph, layers: list[WeightedLayer], ctx: PassContext, config: ShareConfig):
+    """(each layer's input statistics on the calibration data, the same without the held-out batches, the
+    held-out samples or None), the statistics by id(layer)."""
     model = gs.export_onnx(graph, do_type_check=False)
     samples = min(config.samples, ctx.calibration_data.num_samples)
     statistics = input_statistics(model, layers, ctx.calibration_data, samples=samples,
-                                  batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed)
-    return {key: fit for key, (fit, _) in statistics.items()}
+                                  batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
+                                  check_every=CHECK_EVERY)
+    every = {key: fit + check if check is not None else fit for key, (fit, check) in statistics.items()}
+    fits = {key: fit for key, (fit, _) in statistics.items()}
+    return every, fits, held_out_samples(ctx.calibration_data, samples, config.batch_size)
 
 
 def _importances(layers: list[WeightedLayer], statistics: dict) -> dict[int, np.ndarray]:
