@@ -3,30 +3,45 @@
 Before:
     x ─► Conv(W: 64×32×3×3 float32, 4 bytes per weight) ─► y
 After (bits=5):
-    W.codebook (32 values per output channel), W.indices (5 bits per weight) ─► decoding ops ─► W ─► Conv ─► y
+    W.codebook (32 values), W.scales (one per output channel), W.indices (5 bits per weight)
+        ─► decoding ops ─► W ─► Conv(W, b') ─► y
 
 The values are clustered with one-dimensional k-means (passes/kmeans.py: linear initialisation, deterministic),
 and the tensor is stored as codebook + indices packed at `bits` bits (onnxcomp/encoding.py), decoded by standard
 ops that ONNX Runtime folds when it creates the session: the file shrinks to about bits/8 bytes per weight plus
 the codebooks, and inference runs at dense speed.
 
-- `granularity=auto` (default) gives each slice along the weight's first axis (the output channels of Conv, and
-  of Gemm with transB) its own codebook where the codebooks cost at most a quarter of the indices; elsewhere
-  (depthwise filters of 9 weights) the slices, each divided by its largest magnitude, share one codebook and
-  keep one scale each (`scaled`). `row`, `scaled` and `tensor` (one codebook) force a choice. Channels whose
-  ranges differ by orders of magnitude (BN-scaled filters) are where one codebook per tensor fails.
-- Zero stays exactly zero: zeros (from `prune`) are not clustered, a bit mask places the others, and only those
-  carry an index. A tensor with at most 2^bits distinct values is kept exactly.
-- With calibration data (`importance=auto`), each weight's squared error is weighted by the energy E[x²] of the
-  input it multiplies, measured on the data: clusters follow the weights whose errors reach the output.
-- With calibration data (`correction`, on by default when there is data), each output unit's spread and mean on the data are restored to the
+- Granularity: `row` gives each slice along the weight's first axis (the output channels of Conv, and of Gemm
+  with transB) its own codebook; `scaled` divides each slice by its largest magnitude and gives the slices one
+  codebook and one scale each (channels whose ranges differ by orders of magnitude, as BN-scaled and depthwise
+  filters do, are where one codebook per tensor fails); `tensor` is one codebook. `auto` lets the allocation
+  choose per layer, or without it takes `row` where its codebooks cost at most a quarter of the indices.
+- Zero stays exactly zero. Where zeros are many (after `prune`), a bit mask places the non-zero values and only
+  those carry an index; where they are few (a mask would cost more than it saves), the codebook keeps an exact
+  0 entry. A tensor with at most 2^bits distinct values is kept exactly.
+- Bit allocation (`allocation=sensitivity`, the default with calibration data): every layer is clustered at
+  1 … 8 bits and each granularity; its relative output error on the calibration data, times its gain (how much
+  of it reaches the model's outputs, measured by running the model with the layer shared alone), against its
+  stored bytes, makes a curve, and the bytes are spent where the output error per byte is highest (the lower
+  convex hull of each curve, steepest first: passes/allocation.py). The budget is `bits`/8 bytes per stored
+  weight, codebooks and scales included, plus the mask: the file is at most what `bits` for every weight
+  costs in indices alone. `layer-bits=pattern:bits|…` fixes the bits of the layers a pattern matches.
+- Importance (`importance=energy`, the default with data): each weight's squared error is weighted by the energy
+  E[x²] of the input it multiplies, so clusters follow the weights whose errors reach the output.
+- Error feedback (`feedback`, on with data): with the codebooks fixed, each weight's index is chosen column by
+  column and the error of each choice is spread over the columns not yet chosen, so that the layer's output on
+  the data is kept (GPTQ's updates with the codebook's values as the grid; layers.obs_sweep, shared with
+  prune). H is damped by a share chosen on held-out calibration batches, as prune does. Needs the units along
+  the weight's first axis (Conv, Gemm with transB); MatMul and ConvTranspose keep the nearest value.
+- Restoration (`correction`, on with data): each output unit's spread and mean on the data are restored to the
   unshared layer's, as re-estimating a BatchNormalization would: the spread through the unit's own codebook or
-  scale (so the weight stays shared), the mean through the bias. It needs the units along the weight's first
-  axis (Conv, Gemm with transB) and per-row or scaled codebooks.
+  scale (so the weight stays shared), the mean through the bias. Same layers as error feedback, with `row` or
+  `scaled` codebooks.
 - `encoding=dense` writes the shared values densely, for runtimes that do not fold constants.
 
 Stats: the bytes of the dense weights, of the stored layout, and of the stored layout with its indices and masks
-compressed by zlib (the entropy-coded size Deep Compression reports, as a figure, not as the file format).
+compressed by zlib (the entropy-coded size Deep Compression reports, as a figure, not as the file format), and
+the mean index bits per stored weight. The per-layer table gives each layer's bits, codebooks and output SNR.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcomp.passes.kmeans import kmeans_1d
+from onnxcomp.passes.kmeans import kmeans_1d, kmeans_slices
 
 RNG = np.random.default_rng(0)
 
@@ -58,3 +58,19 @@ def test_deterministic_and_bad_arguments():
         kmeans_1d(values, 0)
     with pytest.raises(ValueError):
         kmeans_1d(values, 4, -np.ones(1000))
+
+
+def test_slices_clustered_together_match_each_slice_alone():
+    """Per-channel codebooks cluster hundreds of slices in one batch: the result is each slice's own k-means,
+    whatever the slices' sizes and ranges (empty, constant, few values, wide)."""
+    slices = [RNG.normal(0, scale, size) for scale, size in ((0.01, 300), (5.0, 40), (1.0, 1), (0.3, 1000))]
+    slices += [np.zeros(0), np.full(7, 2.5), RNG.choice(np.array([-1.0, 0.5, 3.0]), 50)]
+    importances = [RNG.uniform(0.1, 2.0, s.size) for s in slices]
+    together = kmeans_slices(slices, 8, importances)
+    for values, importance, (centroids, indices) in zip(slices, importances, together):
+        if np.unique(values).size <= 8:
+            np.testing.assert_array_equal(centroids[indices], values)
+            continue
+        np.testing.assert_allclose(centroids, lloyd(values, 8, importance), rtol=1e-9, atol=1e-12)
+        nearest = np.argmin(np.abs(values[:, None] - centroids[None, :]), axis=1)
+        np.testing.assert_array_equal(centroids[indices], centroids[nearest])
