@@ -26,6 +26,7 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/fuse_bn_vs_onnxoptimizer.py
 	$(BIN)/python benchmarks/int8_vs_ort.py
 	$(BIN)/python benchmarks/prune_vs_naive.py
+	$(BIN)/python benchmarks/deep_compression.py
 
 # Retrain the demo model from scikit-learn's digits (deterministic; rewrites models/digits_*).
 model: $(INSTALLED)

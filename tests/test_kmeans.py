@@ -74,3 +74,9 @@ def test_slices_clustered_together_match_each_slice_alone():
         np.testing.assert_allclose(centroids, lloyd(values, 8, importance), rtol=1e-9, atol=1e-12)
         nearest = np.argmin(np.abs(values[:, None] - centroids[None, :]), axis=1)
         np.testing.assert_array_equal(centroids[indices], centroids[nearest])
+
+
+def test_equal_slices_sorted_row_by_row_match_each_slice_alone():
+    slices = list(RNG.normal(0, 1, (6, 200)) * np.array([[0.01], [0.1], [1], [10], [100], [1000]]))
+    for values, (centroids, _) in zip(slices, kmeans_slices(slices, 16)):
+        np.testing.assert_allclose(centroids, lloyd(values, 16, np.ones(values.size)), rtol=1e-9, atol=1e-12)
