@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from onnxcomp import api, inspection, model_io, recipe, registry
+from onnxcomp.distillation import DistillConfig, distill
 from onnxcomp.errors import InputError, OnnxcompError
 from onnxcomp.report import Report
 from onnxcomp.validate import validate
@@ -51,6 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     commands.add_parser("passes", help="list the available passes")
+
+    teach = commands.add_parser("distill", help="train a student model to reproduce an ONNX teacher's outputs "
+                                                "(knowledge distillation; needs onnxcomp[torch])")
+    teach.add_argument("teacher", help="the teacher .onnx model (never modified)")
+    teach.add_argument("--student", required=True, help="an .onnx model to train in place, or module:factory / "
+                                                        "file.py:factory returning a torch.nn.Module")
+    teach.add_argument("--data", required=True, help="training data (.npz/.npy/image folder) for the teacher's "
+                                                     "inputs; labels are used when present, never required")
+    teach.add_argument("-o", "--output", required=True, help="the trained student .onnx")
+    teach.add_argument("--preprocess", help="image preprocessing, as for optimize")
+    defaults = DistillConfig()
+    teach.add_argument("--epochs", type=int, default=defaults.epochs)
+    teach.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    teach.add_argument("--lr", type=float, default=defaults.learning_rate, help="Adam learning rate")
+    teach.add_argument("--temperature", type=float, default=defaults.temperature)
+    teach.add_argument("--loss", choices=["kl", "mse"], default=defaults.loss,
+                       help="kl: Hinton's softened KL ×T²; mse: on the outputs")
+    teach.add_argument("--alpha", type=float, default=defaults.alpha,
+                       help="weight of the cross-entropy on labels, when the data has them")
+    teach.add_argument("--holdout", type=float, default=defaults.holdout,
+                       help="share of the samples held out to report agreement each epoch")
+    teach.add_argument("--seed", type=int, default=defaults.seed)
+    teach.add_argument("--device", default=defaults.device, help="torch device for the student: cpu or cuda")
+    teach.add_argument("--provider", default=defaults.provider, help="execution provider for the teacher")
+    teach.add_argument("--init-from-teacher", action="store_true",
+                       help="copy teacher weights into student tensors of the same name and shape")
     return parser
 
 
@@ -168,7 +195,20 @@ def _default_output(model: Path) -> Path:
     return model.with_name(model.stem + ".opt.onnx")
 
 
-_COMMANDS = {"optimize": _optimize, "validate": _validate, "inspect": _inspect, "passes": _passes}
+def _distill(args) -> int:
+    config = DistillConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                           temperature=args.temperature, loss=args.loss, alpha=args.alpha, holdout=args.holdout,
+                           seed=args.seed, device=args.device, provider=args.provider,
+                           init_from_teacher=args.init_from_teacher)
+    _, report = distill(args.teacher, args.student, args.data, config=config, preprocess=args.preprocess,
+                        output=args.output)
+    print(report.render())
+    print(f"student written to {args.output}")
+    return 0
+
+
+_COMMANDS = {"optimize": _optimize, "validate": _validate, "inspect": _inspect, "passes": _passes,
+             "distill": _distill}
 
 if __name__ == "__main__":
     sys.exit(main())

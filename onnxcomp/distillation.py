@@ -1,0 +1,334 @@
+"""distill: train a student model to reproduce an ONNX teacher's outputs (knowledge distillation).
+
+The teacher is any ONNX model, run once over the data by ONNX Runtime on the chosen execution provider; its
+outputs are kept in memory (the data is not augmented, so they do not change between epochs). The student is
+
+- an ONNX model: trained in place through onnxcomp.torch_graph (its graph unchanged, its weights trained) and
+  written back as the same graph with new weights; or
+- `package.module:factory` or `path/to/file.py:factory`: a function returning a torch.nn.Module, exported to
+  ONNX after training with the teacher's input names and a free batch axis.
+
+Loss (Hinton et al. 2015): the KL divergence between the teacher's and the student's outputs softened by a
+temperature T, times T² so that its gradients keep their scale as T changes (`loss=kl`), or the mean squared
+error between the outputs (`loss=mse`); plus, when the data has labels, α times the cross-entropy on them.
+Unlabeled data works: the teacher's outputs are the targets. A share of the samples (`holdout`, spread over the
+data, which is often sorted by class) is held out: after each epoch the student's top-1 agreement with the
+teacher there (and accuracy, with labels) is reported. Deterministic for a given `seed` on the CPU.
+
+`init_from_teacher` copies teacher weights into the student's tensors whose names and shapes match (the
+parameter-transfer form of knowledge transfer) and reports each.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcomp import data as datasets
+from onnxcomp import model_io, runtime
+from onnxcomp.errors import InputError
+
+LOSSES = ("kl", "mse")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3     # Adam
+    temperature: float = 4.0
+    loss: str = "kl"                # kl | mse
+    alpha: float = 0.5              # weight of the cross-entropy on labels, when the data has them
+    holdout: float = 0.1            # share of the samples held out to report agreement each epoch
+    seed: int = 0
+    device: str = "cpu"             # torch device for the student: cpu, cuda
+    provider: str = "cpu"           # ONNX Runtime execution provider for the teacher
+    init_from_teacher: bool = False
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InputError("epochs and batch-size must be at least 1")
+        if not self.learning_rate > 0 or not self.temperature > 0:
+            raise InputError("learning rate and temperature must be positive")
+        if self.loss not in LOSSES:
+            raise InputError(f"loss must be one of {', '.join(LOSSES)}, not '{self.loss}'")
+        if not 0 <= self.alpha <= 1:
+            raise InputError(f"alpha must be in [0, 1], not {self.alpha}")
+        if not 0 <= self.holdout < 1:
+            raise InputError(f"holdout must be in [0, 1), not {self.holdout}")
+
+
+@dataclass
+class Epoch:
+    number: int
+    loss: float                  # mean training loss over the epoch
+    agreement: float | None      # held-out top-1 agreement with the teacher, percent
+    accuracy: float | None       # held-out top-1 on labels, percent
+    seconds: float
+
+
+@dataclass
+class DistillReport:
+    teacher: str
+    student: str
+    train_samples: int
+    held_out_samples: int
+    teacher_accuracy: float | None = None   # on the held-out samples, with labels
+    epochs: list[Epoch] = field(default_factory=list)
+    transferred: list[dict] = field(default_factory=list)  # init_from_teacher, one row per student tensor
+
+    def render(self) -> str:
+        lines = [f"distill {self.student} from {self.teacher}: {self.train_samples} training samples, "
+                 f"{self.held_out_samples} held out"]
+        if self.transferred:
+            copied = sum(row["copied"] for row in self.transferred)
+            lines.append(f"init from teacher: {copied} of {len(self.transferred)} student tensors copied")
+            lines += [f"  {row['name']}  {row['shape']}  {'copied' if row['copied'] else row['reason']}"
+                      for row in self.transferred]
+        for epoch in self.epochs:
+            lines.append(_epoch_line(epoch, len(self.epochs)))
+        if self.teacher_accuracy is not None:
+            lines.append(f"teacher held-out accuracy {self.teacher_accuracy:.2f} %")
+        return "\n".join(lines)
+
+
+def require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise InputError("distill needs PyTorch, which is not installed: pip install 'onnxcomp[torch]' "
+                         "(for the CPU build: pip install torch==2.13.0 --index-url "
+                         "https://download.pytorch.org/whl/cpu)") from None
+    return torch
+
+
+def distill(teacher, student, data, *, config: DistillConfig = DistillConfig(), preprocess=None,
+            output: str | Path | None = None, progress: bool | None = None) -> tuple[onnx.ModelProto, DistillReport]:
+    """Train `student` (an ONNX model or path, or 'module:factory') to reproduce `teacher` on `data`.
+
+    Returns the trained student as an ONNX model (also written to `output` when given) and the report.
+    """
+    torch = require_torch()
+    teacher_model = teacher if isinstance(teacher, onnx.ModelProto) else model_io.load(teacher)
+    dataset = datasets.open_data(data, teacher_model, preprocess=preprocess)
+    names = [spec.name for spec in dataset.inputs]
+    feed = dataset.batch(0, dataset.num_samples)
+    targets = _teacher_outputs(teacher_model, dataset, config)
+    held_out = _held_out_indices(dataset.num_samples, config.holdout)
+    train = np.setdiff1d(np.arange(dataset.num_samples), held_out)
+    report = DistillReport(str(teacher if not isinstance(teacher, onnx.ModelProto) else "model"),
+                           str(student if not isinstance(student, onnx.ModelProto) else "model"),
+                           len(train), len(held_out))
+    labels = dataset.labels
+    if labels is not None and len(held_out):
+        report.teacher_accuracy = 100 * float(np.mean(targets[held_out].argmax(-1) == labels[held_out]))
+
+    torch.manual_seed(config.seed)
+    module, student_model = _student(student, names)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no GPU here; use --device cpu")
+    module.to(device)
+    if config.init_from_teacher:
+        report.transferred = _transfer(teacher_model, module, student_model)
+    order = module.input_names if student_model is not None else names
+    inputs = [torch.from_numpy(np.ascontiguousarray(feed[name])) for name in order]
+    teacher_out = torch.from_numpy(targets.astype(np.float32))
+    _check_shapes(module, inputs, teacher_out, device)
+
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
+    generator = torch.Generator().manual_seed(config.seed)
+    show = sys.stderr.isatty() if progress is None else progress
+    for number in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        module.train()
+        order = torch.from_numpy(train)[torch.randperm(len(train), generator=generator)]
+        total, seen = 0.0, 0
+        for first in range(0, len(order), config.batch_size):
+            index = order[first:first + config.batch_size]
+            batch = [x[index].to(device) for x in inputs]
+            out = _first_output(module(*batch))
+            loss = _loss(torch, out, teacher_out[index].to(device), None if labels is None else
+                         torch.from_numpy(labels[index.numpy()]).to(device), config)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+            seen += len(index)
+            if show:
+                print(f"\repoch {number}/{config.epochs}  {seen}/{len(order)}  loss {total / seen:.4f}", end="",
+                      file=sys.stderr, flush=True)
+        agreement, accuracy = _evaluate(torch, module, inputs, targets, labels, held_out, device, config.batch_size)
+        epoch = Epoch(number, total / max(seen, 1), agreement, accuracy, time.perf_counter() - started)
+        report.epochs.append(epoch)
+        print(("\r" if show else "") + _epoch_line(epoch, config.epochs), file=sys.stderr, flush=True)
+
+    module.eval().cpu()
+    trained = _export(torch, module, student_model, feed, names, teacher_model)
+    if output is not None:
+        protect = [] if isinstance(teacher, onnx.ModelProto) else [teacher]
+        if any(Path(output).resolve() == Path(p).resolve() for p in protect):
+            raise InputError(f"{output} is the teacher model; choose another output file")
+        model_io.save(trained, output)
+    return trained, report
+
+
+def _epoch_line(epoch: Epoch, epochs: int) -> str:
+    parts = [f"epoch {epoch.number}/{epochs}", f"loss {epoch.loss:.4f}"]
+    if epoch.agreement is not None:
+        parts.append(f"held-out agreement {epoch.agreement:.2f} %")
+    if epoch.accuracy is not None:
+        parts.append(f"accuracy {epoch.accuracy:.2f} %")
+    parts.append(f"{epoch.seconds:.1f} s")
+    return "  ".join(parts)
+
+
+def _teacher_outputs(model: onnx.ModelProto, dataset, config: DistillConfig) -> np.ndarray:
+    """The teacher's first output for every sample, as float64 (N, …)."""
+    session = runtime.session(model, config.provider)
+    output = session.get_outputs()[0].name
+    parts = [np.asarray(session.run([output], dataset.batch(start, stop))[0], dtype=np.float64)
+             for start, stop in dataset.runs(dataset.num_samples, 64)]
+    return np.concatenate(parts)
+
+
+def _held_out_indices(count: int, share: float) -> np.ndarray:
+    """Every k-th sample, k = 1 / share: spread over data that is often sorted by class."""
+    if share <= 0 or count < 2:
+        return np.zeros(0, dtype=np.int64)
+    step = max(int(round(1 / share)), 2)
+    return np.arange(step // 2, count, step, dtype=np.int64)
+
+
+def _student(student, names: list[str]):
+    """(torch module, the ONNX student model or None for a torch factory). An ONNX student takes its inputs
+    in its own order (`input_names`), a torch one in the data's."""
+    if isinstance(student, onnx.ModelProto) or str(student).endswith(".onnx"):
+        from onnxcomp.torch_graph import OnnxModule
+
+        model = student if isinstance(student, onnx.ModelProto) else model_io.load(student)
+        module = OnnxModule(model)
+        missing = [name for name in module.input_names if name not in names]
+        if missing:
+            raise InputError(f"the student's inputs {', '.join(missing)} are not in the data, which gives "
+                             f"{', '.join(names)}; give the student the teacher's input names")
+        return module, model
+    text = str(student)
+    where, colon, factory = text.rpartition(":")
+    if not colon or not where or not factory:
+        raise InputError(f"--student {text}: give an .onnx file, or module:factory / file.py:factory")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise InputError(f"--student {text}: {path} not found")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise InputError(f"--student {text}: cannot import {where} ({exc})") from None
+    make = getattr(module, factory, None)
+    if not callable(make):
+        raise InputError(f"--student {text}: {where} has no function {factory}")
+    built = make()
+    import torch
+
+    if not isinstance(built, torch.nn.Module):
+        raise InputError(f"--student {text}: {factory}() returned {type(built).__name__}, not a torch.nn.Module")
+    return built, None
+
+
+def _first_output(result):
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def _loss(torch, out, teacher, labels, config: DistillConfig):
+    import torch.nn.functional as F
+
+    if config.loss == "kl":
+        t = config.temperature
+        flat_out, flat_teacher = out.reshape(out.shape[0], -1), teacher.reshape(teacher.shape[0], -1)
+        soft = F.kl_div(F.log_softmax(flat_out / t, dim=-1), F.log_softmax(flat_teacher / t, dim=-1),
+                        reduction="batchmean", log_target=True) * t * t
+    else:
+        soft = F.mse_loss(out, teacher)
+    if labels is None or config.alpha == 0:
+        return soft
+    hard = F.cross_entropy(out.reshape(out.shape[0], -1), labels.long())
+    return (1 - config.alpha) * soft + config.alpha * hard
+
+
+def _evaluate(torch, module, inputs, targets, labels, held_out, device, batch_size):
+    if not len(held_out):
+        return None, None
+    module.eval()
+    with torch.no_grad():
+        index = torch.from_numpy(held_out)
+        outs = [_first_output(module(*[x[index[i:i + batch_size]].to(device) for x in inputs])).cpu().numpy()
+                for i in range(0, len(index), batch_size)]
+    predicted = np.concatenate(outs).reshape(len(held_out), -1).argmax(-1)
+    agreement = 100 * float(np.mean(predicted == targets[held_out].reshape(len(held_out), -1).argmax(-1)))
+    accuracy = None if labels is None else 100 * float(np.mean(predicted == labels[held_out]))
+    return agreement, accuracy
+
+
+def _check_shapes(module, inputs, teacher_out, device) -> None:
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        out = _first_output(module(*[x[:2].to(device) for x in inputs]))
+    if tuple(out.shape[1:]) != tuple(teacher_out.shape[1:]):
+        raise InputError(f"the student's output has shape {list(out.shape[1:])} per sample and the teacher's "
+                         f"{list(teacher_out.shape[1:])}; the student must predict what the teacher does")
+
+
+def _transfer(teacher: onnx.ModelProto, module, student_model) -> list[dict]:
+    """Copy teacher initializers into the student's tensors of the same name and shape; one row per tensor."""
+    import torch
+
+    source = {t.name: numpy_helper.to_array(t) for t in teacher.graph.initializer}
+    if student_model is not None:
+        named = {name: module.tensor(name) for name in module.trainable_names}
+    else:
+        named = dict(module.state_dict(keep_vars=True))
+    rows = []
+    for name, tensor in named.items():
+        row = {"name": name, "shape": list(tensor.shape), "copied": False, "reason": ""}
+        if name not in source:
+            row["reason"] = "no teacher tensor of that name"
+        elif list(source[name].shape) != list(tensor.shape):
+            row["reason"] = f"teacher's is {list(source[name].shape)}"
+        else:
+            with torch.no_grad():
+                tensor.copy_(torch.from_numpy(source[name].astype(np.float32)).to(tensor.dtype))
+            row["copied"] = True
+        rows.append(row)
+    return rows
+
+
+def _export(torch, module, student_model, feed, names, teacher_model) -> onnx.ModelProto:
+    if student_model is not None:
+        from onnxcomp.torch_graph import with_weights
+
+        return with_weights(student_model, module.weights())
+    example = tuple(torch.from_numpy(np.ascontiguousarray(feed[name][:1])) for name in names)
+    outputs = [v.name for v in teacher_model.graph.output][:1]
+    buffer = io.BytesIO()
+    torch.onnx.export(module, example, buffer, input_names=names, output_names=outputs, dynamo=False,
+                      dynamic_axes={name: {0: "N"} for name in names + outputs},
+                      opset_version=max(13, min(17, next((o.version for o in teacher_model.opset_import
+                                                            if o.domain in ("", "ai.onnx")), 13))))
+    return onnx.load_from_string(buffer.getvalue())
+
