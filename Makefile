@@ -27,6 +27,7 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/int8_vs_ort.py
 	$(BIN)/python benchmarks/prune_vs_naive.py
 	$(BIN)/python benchmarks/deep_compression.py
+	$(BIN)/python benchmarks/distill_digits.py
 
 # Retrain the demo model from scikit-learn's digits (deterministic; rewrites models/digits_*).
 model: $(INSTALLED)
