@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--provider", default=defaults.provider, help="execution provider for the teacher")
     teach.add_argument("--init-from-teacher", action="store_true",
                        help="copy teacher weights into student tensors of the same name and shape")
+
+    out = commands.add_parser("export", help="export a torch module to ONNX (needs onnxcomp[torch])")
+    out.add_argument("factory", help="module:factory or file.py:factory returning a torch.nn.Module")
+    out.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,224,224 (the batch axis "
+                                                          "stays free)")
+    out.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    out.add_argument("--weights", help="a state dict (torch.save) to load into the module first")
+    out.add_argument("--input-name", default="input")
+    out.add_argument("--output-name", default="output")
+    out.add_argument("--opset", type=int, default=17)
+    out.add_argument("--keep-batchnorm", action="store_true",
+                     help="keep BatchNormalization nodes (no folding by torch), e.g. for onnxcomp's fuse-bn")
     return parser
 
 
@@ -207,8 +219,23 @@ def _distill(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from onnxcomp.export import export
+
+    try:
+        shape = [int(d) for d in args.input_shape.split(",")]
+    except ValueError:
+        raise InputError(f"--input-shape {args.input_shape}: give integers separated by commas, e.g. 1,3,224,224") \
+            from None
+    model = export(args.factory, shape, args.output, weights=args.weights, input_name=args.input_name,
+                   output_name=args.output_name, opset=args.opset, keep_batchnorm=args.keep_batchnorm)
+    batchnorms = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
+    print(f"{args.factory} written to {args.output}: {len(model.graph.node)} nodes, {batchnorms} BatchNormalization")
+    return 0
+
+
 _COMMANDS = {"optimize": _optimize, "validate": _validate, "inspect": _inspect, "passes": _passes,
-             "distill": _distill}
+             "distill": _distill, "export": _export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,9 +21,6 @@ parameter-transfer form of knowledge transfer) and reports each.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import io
 import sys
 import time
 from dataclasses import dataclass, field
@@ -222,31 +219,11 @@ def _student(student, names: list[str]):
             raise InputError(f"the student's inputs {', '.join(missing)} are not in the data, which gives "
                              f"{', '.join(names)}; give the student the teacher's input names")
         return module, model
-    text = str(student)
-    where, colon, factory = text.rpartition(":")
-    if not colon or not where or not factory:
-        raise InputError(f"--student {text}: give an .onnx file, or module:factory / file.py:factory")
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise InputError(f"--student {text}: {path} not found")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as exc:
-            raise InputError(f"--student {text}: cannot import {where} ({exc})") from None
-    make = getattr(module, factory, None)
-    if not callable(make):
-        raise InputError(f"--student {text}: {where} has no function {factory}")
-    built = make()
-    import torch
+    from onnxcomp.export import load_factory
 
-    if not isinstance(built, torch.nn.Module):
-        raise InputError(f"--student {text}: {factory}() returned {type(built).__name__}, not a torch.nn.Module")
-    return built, None
+    if ":" not in str(student):
+        raise InputError(f"--student {student}: give an .onnx file, or module:factory / file.py:factory")
+    return load_factory(str(student)), None
 
 
 def _first_output(result):
@@ -323,12 +300,10 @@ def _export(torch, module, student_model, feed, names, teacher_model) -> onnx.Mo
         from onnxcomp.torch_graph import with_weights
 
         return with_weights(student_model, module.weights())
+    from onnxcomp.export import to_onnx
+
     example = tuple(torch.from_numpy(np.ascontiguousarray(feed[name][:1])) for name in names)
-    outputs = [v.name for v in teacher_model.graph.output][:1]
-    buffer = io.BytesIO()
-    torch.onnx.export(module, example, buffer, input_names=names, output_names=outputs, dynamo=False,
-                      dynamic_axes={name: {0: "N"} for name in names + outputs},
-                      opset_version=max(13, min(17, next((o.version for o in teacher_model.opset_import
-                                                            if o.domain in ("", "ai.onnx")), 13))))
-    return onnx.load_from_string(buffer.getvalue())
+    opset = next((o.version for o in teacher_model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    return to_onnx(module, example, names, [v.name for v in teacher_model.graph.output][:1],
+                   opset=max(13, min(17, opset)))
 

@@ -109,3 +109,30 @@ def test_missing_torch_names_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(onnxcomp.InputError, match=r"onnxcomp\[torch\]"):
         distillation.require_torch()
+
+
+def test_export_keeps_batchnorm_when_asked_and_matches_torch(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch\n\ndef net():\n    torch.manual_seed(0)\n"
+        "    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())\n"
+        "    model[1].running_mean.uniform_(-1, 1)\n    model[1].running_var.uniform_(0.5, 2)\n    return model\n")
+    factory = f"{tmp_path / 'net.py'}:net"
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    sys.path.insert(0, str(tmp_path))
+    import net
+
+    expected = net.net().eval()(torch.from_numpy(x)).detach().numpy()
+    counts = {}
+    for keep in (False, True):
+        out = tmp_path / f"net_{keep}.onnx"
+        result = run_cli("export", factory, "--input-shape", "1,3,8,8", "-o", out,
+                         *(["--keep-batchnorm"] if keep else []))
+        assert result.returncode == 0, result.stderr
+        model = onnx.load(out)
+        counts[keep] = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+        np.testing.assert_allclose(run_model(out, {"input": x})[0], expected, rtol=1e-4, atol=1e-5)
+    assert counts == {False: 0, True: 1}
+    torch.save({"0.weight": torch.zeros(2)}, tmp_path / "bad.pt")
+    result = run_cli("export", factory, "--input-shape", "1,3,8,8", "-o", tmp_path / "x.onnx", "--weights",
+                     tmp_path / "bad.pt")
+    assert result.returncode == 2 and "state dict" in result.stderr and not (tmp_path / "x.onnx").exists()
