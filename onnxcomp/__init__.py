@@ -6,7 +6,7 @@
 """
 
 from onnxcomp.api import check_budgets, load, optimize, save
-from onnxcomp.distillation import DistillConfig, distill
+from onnxcomp.distillation import DistillConfig, distill, heal
 from onnxcomp.errors import BudgetExceeded, InputError, OnnxcompError
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PostconditionError, PreconditionError
@@ -14,6 +14,7 @@ from onnxcomp.validate import validate
 
 __all__ = [
     "BudgetExceeded", "DistillConfig", "InputError", "OnnxcompError", "Pass", "PassContext", "PassManager", "PassResult",
-    "PostconditionError", "PreconditionError", "check_budgets", "distill", "load", "optimize", "save", "validate",
+    "PostconditionError", "PreconditionError", "check_budgets", "distill", "heal", "load", "optimize", "save",
+    "validate",
 ]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from onnxcomp import api, inspection, model_io, recipe, registry
-from onnxcomp.distillation import DistillConfig, distill
+from onnxcomp.distillation import DistillConfig, distill, heal
 from onnxcomp.errors import InputError, OnnxcompError
 from onnxcomp.report import Report
 from onnxcomp.validate import validate
@@ -55,9 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     teach = commands.add_parser("distill", help="train a student model to reproduce an ONNX teacher's outputs "
                                                 "(knowledge distillation; needs onnxcomp[torch])")
-    teach.add_argument("teacher", help="the teacher .onnx model (never modified)")
-    teach.add_argument("--student", required=True, help="an .onnx model to train in place, or module:factory / "
-                                                        "file.py:factory returning a torch.nn.Module")
+    teach.add_argument("teacher", nargs="?", help="the teacher .onnx model (never modified)")
+    teach.add_argument("--teacher", dest="teacher_option", metavar="TEACHER", help="the same, as an option")
+    role = teach.add_mutually_exclusive_group(required=True)
+    role.add_argument("--student", help="an .onnx model to train in place, or module:factory / "
+                                        "file.py:factory returning a torch.nn.Module")
+    role.add_argument("--heal", metavar="COMPRESSED", help="a model made by prune / share to fine-tune from the "
+                                                           "teacher (its original), keeping masks and codebooks")
     teach.add_argument("--data", required=True, help="training data (.npz/.npy/image folder) for the teacher's "
                                                      "inputs; labels are used when present, never required")
     teach.add_argument("-o", "--output", required=True, help="the trained student .onnx")
@@ -212,10 +216,17 @@ def _distill(args) -> int:
                            temperature=args.temperature, loss=args.loss, alpha=args.alpha, holdout=args.holdout,
                            seed=args.seed, device=args.device, provider=args.provider,
                            init_from_teacher=args.init_from_teacher)
-    _, report = distill(args.teacher, args.student, args.data, config=config, preprocess=args.preprocess,
-                        output=args.output)
+    if bool(args.teacher) == bool(args.teacher_option):
+        raise InputError("give the teacher model once: as the first argument or with --teacher")
+    teacher = args.teacher or args.teacher_option
+    if args.heal:
+        _, report = heal(args.heal, teacher, args.data, config=config, preprocess=args.preprocess,
+                         output=args.output)
+    else:
+        _, report = distill(teacher, args.student, args.data, config=config, preprocess=args.preprocess,
+                            output=args.output)
     print(report.render())
-    print(f"student written to {args.output}")
+    print(f"{'healed model' if args.heal else 'student'} written to {args.output}")
     return 0
 
 

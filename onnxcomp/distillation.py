@@ -31,7 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcomp import data as datasets
-from onnxcomp import model_io, runtime
+from onnxcomp import encoding, model_io, runtime
 from onnxcomp.errors import InputError
 
 LOSSES = ("kl", "mse")
@@ -116,44 +116,103 @@ def distill(teacher, student, data, *, config: DistillConfig = DistillConfig(), 
     """
     torch = require_torch()
     teacher_model = teacher if isinstance(teacher, onnx.ModelProto) else model_io.load(teacher)
-    dataset = datasets.open_data(data, teacher_model, preprocess=preprocess)
-    names = [spec.name for spec in dataset.inputs]
-    feed = dataset.batch(0, dataset.num_samples)
-    targets = _teacher_outputs(teacher_model, dataset, config)
-    held_out = _held_out_indices(dataset.num_samples, config.holdout)
-    train = np.setdiff1d(np.arange(dataset.num_samples), held_out)
-    report = DistillReport(str(teacher if not isinstance(teacher, onnx.ModelProto) else "model"),
-                           str(student if not isinstance(student, onnx.ModelProto) else "model"),
-                           len(train), len(held_out))
-    labels = dataset.labels
-    if labels is not None and len(held_out):
-        report.teacher_accuracy = 100 * float(np.mean(targets[held_out].argmax(-1) == labels[held_out]))
-
+    transfer = _Transfer(teacher_model, data, preprocess, config)
+    report = transfer.report(teacher, student)
     torch.manual_seed(config.seed)
-    module, student_model = _student(student, names)
+    module, student_model = _student(student, transfer.names)
+    if config.init_from_teacher:
+        report.transferred = _transfer(teacher_model, module, student_model)
+    _train(module, module.input_names if student_model is not None else transfer.names, transfer, config, report,
+           progress)
+    if student_model is not None:
+        from onnxcomp.torch_graph import with_weights
+
+        trained = with_weights(student_model, module.weights())
+    else:
+        trained = _export(torch, module, transfer.feed, transfer.names, teacher_model)
+    _save(trained, output, teacher)
+    return trained, report
+
+
+def heal(compressed, teacher, data, *, config: DistillConfig = DistillConfig(), preprocess=None,
+         output: str | Path | None = None, progress: bool | None = None) -> tuple[onnx.ModelProto, DistillReport]:
+    """Fine-tune a model made by prune / share to reproduce `teacher` (the original) on `data`, keeping its
+    structure: pruned weights stay zero, shared weights stay shared (each codebook value and scale moves by the
+    sum of its members' gradients, Deep Compression's trained quantization), and the result is stored in
+    exactly the layout the input had: only the stored values, codebooks, scales and the dense tensors change.
+    """
+    torch = require_torch()
+    from onnxcomp.torch_graph import OnnxModule, with_weights
+
+    teacher_model = teacher if isinstance(teacher, onnx.ModelProto) else model_io.load(teacher)
+    compressed_model = compressed if isinstance(compressed, onnx.ModelProto) else model_io.load(compressed)
+    found = encoding.layouts(compressed_model)
+    if not found:
+        raise InputError(f"{compressed}: no pruned or shared weights stored compactly to heal; to train a plain "
+                         "model, use distill --student")
+    transfer = _Transfer(teacher_model, data, preprocess, config)
+    report = transfer.report(teacher, compressed)
+    torch.manual_seed(config.seed)
+    module = OnnxModule(_decoded(compressed_model))
+    payload = [_tie(torch, module, layout, compressed_model) for layout in found]
+    _train(module, module.input_names, transfer, config, report, progress)
+    tied = {layout.name for layout in found}
+    updates = {name: value for name, value in module.weights().items() if name not in tied}
+    for write in payload:
+        updates.update(write())
+    trained = with_weights(compressed_model, updates)
+    _save(trained, output, teacher, compressed)
+    return trained, report
+
+
+class _Transfer:
+    """The data, the teacher's outputs on it, and the held-out split."""
+
+    def __init__(self, teacher_model: onnx.ModelProto, data, preprocess, config: DistillConfig):
+        dataset = datasets.open_data(data, teacher_model, preprocess=preprocess)
+        self.names = [spec.name for spec in dataset.inputs]
+        self.feed = dataset.batch(0, dataset.num_samples)
+        self.targets = _teacher_outputs(teacher_model, dataset, config)
+        self.labels = dataset.labels
+        self.held_out = _held_out_indices(dataset.num_samples, config.holdout)
+        self.train = np.setdiff1d(np.arange(dataset.num_samples), self.held_out)
+
+    def report(self, teacher, student) -> DistillReport:
+        report = DistillReport(_label(teacher), _label(student), len(self.train), len(self.held_out))
+        if self.labels is not None and len(self.held_out):
+            held = self.held_out
+            report.teacher_accuracy = 100 * float(np.mean(self.targets[held].argmax(-1) == self.labels[held]))
+        return report
+
+
+def _label(model) -> str:
+    return "model" if isinstance(model, onnx.ModelProto) else str(model)
+
+
+def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig, report: DistillReport,
+           progress: bool | None) -> None:
+    """Adam on the distillation loss over the training samples, one report line per epoch."""
+    import torch
+
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: torch sees no GPU here; use --device cpu")
     module.to(device)
-    if config.init_from_teacher:
-        report.transferred = _transfer(teacher_model, module, student_model)
-    order = module.input_names if student_model is not None else names
-    inputs = [torch.from_numpy(np.ascontiguousarray(feed[name])) for name in order]
-    teacher_out = torch.from_numpy(targets.astype(np.float32))
+    inputs = [torch.from_numpy(np.ascontiguousarray(transfer.feed[name])) for name in order]
+    teacher_out = torch.from_numpy(transfer.targets.astype(np.float32))
     _check_shapes(module, inputs, teacher_out, device)
-
+    labels, train = transfer.labels, transfer.train
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
     show = sys.stderr.isatty() if progress is None else progress
     for number in range(1, config.epochs + 1):
         started = time.perf_counter()
         module.train()
-        order = torch.from_numpy(train)[torch.randperm(len(train), generator=generator)]
+        shuffled = torch.from_numpy(train)[torch.randperm(len(train), generator=generator)]
         total, seen = 0.0, 0
-        for first in range(0, len(order), config.batch_size):
-            index = order[first:first + config.batch_size]
-            batch = [x[index].to(device) for x in inputs]
-            out = _first_output(module(*batch))
+        for first in range(0, len(shuffled), config.batch_size):
+            index = shuffled[first:first + config.batch_size]
+            out = _first_output(module(*[x[index].to(device) for x in inputs]))
             loss = _loss(torch, out, teacher_out[index].to(device), None if labels is None else
                          torch.from_numpy(labels[index.numpy()]).to(device), config)
             optimizer.zero_grad()
@@ -162,21 +221,69 @@ def distill(teacher, student, data, *, config: DistillConfig = DistillConfig(), 
             total += loss.item() * len(index)
             seen += len(index)
             if show:
-                print(f"\repoch {number}/{config.epochs}  {seen}/{len(order)}  loss {total / seen:.4f}", end="",
+                print(f"\repoch {number}/{config.epochs}  {seen}/{len(shuffled)}  loss {total / seen:.4f}", end="",
                       file=sys.stderr, flush=True)
-        agreement, accuracy = _evaluate(torch, module, inputs, targets, labels, held_out, device, config.batch_size)
+        agreement, accuracy = _evaluate(torch, module, inputs, transfer.targets, labels, transfer.held_out, device,
+                                        config.batch_size)
         epoch = Epoch(number, total / max(seen, 1), agreement, accuracy, time.perf_counter() - started)
         report.epochs.append(epoch)
         print(("\r" if show else "") + _epoch_line(epoch, config.epochs), file=sys.stderr, flush=True)
-
     module.eval().cpu()
-    trained = _export(torch, module, student_model, feed, names, teacher_model)
-    if output is not None:
-        protect = [] if isinstance(teacher, onnx.ModelProto) else [teacher]
-        if any(Path(output).resolve() == Path(p).resolve() for p in protect):
-            raise InputError(f"{output} is the teacher model; choose another output file")
-        model_io.save(trained, output)
-    return trained, report
+
+
+def _save(model: onnx.ModelProto, output, *protected) -> None:
+    if output is None:
+        return
+    for path in protected:
+        if not isinstance(path, onnx.ModelProto) and Path(output).resolve() == Path(path).resolve():
+            raise InputError(f"{output} is an input model; choose another output file")
+    model_io.save(model, output)
+
+
+def _decoded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its compact weights decoded into dense initializers of the same names."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup()
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
+    """Make the module compute `layout.name` from trainable stored values (and codebooks, scales) with its mask
+    and indices fixed; return the function giving the stored initializers' new values by name."""
+    stored = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer
+              if t.name in (layout.values, layout.codebook, layout.scales)}
+    present = torch.from_numpy(layout.present)
+    weight = module.tensor(layout.name)
+    weight.requires_grad_(False)  # the dense tensor is computed from here on
+    if layout.values is not None:
+        dense = module.add_parameter(weight.detach().numpy())
+        module.derive(layout.name, lambda: dense * present)
+        return lambda: {layout.values: dense.detach().numpy()[layout.present].astype(stored[layout.values].dtype)}
+    rows = layout.index.shape[0]
+    codebook_shape = stored[layout.codebook].shape
+    codebook = module.add_parameter(stored[layout.codebook].reshape(-1, layout.levels) if rows > 1 and
+                                    stored[layout.codebook].size == rows * layout.levels
+                                    else stored[layout.codebook].reshape(1, -1))
+    exact_zeros = torch.from_numpy(codebook.detach().numpy() != 0)  # a 0 entry codes zeros: it stays 0
+    scales = None if layout.scales is None else module.add_parameter(stored[layout.scales].reshape(-1, 1))
+    index = torch.from_numpy(layout.index)
+    row_of = torch.arange(rows)[:, None] if codebook.shape[0] > 1 else torch.zeros((rows, 1), dtype=torch.long)
+    shape = tuple(layout.present.shape)
+
+    def compute():
+        values = (codebook * exact_zeros)[row_of, index]
+        if scales is not None:
+            values = values * scales
+        return values.reshape(shape) * present
+
+    module.derive(layout.name, compute)
+    written = {layout.codebook: lambda: codebook.detach().numpy().reshape(codebook_shape)}
+    if scales is not None:
+        scale_shape = stored[layout.scales].shape
+        written[layout.scales] = lambda: scales.detach().numpy().reshape(scale_shape)
+    return lambda: {name: get() for name, get in written.items()}
 
 
 def _epoch_line(epoch: Epoch, epochs: int) -> str:
@@ -295,15 +402,10 @@ def _transfer(teacher: onnx.ModelProto, module, student_model) -> list[dict]:
     return rows
 
 
-def _export(torch, module, student_model, feed, names, teacher_model) -> onnx.ModelProto:
-    if student_model is not None:
-        from onnxcomp.torch_graph import with_weights
-
-        return with_weights(student_model, module.weights())
+def _export(torch, module, feed, names, teacher_model) -> onnx.ModelProto:
     from onnxcomp.export import to_onnx
 
     example = tuple(torch.from_numpy(np.ascontiguousarray(feed[name][:1])) for name in names)
     opset = next((o.version for o in teacher_model.opset_import if o.domain in ("", "ai.onnx")), 13)
     return to_onnx(module, example, names, [v.name for v in teacher_model.graph.output][:1],
                    opset=max(13, min(17, opset)))
-

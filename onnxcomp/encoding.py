@@ -271,3 +271,100 @@ def _ancestors(graph: onnx.GraphProto, names: set[str]) -> set[str]:
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return int(numpy_helper.to_array(tensor).nbytes)
+
+
+@dataclass
+class Layout:
+    """How a compact weight is stored, recovered from the model: what training it in place may change (the
+    values, codebooks and scales) and what it must keep (which elements are present, each one's index)."""
+    name: str                  # the decoded weight
+    present: np.ndarray        # bool in the weight's shape: elements that are stored (all, without a mask)
+    values: str | None = None  # sparse layout: the initializer of the stored values, row-major
+    codebook: str | None = None    # codebook layout: the initializer of the codebook(s), flattened
+    scales: str | None = None      # … and of the per-row scales, (rows, 1)
+    index: np.ndarray | None = None  # … each element's index into its row's codebook, (rows, row size); 0 if absent
+    levels: int = 0                # … entries per codebook
+
+
+def layouts(model: onnx.ModelProto) -> list[Layout]:
+    """The layouts of the compact weights of `model` (sparse and codebook), checked by decoding each with numpy
+    and comparing with what ONNX Runtime computes; weights whose initializers serve several decoders are left
+    out (changing one would change the others)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node.op_type, position))
+    decoded = encoded_weights(model)
+    roles_of = [_roles({s: numpy_helper.to_array(initializers[s]) for s in w.sources}, readers) for w in decoded]
+    owners: dict[str, int] = {}
+    for roles in roles_of:
+        for source in roles.values():
+            owners[source] = owners.get(source, 0) + 1
+    found = []
+    for weight, roles in zip(decoded, roles_of):
+        if any(owners[source] > 1 for source in roles.values()):
+            continue  # the decoding helpers are shared by design; the payload must not be
+        arrays = {role: numpy_helper.to_array(initializers[name]) for role, name in roles.items()}
+        layout = _layout(weight, roles, arrays)
+        if layout is not None:
+            found.append(layout)
+    return found
+
+
+def _roles(arrays: dict[str, np.ndarray], readers: dict) -> dict[str, str]:
+    """{role: initializer name} of a decoder's payload: mask, packed indices, scales, and the table (the
+    codebook, or the sparse layout's values)."""
+    roles: dict[str, str] = {}
+    for name, array in arrays.items():
+        reads = readers.get(name, [])
+        if array.dtype == np.uint8 and ("BitShift", 0) in reads:
+            roles["mask"] = name
+        elif array.dtype == np.uint8 and ("Cast", 0) in reads:
+            roles["packed"] = name
+        elif array.dtype.kind == "f" and any(op == "Mul" for op, _ in reads):
+            roles["scales"] = name
+        elif array.dtype.kind == "f" and ("Gather", 0) in reads:
+            roles["table"] = name
+    return roles
+
+
+def _layout(weight: EncodedWeight, roles: dict[str, str], arrays: dict[str, np.ndarray]) -> Layout | None:
+    arrays = {role: arrays[role] for role in roles}
+    dense = weight.values
+    present = np.ones(dense.size, dtype=bool)
+    if "mask" in roles:
+        present = np.unpackbits(arrays["mask"].reshape(-1), bitorder="little")[:dense.size].astype(bool)
+    present = present.reshape(dense.shape)
+    if "table" not in roles:
+        return None
+    table = arrays["table"].reshape(-1)
+    if "packed" not in roles:  # sparse layout
+        rebuilt = np.zeros(dense.size, dtype=dense.dtype)
+        rebuilt[present.reshape(-1)] = table[:int(present.sum())]
+        return Layout(weight.name, present, values=roles["table"]) if np.array_equal(rebuilt, dense.reshape(-1)) \
+            else None
+    packed, count = arrays["packed"], int(present.sum())
+    rows = dense.shape[0] if dense.ndim >= 2 else 1
+    scales = arrays["scales"].reshape(-1) if "scales" in roles else None
+    for bits in range(1, 9):
+        if packed.size != (count * bits + 7) // 8 + 1:
+            continue
+        stream = np.unpackbits(packed, bitorder="little")[:count * bits].reshape(count, bits).astype(np.int64)
+        stored = stream @ (1 << np.arange(bits))
+        levels = 2 ** bits
+        per_row = rows > 1 and table.size == rows * levels
+        row_of = np.nonzero(present.reshape(rows, -1))[0]
+        if stored.size and stored.max() >= (levels if per_row else table.size):
+            continue
+        looked_up = table.reshape(rows, levels)[row_of, stored] if per_row else table[stored]
+        if scales is not None:
+            looked_up = looked_up * scales[row_of]
+        rebuilt = np.zeros(dense.size, dtype=dense.dtype)
+        rebuilt[present.reshape(-1)] = looked_up
+        if np.array_equal(rebuilt, dense.reshape(-1)):
+            index = np.zeros(dense.size, dtype=np.int64)
+            index[present.reshape(-1)] = stored
+            return Layout(weight.name, present, codebook=roles["table"], scales=roles.get("scales"),
+                          index=index.reshape(rows, -1), levels=levels if per_row else table.size)
+    return None

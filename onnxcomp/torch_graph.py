@@ -56,10 +56,25 @@ class OnnxModule(torch.nn.Module):
         self.input_names = [v.name for v in graph.input if v.name not in overridable]
         self.output_names = [v.name for v in graph.output]
         self.trainable_names = [name for name in initializers if name in trainable]
+        self.derived: dict[str, object] = {}  # name → function computing the tensor from other parameters
+        self.extra = torch.nn.ParameterDict()  # the parameters those functions read
 
     def tensor(self, name: str) -> torch.Tensor:
+        if name in self.derived:
+            return self.derived[name]()
         slot = self.slots[name]
         return self.parameters_by_name[slot] if slot in self.parameters_by_name else getattr(self, slot)
+
+    def add_parameter(self, value: np.ndarray) -> torch.nn.Parameter:
+        """A new trainable tensor, for `derive` functions to read."""
+        parameter = torch.nn.Parameter(torch.from_numpy(np.array(value)))
+        self.extra[f"p{len(self.extra)}"] = parameter
+        return parameter
+
+    def derive(self, name: str, compute) -> None:
+        """Compute tensor `name` with `compute()` at every use (a weight tied to shared values or a mask), so
+        that its gradients reach the parameters `compute` reads."""
+        self.derived[name] = compute
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_names):

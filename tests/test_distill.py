@@ -136,3 +136,39 @@ def test_export_keeps_batchnorm_when_asked_and_matches_torch(tmp_path):
     result = run_cli("export", factory, "--input-shape", "1,3,8,8", "-o", tmp_path / "x.onnx", "--weights",
                      tmp_path / "bad.pt")
     assert result.returncode == 2 and "state dict" in result.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_heal_recovers_accuracy_and_keeps_masks_codebooks_and_layout(tmp_path, digits_model, digits_train):
+    from onnxcomp import encoding
+
+    compressed = tmp_path / "compressed.onnx"
+    onnxcomp.optimize(str(digits_model), "fuse-bn,prune:sparsity=0.7,share:bits=3",
+                      calib_data=str(digits_model.parent / "digits_calib.npz"), output=compressed,
+                      validate_result=False)
+    healed = tmp_path / "healed.onnx"
+    result = run_cli("distill", "--heal", compressed, "--teacher", digits_model, "--data",
+                     digits_train / "unlabeled.npz", "-o", healed, "--epochs", "3", "--lr", "0.01")
+    assert result.returncode == 0, result.stderr
+    test = np.load(digits_model.parent / "digits_test.npz")
+    accuracy = {path: np.mean(run_model(path, {"input": test["input"]})[0].argmax(1) == test["labels"])
+                for path in (compressed, healed)}
+    assert accuracy[healed] > accuracy[compressed], accuracy
+    before, after = (encoding.layouts(onnx.load(path)) for path in (compressed, healed))
+    assert len(before) == len(after) == 3
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(old.present, new.present)  # the prune masks
+        np.testing.assert_array_equal(old.index, new.index)      # each weight's codebook entry
+    old_weights = {w.name: w.values for w in encoding.encoded_weights(onnx.load(compressed))}
+    for weight in encoding.encoded_weights(onnx.load(healed)):
+        rows = weight.values.reshape(weight.values.shape[0], -1)
+        old_rows = old_weights[weight.name].reshape(rows.shape)
+        assert [np.unique(r).size for r in rows] == [np.unique(r).size for r in old_rows]
+        assert not np.array_equal(rows, old_rows)  # trained
+    assert [n.op_type for n in onnx.load(healed).graph.node] == [n.op_type for n in onnx.load(compressed).graph.node]
+    assert abs(healed.stat().st_size - compressed.stat().st_size) < 64
+
+
+def test_heal_needs_a_compressed_model(tmp_path, digits_model, digits_train):
+    result = run_cli("distill", digits_model, "--heal", digits_model, "--data", digits_train / "train.npz",
+                     "-o", tmp_path / "h.onnx")
+    assert result.returncode == 2 and "no pruned or shared weights" in result.stderr
