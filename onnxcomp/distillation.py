@@ -17,6 +17,10 @@ teacher there (and accuracy, with labels) is reported. Deterministic for a given
 
 `init_from_teacher` copies teacher weights into the student's tensors whose names and shapes match (the
 parameter-transfer form of knowledge transfer) and reports each.
+
+`heal` trains a model made by prune / share against its original the same way, with its compact weights tied
+to their stored form (encoding.layouts): masks and codebook indices fixed, stored values, codebooks and scales
+trained, and the result written back into the same layout.
 """
 
 from __future__ import annotations
