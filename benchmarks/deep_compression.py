@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -233,16 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="save the optimized models in this folder")
     parser.add_argument("--output", default=str(RESULTS), help=f"JSON results file (default {RESULTS})")
     args = parser.parse_args(argv)
-    keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in MODELS]
-    if unknown or not keys:
-        fail(f"--models: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(MODELS)}")
+    keys = int8_vs_ort.model_keys(args.models, MODELS)
     if args.runs < 1:
         fail("--runs must be at least 1")
-    assets = Path(args.assets or os.environ.get("ONNXCOMP_ASSETS") or REPO.parent / "shared" / "assets")
-    for key in keys:
-        if not (assets / MODELS[key][1]).is_file():
-            fail(f"{assets / MODELS[key][1]} not found; pass --assets DIR or set ONNXCOMP_ASSETS")
+    assets = int8_vs_ort.assets_folder(args.assets, [MODELS[key][1] for key in keys])
     started = time.perf_counter()
     speed = [] if args.no_speed else clustering_speed(assets)
     results = [benchmark_model(key, assets, args) for key in keys]

@@ -102,6 +102,27 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def model_keys(text: str, models: dict) -> list[str]:
+    """The --models comma list, each checked against `models`."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in models]
+    if unknown or not keys:
+        fail(f"--models: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(models)}")
+    return keys
+
+
+def assets_folder(given: str | None, relatives: list[str]) -> Path:
+    """--assets, else $ONNXCOMP_ASSETS, else ../shared/assets beside the repository, with the model files
+    `relatives` in it."""
+    assets = Path(given or os.environ.get("ONNXCOMP_ASSETS") or REPO.parent / "shared" / "assets")
+    if not assets.is_dir():
+        fail(f"assets folder {assets} not found; pass --assets DIR or set ONNXCOMP_ASSETS")
+    for relative in relatives:
+        if not (assets / relative).is_file():
+            fail(f"{assets / relative} not found; is {assets} the shared assets folder?")
+    return assets
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -540,22 +561,14 @@ def main(argv: list[str] | None = None) -> int:
         return quantize_one(args._quantize_one, args._model, args._calib, args._out, args._result, args.ours,
                             args.calib_batch)
 
-    keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in MODELS]
-    if unknown or not keys:
-        fail(f"--models: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(MODELS)}")
+    keys = model_keys(args.models, MODELS)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in ORT_VARIANTS and v != OURS]
     if unknown or not args.variants:
         fail(f"--variants: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join([*ORT_VARIANTS, OURS])}")
     if args.runs < 1 or args.calib_batch < 1 or args.threads < 0:
         fail("--runs and --calib-batch must be at least 1, --threads at least 0")
-    assets = Path(args.assets or os.environ.get("ONNXCOMP_ASSETS") or REPO.parent / "shared" / "assets")
-    if not assets.is_dir():
-        fail(f"assets folder {assets} not found; pass --assets DIR or set ONNXCOMP_ASSETS")
-    for key in keys:
-        if not (assets / MODELS[key][1]).is_file():
-            fail(f"{assets / MODELS[key][1]} not found; is {assets} the shared assets folder?")
+    assets = assets_folder(args.assets, [MODELS[key][1] for key in keys])
 
     started = time.perf_counter()
     results = []

@@ -317,10 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS), help=f"JSON results file (default {RESULTS})")
     args = parser.parse_args(argv)
 
-    keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in MODELS]
-    if unknown or not keys:
-        fail(f"--models: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(MODELS)}")
+    keys = int8_vs_ort.model_keys(args.models, MODELS)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
@@ -333,12 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         fail("--sparsities: each must be in [0, 1)")
     if args.runs < 1:
         fail("--runs must be at least 1")
-    assets = Path(args.assets or os.environ.get("ONNXCOMP_ASSETS") or REPO.parent / "shared" / "assets")
-    if not assets.is_dir():
-        fail(f"assets folder {assets} not found; pass --assets DIR or set ONNXCOMP_ASSETS")
-    for key in keys:
-        if not (assets / MODELS[key][1]).is_file():
-            fail(f"{assets / MODELS[key][1]} not found; is {assets} the shared assets folder?")
+    assets = int8_vs_ort.assets_folder(args.assets, [MODELS[key][1] for key in keys])
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
 
