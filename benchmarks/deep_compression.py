@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -242,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "environment": int8_vs_ort.environment(), "wall_s": time.perf_counter() - started,
                 "clustering_speed": speed, "models": results}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(document, indent=2, default=str))
+    int8_vs_ort.write_results(args.output, document)
     print_tables(results, speed)
     print(f"\nwhole run {document['wall_s']:.0f} s; JSON in {args.output}")
     return 0

@@ -18,7 +18,6 @@ wall time of the heal. Results: stdout (markdown) and benchmarks/results/heal.js
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -94,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['model']} | `{r['recipe']}` | {r['fp32']:.2f} % | {r['post_training']:.2f} % | "
               f"{r['healed']:.2f} % | {r['healed'] - r['fp32']:+.2f} | {r['smaller']:.2f} | {r['heal_s']:.0f} |")
     print(f"\n{args.epochs} epochs, Adam lr {args.lr}, batch 32, KL at T=4; whole run {wall:.0f} s")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"environment": int8_vs_ort.environment(), "wall_s": wall, "rows": results},
-                                  indent=2))
+    int8_vs_ort.write_results(RESULTS, {"environment": int8_vs_ort.environment(), "wall_s": wall, "rows": results})
     return 0
 
 

@@ -123,6 +123,14 @@ def assets_folder(given: str | None, relatives: list[str]) -> Path:
     return assets
 
 
+def write_results(path: str | Path, document: dict) -> None:
+    """The results file of a benchmark run, as JSON (numpy scalars and paths as text)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -598,8 +606,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs; latency batch 1, {args.runs} interleaved runs, "
           f"{args.threads or 'default (no spinning)'} intra-op thread(s); whole run {elapsed:.1f} s")
 
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         **environment(),
@@ -609,8 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": elapsed,
         "results": results,
     }
-    output.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-    print(f"wrote {output}")
+    write_results(args.output, document)
     return 0
 
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -346,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
           f"SessionOptions; latency: batch 1, {args.runs} interleaved runs, 1 intra-op thread, ORT_ENABLE_ALL; "
           f"whole run {elapsed:.1f} s")
 
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "date": date,
         **int8_vs_ort.environment(),
@@ -358,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": elapsed,
         "results": results,
     }
-    output.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-    print(f"wrote {output}")
+    int8_vs_ort.write_results(args.output, document)
     return 0
 
 
