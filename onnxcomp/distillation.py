@@ -119,6 +119,7 @@ def distill(teacher, student, data, *, config: DistillConfig = DistillConfig(), 
     Returns the trained student as an ONNX model (also written to `output` when given) and the report.
     """
     torch = require_torch()
+    _check_output(output, teacher, student)
     teacher_model = teacher if isinstance(teacher, onnx.ModelProto) else model_io.load(teacher)
     transfer = _Transfer(teacher_model, data, preprocess, config)
     report = transfer.report(teacher, student)
@@ -134,7 +135,8 @@ def distill(teacher, student, data, *, config: DistillConfig = DistillConfig(), 
         trained = with_weights(student_model, module.weights())
     else:
         trained = _export(torch, module, transfer.feed, transfer.names, teacher_model)
-    _save(trained, output, teacher)
+    if output is not None:
+        model_io.save(trained, output)
     return trained, report
 
 
@@ -148,6 +150,7 @@ def heal(compressed, teacher, data, *, config: DistillConfig = DistillConfig(), 
     torch = require_torch()
     from onnxcomp.torch_graph import OnnxModule, with_weights
 
+    _check_output(output, teacher, compressed)
     teacher_model = teacher if isinstance(teacher, onnx.ModelProto) else model_io.load(teacher)
     compressed_model = compressed if isinstance(compressed, onnx.ModelProto) else model_io.load(compressed)
     found = encoding.layouts(compressed_model)
@@ -165,7 +168,8 @@ def heal(compressed, teacher, data, *, config: DistillConfig = DistillConfig(), 
     for write in payload:
         updates.update(write())
     trained = with_weights(compressed_model, updates)
-    _save(trained, output, teacher, compressed)
+    if output is not None:
+        model_io.save(trained, output)
     return trained, report
 
 
@@ -235,13 +239,13 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
     module.eval().cpu()
 
 
-def _save(model: onnx.ModelProto, output, *protected) -> None:
+def _check_output(output, *inputs) -> None:
+    """Before any training: refuse an output that is one of the input model files (or unwritable)."""
     if output is None:
         return
-    for path in protected:
-        if not isinstance(path, onnx.ModelProto) and Path(output).resolve() == Path(path).resolve():
-            raise InputError(f"{output} is an input model; choose another output file")
-    model_io.save(model, output)
+    paths = [p for p in inputs if not isinstance(p, onnx.ModelProto) and Path(str(p)).is_file()]
+    for path in paths or [None]:
+        model_io.check_output_path(path, output)
 
 
 def _decoded(model: onnx.ModelProto) -> onnx.ModelProto:

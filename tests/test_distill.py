@@ -172,3 +172,12 @@ def test_heal_needs_a_compressed_model(tmp_path, digits_model, digits_train):
     result = run_cli("distill", digits_model, "--heal", digits_model, "--data", digits_train / "train.npz",
                      "-o", tmp_path / "h.onnx")
     assert result.returncode == 2 and "no pruned or shared weights" in result.stderr
+
+
+def test_output_over_an_input_model_is_refused_before_training(tmp_path, digits_model, digits_train):
+    student = tmp_path / "student.onnx"
+    student.write_bytes(digits_model.read_bytes())
+    result = run_cli("distill", digits_model, "--student", student, "--data", digits_train / "train.npz",
+                     "-o", student)
+    assert result.returncode == 2 and "epoch" not in result.stderr
+    assert student.read_bytes() == digits_model.read_bytes()
