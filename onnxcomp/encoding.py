@@ -6,26 +6,36 @@ Runtime folds such a chain into a dense constant when it creates the session (co
 ORT_ENABLE_BASIC and above), so inference runs at the speed of the dense model, and any runtime that executes
 standard ONNX computes the same dense values.
 
+The decoding ops of each kind of layout form one model-local function (domain `onnxcomp.decode`, ONNX IR 8),
+defined once per model and called once per weight: the call reads only the weight's payload and its shape, and
+every size is derived from those. ONNX Runtime inlines the calls when it loads the model, then folds them.
+Decoding chains written out per weight made up a fifth of a pruned and shared ResNet-20's file.
+
 Sparse layout, for a weight W of n elements of which k are non-zero:
 
     W.values  [k]         the non-zero values in row-major order, in W's dtype
     W.mask    [⌈n/8⌉, 1]  uint8; bit j (least significant first) of byte i is set when element 8i + j is non-zero
 
 Before:                       After:
-    W ─► Conv                     W.mask ─► BitShift(0..7) ─► Mod 2 ─► Reshape ─► Slice[:n] ─► bits
-                                  bits ─► Cast ─► CumSum − 1 ─► Gather(W.values) ─► Where(bits, ·, 0) ─► Reshape ─► W ─► Conv
+    W ─► Conv                     (W.values, W.mask, shape) ─► onnxcomp.decode.Sparse ─► W ─► Conv
+
+    Sparse: mask ─► BitShift(0..7) ─► Mod 2 ─► Reshape ─► Slice[:n] ─► bits ─► Cast ─► CumSum − 1
+            ─► Gather(values) ─► Where(bits, ·, 0) ─► Reshape(shape)
 
 That is 4 bytes per non-zero value plus 1 bit per weight: (1 − s) × 4 + 0.125 bytes per weight at sparsity s,
-plus the decoding nodes' few hundred bytes. The operators need opset 11 (BitShift, CumSum).
+plus a call of about a hundred bytes. The operators need opset 11 (BitShift, CumSum).
 
-Codebook layout (weight sharing), for a weight whose values all come from a codebook of at most 2^b values:
+Codebook layout (weight sharing), for a weight whose values all come from codebooks of at most 2^b values:
 
-    W.codebook [K]   the shared values
-    W.indices  [⌈n·b/8⌉ + 1] uint8: the index of each element into the codebook, b bits each, back to back
+    W.codebook [R, K]                  the shared values: one codebook (R = 1) or one per output channel
+    W.indices  [⌈n·b/8⌉ + 1] uint8     the index of each element into its codebook, b bits each, back to back
+    decode.bits                        b, a scalar
+    W.scales   [R, 1]                  (ScaledCodebook) a scale per output channel
 
-decoded by Range → Div/Mod 8 (byte and bit offset of each index) → Gather two bytes → Div by 2^offset → Mod 2^b
-→ Gather(W.codebook). With `sparse`, only the non-zero elements carry an index and the mask of the sparse layout
-places them, so pruning and sharing compose: b/8 bytes per kept weight plus 1 bit per weight.
+decoded (Codebook) by Range → Div/Mod 8 (byte and bit offset of each index) → Gather two bytes → Div by
+2^offset → Mod 2^b → Gather(W.codebook at row · K + index). With the mask (SparseCodebook), only the non-zero
+elements carry an index and the mask places them, so pruning and sharing compose: b/8 bytes per kept weight
+plus 1 bit per weight.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ from onnx import numpy_helper
 from onnxcomp import graph as graphs
 
 SPARSE_MIN_OPSET = 11
-HELPER_SIZE = 8  # constants of at most this many values are decoding helpers, named `decode.*`
+DOMAIN = "onnxcomp.decode"  # of the decoding functions, model-local functions (ONNX IR 8) defined here
+SHARED_ROLES = ("shape", "bits")  # decoder inputs that many weights have in common, named `decode.*`
 
 
 def sparse_bytes(count: int, nonzero: int, itemsize: int = 4) -> int:
@@ -62,22 +73,23 @@ def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
 
 
 def encode_sparse(graph: gs.Graph, weight: gs.Constant, names: graphs.Names) -> gs.Variable:
-    """Replace `weight`, for every node that reads it, by its sparse layout and the nodes that decode it.
+    """Replace `weight`, for every node that reads it, by its sparse layout and a call that decodes it.
 
     The decoded tensor takes the weight's name, so the nodes that read it and anything that reports it by name
     see no change. The graph's opset must be at least SPARSE_MIN_OPSET.
     """
-    decoder = _Decoder(graph, weight, names)
-    present = decoder.dense.reshape(-1) != 0
-    values = decoder.dense.reshape(-1)[present]
+    dense = np.asarray(weight.values)
+    present = dense.reshape(-1) != 0
+    values = dense.reshape(-1)[present]
     if values.size == 0:  # Gather needs something to index; every position is masked out anyway
-        values = np.zeros(1, dtype=decoder.dense.dtype)
-    return decoder.finish(decoder.scatter(present, decoder.constant("values", values), values.dtype)[0])
+        values = np.zeros(1, dtype=dense.dtype)
+    return _call(graph, weight, names, _decoder(graph, dense.dtype, codebook=False, scaled=False, sparse=True),
+                 {"values": values, "mask": _mask(present), "shape": np.array(dense.shape, np.int64)})
 
 
 def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, indices: np.ndarray, bits: int,
                     names: graphs.Names, *, sparse: bool = False, scales: np.ndarray | None = None) -> gs.Variable:
-    """Replace `weight` by a codebook and `bits`-bit indices into it, and the nodes that decode them.
+    """Replace `weight` by a codebook and `bits`-bit indices into it, and a call that decodes them.
 
     `codebook` is one vector for the whole tensor, or one row per slice along the weight's first axis
     (shape (weight.shape[0], K)). With `scales` (one per slice along the first axis), the looked-up values are
@@ -85,16 +97,16 @@ def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, 
     scale), element by element; with `sparse`, `indices` cover only its non-zero elements (row-major order) and
     a bit mask says where they go. The graph's opset must be at least SPARSE_MIN_OPSET.
     """
-    decoder = _Decoder(graph, weight, names)
-    flat = decoder.dense.reshape(-1)
+    dense = np.asarray(weight.values)
+    flat = dense.reshape(-1)
     codebook = np.asarray(codebook, dtype=flat.dtype)
     present = flat != 0
     stored = present if sparse else np.ones(flat.size, dtype=bool)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    row_size = flat.size // max(decoder.dense.shape[0], 1) if decoder.dense.ndim else 1
+    row_size = flat.size // max(dense.shape[0], 1) if dense.ndim else 1
     per_row = codebook.ndim == 2
     if not 1 <= bits <= 8 or indices.size != int(stored.sum()) or (indices.size and indices.max() >= 2 ** bits) \
-            or (per_row and (codebook.shape[0] != decoder.dense.shape[0] or codebook.shape[1] > 2 ** bits)):
+            or (per_row and (codebook.shape[0] != dense.shape[0] or codebook.shape[1] > 2 ** bits)):
         raise ValueError("the codebook, the indices and the bits do not give the weight")
     rows = np.arange(flat.size)[stored] // row_size
     looked_up = codebook[rows, indices] if per_row else codebook[indices]
@@ -103,109 +115,147 @@ def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, 
         looked_up = looked_up * scales[rows, 0]
     if not np.array_equal(looked_up, flat[stored]):
         raise ValueError("the codebook, the indices and the bits do not give the weight")
-    count, levels = flat.size, (codebook.shape[-1] if codebook.size else 1)
-    index = decoder.unpack(indices, bits)
-    if sparse:
-        index, present_bool = decoder.scatter(present, index, np.int32)
-    if per_row:  # the row's codebook starts at row · K in the flattened codebooks
-        index = decoder.node("Add", [index, _row_offsets(decoder, count, row_size, levels)])
-    values = decoder.node("Gather", [decoder.constant("codebook", codebook.reshape(-1)), index])
+    if indices.size == 0:  # the decoder gathers from the indices; every position is masked out anyway
+        indices = np.zeros(1, dtype=np.int64)
+    parts = {"indices": pack_indices(indices, bits), "bits": np.array(bits, np.int64),
+             "codebook": codebook if per_row else codebook.reshape(1, -1)}
     if scales is not None:
-        by_row = decoder.constant("by_row", np.array([scales.shape[0], -1], np.int64))
-        by_row = decoder.node("Reshape", [values, by_row])
-        scaled = decoder.node("Mul", [by_row, decoder.constant("scales", scales)])
-        values = decoder.node("Reshape", [scaled, decoder.constant("flat_values", np.array([-1], np.int64))])
+        parts["scales"] = scales
     if sparse:
-        values = decoder.node("Where", [present_bool, values, decoder.constant("zero_value", np.zeros((), flat.dtype))])
-    return decoder.finish(values)
+        parts["mask"] = _mask(present)
+    parts["shape"] = np.array(dense.shape, np.int64)
+    function = _decoder(graph, dense.dtype, codebook=True, scaled=scales is not None, sparse=sparse)
+    return _call(graph, weight, names, function, parts)
 
 
-def _row_offsets(decoder: "_Decoder", count: int, row_size: int, levels: int) -> gs.Variable:
-    """(i // row_size) · levels for every element i, computed from three scalars."""
+def _mask(present: np.ndarray) -> np.ndarray:
+    return np.packbits(present, bitorder="little").reshape(-1, 1)
+
+
+def _call(graph: gs.Graph, weight: gs.Constant, names: graphs.Names, function: gs.Function,
+          parts: dict[str, np.ndarray]) -> gs.Variable:
+    """Replace `weight` by a call of `function` on `parts` (by input name), under the weight's name.
+
+    The payload keeps the weight's name (`W.indices`, `W.codebook`, `W.mask`, …); the shape and the bits get
+    short names, and cleanup merges the copies that many weights share. The decoded tensor has no declared
+    type or shape (no value_info entry): ONNX infers them through the function.
+    """
+    name = weight.name
+    weight.name = names.new(f"{name}.dense")  # free the name for the decoded tensor; this one is dropped
+    decoded = gs.Variable(name)
+    for reader in graphs.consumers(weight):
+        for index, tensor in enumerate(reader.inputs):
+            if tensor is weight:
+                reader.inputs[index] = decoded
+    graph.outputs = [decoded if out is weight else out for out in graph.outputs]
+    inputs = [names.constant(f"decode.{role}" if role in SHARED_ROLES else f"{name}.{role}", parts[role])
+              for role in (tensor.name for tensor in function.inputs)]
+    graph.nodes.append(gs.Node(function.name, "", {}, inputs, [decoded], domain=DOMAIN))
+    return decoded
+
+
+def _decoder(graph: gs.Graph, dtype, *, codebook: bool, scaled: bool, sparse: bool) -> gs.Function:
+    """The graph's decoding function of this kind, defined on first use.
+
+    Its inputs, by name: `indices` (packed, pack_indices), `bits` and `codebook` (rows × entries: one row, or
+    one per slice along the weight's first axis) for a codebook, else `values` (the non-zero values,
+    row-major); `scales` (rows × 1) when scaled; `mask` (bit j of byte i set when element 8i + j is stored)
+    when sparse; `shape`, the weight's. Every size is derived from these, so one definition serves every
+    weight of its kind.
+    """
+    dtype = np.dtype(dtype)
+    name = ("Sparse" if sparse else "") + ("Scaled" if scaled else "") + ("Codebook" if codebook else "")
+    name += "" if dtype == np.float32 else f"_{dtype.name}"
+    for function in graph.functions:
+        if function.domain == DOMAIN and function.name == name:
+            return function
+    roles = (["indices", "bits", "codebook"] if codebook else ["values"]) + (["scales"] if scaled else []) \
+        + (["mask"] if sparse else []) + ["shape"]
+    body = _Body(roles)
     i64 = np.int64
-    position = decoder.node("Range", [decoder.constant("zero_position", np.array(0, i64)),
-                                      decoder.constant("elements", np.array(count, i64)),
-                                      decoder.constant("step_one", np.array(1, i64))])
-    row = decoder.node("Div", [position, decoder.constant("row_size", np.array(row_size, i64))])
-    offset = decoder.node("Mul", [row, decoder.constant("levels_per_row", np.array(levels, i64))])
-    return decoder.node("Cast", [offset], to=onnx.TensorProto.INT32)
+    count = body.node("ReduceProd", [body["shape"]], keepdims=0)  # the weight's elements
+    if sparse:
+        shifted = body.node("BitShift", [body["mask"], np.arange(8, dtype=np.uint8)], direction="RIGHT")
+        flags = body.node("Reshape", [body.node("Mod", [shifted, np.array(2, np.uint8)]), np.array([-1], i64)])
+        flags = body.node("Slice", [flags, np.array([0], i64), body.node("Reshape", [count, np.array([1], i64)])])
+        counted = body.node("CumSum", [body.node("Cast", [flags], to=onnx.TensorProto.INT64), np.array(0, i64)])
+        positions = body.node("Sub", [counted, np.array(1, i64)])  # of each element among the stored ones
+    if codebook:
+        index = _unpack(body)
+        index = body.node("Gather", [index, positions]) if sparse else \
+            body.node("Slice", [index, np.array([0], i64), body.node("Reshape", [count, np.array([1], i64)])])
+        table_shape = body.node("Shape", [body["codebook"]])
+        rows = body.node("Gather", [table_shape, np.array(0, i64)])
+        entries = body.node("Gather", [table_shape, np.array(1, i64)])
+        row = body.node("Div", [body.node("Range", [np.array(0, i64), count, np.array(1, i64)]),
+                                body.node("Div", [count, rows])])
+        flat_table = body.node("Reshape", [body["codebook"], np.array([-1], i64)])
+        values = body.node("Gather", [flat_table, body.node("Add", [index, body.node("Mul", [row, entries])])])
+    else:
+        values = body.node("Gather", [body["values"], positions])
+    if scaled:
+        by_row = body.node("Concat", [body.node("Slice", [body.node("Shape", [body["scales"]]), np.array([0], i64),
+                                                          np.array([1], i64)]), np.array([-1], i64)], axis=0)
+        scaled_rows = body.node("Mul", [body.node("Reshape", [values, by_row]), body["scales"]])
+        values = body.node("Reshape", [scaled_rows, np.array([-1], i64)])
+    if sparse:
+        present = body.node("Cast", [flags], to=onnx.TensorProto.BOOL)
+        values = body.node("Where", [present, values, np.zeros((), dtype)])
+    body.node("Reshape", [values, body["shape"]], output="weight")
+    function = gs.Function(name, domain=DOMAIN, nodes=body.nodes, inputs=list(body.inputs.values()),
+                           outputs=[body.outputs["weight"]], opset=graph.opset)
+    graph.functions.append(function)
+    return function
 
 
-class _Decoder:
-    """Builds the decoding nodes of one weight. The decoded tensor replaces the weight under its name."""
+def _unpack(body: "_Body") -> gs.Variable:
+    """The indices (int64) packed in `indices` at `bits` bits each (pack_indices), as many as it holds.
 
-    def __init__(self, graph: gs.Graph, weight: gs.Constant, names: graphs.Names):
-        self.graph, self.names, self.name = graph, names, weight.name
-        self.dense = np.asarray(weight.values)
-        self.count = self.dense.size
-        weight.name = names.new(f"{self.name}.dense")  # free the name for the decoded tensor; this one is dropped
-        self.decoded = gs.Variable(self.name, dtype=self.dense.dtype, shape=list(self.dense.shape))
-        for reader in graphs.consumers(weight):
-            for index, tensor in enumerate(reader.inputs):
-                if tensor is weight:
-                    reader.inputs[index] = self.decoded
-        graph.outputs = [self.decoded if out is weight else out for out in graph.outputs]
+    Index i starts at bit p = i·bits, in byte p // 8 at offset p % 8, and never reaches past the next byte:
+    it is (byte[p // 8] + 256 · byte[p // 8 + 1]) // 2^(p % 8) mod 2^bits. The stream ends with a spare byte,
+    so it holds ⌊(bytes − 1) · 8 / bits⌋ indices, the stored ones first.
+    """
+    i64 = np.int64
+    stream, bits = body["indices"], body["bits"]
+    held = body.node("Div", [body.node("Mul", [body.node("Sub", [body.node("Size", [stream]), np.array(1, i64)]),
+                                               np.array(8, i64)]), bits])
+    position = body.node("Range", [np.array(0, i64), body.node("Mul", [held, bits]), bits])
+    byte = body.node("Div", [position, np.array(8, i64)])
+    offset = body.node("Mod", [position, np.array(8, i64)])
+    wide = body.node("Cast", [stream], to=onnx.TensorProto.INT64)
+    low = body.node("Gather", [wide, byte])
+    high = body.node("Gather", [wide, body.node("Add", [byte, np.array(1, i64)])])
+    word = body.node("Add", [low, body.node("Mul", [high, np.array(256, i64)])])
+    shifted = body.node("Div", [word, body.node("Gather", [(2 ** np.arange(8)).astype(i64), offset])])
+    return body.node("Mod", [shifted, body.node("Gather", [(2 ** np.arange(9)).astype(i64), bits])])
 
-    # The decoding nodes go unnamed, and their outputs and the constants of a few values (shifts, sizes, shapes)
-    # get short names: a model of a few hundred thousand weights has hundreds of decoding nodes, and names
-    # derived from the weight's made up a sixth of a shared ResNet-20's file. Larger constants keep the weight's
-    # name: `W.indices`, `W.codebook`, `W.mask`, ….
-    def constant(self, part: str, values: np.ndarray) -> gs.Constant:
-        small = np.asarray(values).size <= HELPER_SIZE  # the same for many weights: cleanup merges the copies
-        return self.names.constant(f"decode.{part}" if small else f"{self.name}.{part}", values)
 
-    def node(self, op: str, inputs: list, **attrs) -> gs.Variable:
-        out = gs.Variable(self.names.new("decode"))  # no type or shape: no value_info entry in the file
-        self.graph.nodes.append(gs.Node(op, "", attrs, inputs, [out]))
+class _Body:
+    """The nodes of a decoding function; inputs by name, array arguments become constants."""
+
+    def __init__(self, inputs: list[str]):
+        self.inputs = {name: gs.Variable(name) for name in inputs}
+        self.outputs: dict[str, gs.Variable] = {}
+        self.nodes: list[gs.Node] = []
+        self.constants: dict[tuple, gs.Constant] = {}  # one Constant node per distinct value
+
+    def __getitem__(self, name: str) -> gs.Variable:
+        return self.inputs[name]
+
+    def constant(self, values) -> gs.Constant:
+        array = np.array(values)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.constants:
+            self.constants[key] = gs.Constant(f"c{len(self.constants)}", array)
+        return self.constants[key]
+
+    def node(self, op: str, inputs: list, output: str | None = None, **attrs) -> gs.Variable:
+        inputs = [x if isinstance(x, gs.Tensor) else self.constant(x) for x in inputs]
+        out = gs.Variable(output or f"t{len(self.nodes)}")
+        if output:
+            self.outputs[output] = out
+        self.nodes.append(gs.Node(op, None, attrs, inputs, [out]))
         return out
-
-    def scatter(self, present: np.ndarray, values: gs.Tensor, dtype) -> tuple[gs.Variable, gs.Variable]:
-        """(`values` at the positions the packed bit mask of `present` marks and 0 elsewhere, the mask as bool)."""
-        mask = np.packbits(present, bitorder="little").reshape(-1, 1)
-        count = self.count
-        shifted = self.node("BitShift", [self.constant("mask", mask),
-                                         self.constant("shifts", np.arange(8, dtype=np.uint8))], direction="RIGHT")
-        bits = self.node("Mod", [shifted, self.constant("two", np.array(2, dtype=np.uint8))])
-        bits = self.node("Reshape", [bits, self.constant("flat", np.array([-1], dtype=np.int64))])
-        if mask.size * 8 != count:
-            bits = self.node("Slice", [bits, self.constant("start", np.array([0], dtype=np.int64)),
-                                       self.constant("stop", np.array([count], dtype=np.int64))])
-        counted = self.node("CumSum", [self.node("Cast", [bits], to=onnx.TensorProto.INT64),
-                                       self.constant("axis", np.array(0, dtype=np.int64))])
-        positions = self.node("Sub", [counted, self.constant("one", np.array(1, dtype=np.int64))])
-        gathered = self.node("Gather", [values, positions])
-        present_bool = self.node("Cast", [bits], to=onnx.TensorProto.BOOL)
-        zero = self.constant("zero", np.zeros((), dtype=dtype))
-        return self.node("Where", [present_bool, gathered, zero]), present_bool
-
-    def unpack(self, indices: np.ndarray, bits: int) -> gs.Variable:
-        """The indices (int32), stored packed at `bits` bits each (pack_indices).
-
-        Index i starts at bit p = i·bits, in byte p // 8 at offset p % 8, and never reaches past the next byte:
-        it is (byte[p // 8] + 256 · byte[p // 8 + 1]) // 2^(p % 8) mod 2^bits.
-        """
-        count = max(indices.size, 1)
-        if indices.size == 0:
-            indices = np.zeros(1, dtype=np.int64)
-        i64 = np.int64
-        stream = self.constant("indices", pack_indices(indices, bits))
-        position = self.node("Range", [self.constant("first", np.array(0, i64)),  # i · bits for i < count
-                                       self.constant("end", np.array(count * bits, i64)),
-                                       self.constant("bits", np.array(bits, i64))])
-        byte = self.node("Div", [position, self.constant("eight", np.array(8, i64))])
-        offset = self.node("Mod", [position, self.constant("eight_", np.array(8, i64))])
-        wide = self.node("Cast", [stream], to=onnx.TensorProto.INT32)
-        low = self.node("Gather", [wide, byte])
-        high = self.node("Gather", [wide, self.node("Add", [byte, self.constant("next", np.array(1, i64))])])
-        word = self.node("Add", [low, self.node("Mul", [high, self.constant("byte", np.array(256, np.int32))])])
-        scale = self.node("Gather", [self.constant("powers", (2 ** np.arange(8)).astype(np.int32)), offset])
-        shifted = self.node("Div", [word, scale])
-        return self.node("Mod", [shifted, self.constant("levels", np.array(2 ** bits, np.int32))])
-
-    def finish(self, flat: gs.Tensor) -> gs.Variable:
-        shape = self.constant("shape", np.array(self.dense.shape, dtype=np.int64))
-        self.graph.nodes.append(gs.Node("Reshape", "", {}, [flat, shape], [self.decoded]))
-        return self.decoded
 
 
 @dataclass
@@ -288,83 +338,55 @@ class Layout:
 
 def layouts(model: onnx.ModelProto) -> list[Layout]:
     """The layouts of the compact weights of `model` (sparse and codebook), checked by decoding each with numpy
-    and comparing with what ONNX Runtime computes; weights whose initializers serve several decoders are left
-    out (changing one would change the others)."""
+    and comparing with what ONNX Runtime computes; weights whose payload other nodes read too are left out
+    (changing one would change the others)."""
     initializers = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, list[tuple[str, int]]] = {}
+    reads: dict[str, int] = {}
     for node in model.graph.node:
-        for position, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node.op_type, position))
-    decoded = encoded_weights(model)
-    roles_of = [_roles({s: numpy_helper.to_array(initializers[s]) for s in w.sources}, readers) for w in decoded]
-    owners: dict[str, int] = {}
-    for roles in roles_of:
-        for source in roles.values():
-            owners[source] = owners.get(source, 0) + 1
+        for name in node.input:
+            reads[name] = reads.get(name, 0) + 1
+    signatures = {f.name: list(f.input) for f in model.functions if f.domain == DOMAIN}
+    decoded = {weight.name: weight for weight in encoded_weights(model)}
     found = []
-    for weight, roles in zip(decoded, roles_of):
-        if any(owners[source] > 1 for source in roles.values()):
-            continue  # the decoding helpers are shared by design; the payload must not be
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type not in signatures or node.output[0] not in decoded:
+            continue
+        roles = dict(zip(signatures[node.op_type], node.input))
+        payload = [roles[role] for role in ("values", "codebook", "scales", "indices", "mask") if role in roles]
+        if not all(name in initializers for name in roles.values()) or any(reads[name] > 1 for name in payload):
+            continue
         arrays = {role: numpy_helper.to_array(initializers[name]) for role, name in roles.items()}
-        layout = _layout(weight, roles, arrays)
+        layout = _layout(decoded[node.output[0]], roles, arrays)
         if layout is not None:
             found.append(layout)
     return found
 
 
-def _roles(arrays: dict[str, np.ndarray], readers: dict) -> dict[str, str]:
-    """{role: initializer name} of a decoder's payload: mask, packed indices, scales, and the table (the
-    codebook, or the sparse layout's values)."""
-    roles: dict[str, str] = {}
-    for name, array in arrays.items():
-        reads = readers.get(name, [])
-        if array.dtype == np.uint8 and ("BitShift", 0) in reads:
-            roles["mask"] = name
-        elif array.dtype == np.uint8 and ("Cast", 0) in reads:
-            roles["packed"] = name
-        elif array.dtype.kind == "f" and any(op == "Mul" for op, _ in reads):
-            roles["scales"] = name
-        elif array.dtype.kind == "f" and ("Gather", 0) in reads:
-            roles["table"] = name
-    return roles
-
-
 def _layout(weight: EncodedWeight, roles: dict[str, str], arrays: dict[str, np.ndarray]) -> Layout | None:
-    arrays = {role: arrays[role] for role in roles}
-    dense = weight.values
+    name, dense = weight.name, weight.values
     present = np.ones(dense.size, dtype=bool)
-    if "mask" in roles:
+    if "mask" in arrays:
         present = np.unpackbits(arrays["mask"].reshape(-1), bitorder="little")[:dense.size].astype(bool)
-    present = present.reshape(dense.shape)
-    if "table" not in roles:
-        return None
-    table = arrays["table"].reshape(-1)
-    if "packed" not in roles:  # sparse layout
-        rebuilt = np.zeros(dense.size, dtype=dense.dtype)
-        rebuilt[present.reshape(-1)] = table[:int(present.sum())]
-        return Layout(weight.name, present, values=roles["table"]) if np.array_equal(rebuilt, dense.reshape(-1)) \
-            else None
-    packed, count = arrays["packed"], int(present.sum())
+    rebuilt = np.zeros(dense.size, dtype=dense.dtype)
+    if "values" in arrays:  # sparse layout
+        rebuilt[present] = arrays["values"].reshape(-1)[:int(present.sum())]
+        layout = Layout(name, present.reshape(dense.shape), values=roles["values"])
+        return layout if np.array_equal(rebuilt, dense.reshape(-1)) else None
+    bits, table, count = int(arrays["bits"]), arrays["codebook"], int(present.sum())
+    stream = np.unpackbits(arrays["indices"], bitorder="little")[:count * bits]
+    stored = stream.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
     rows = dense.shape[0] if dense.ndim >= 2 else 1
-    scales = arrays["scales"].reshape(-1) if "scales" in roles else None
-    for bits in range(1, 9):
-        if packed.size != (count * bits + 7) // 8 + 1:
-            continue
-        stream = np.unpackbits(packed, bitorder="little")[:count * bits].reshape(count, bits).astype(np.int64)
-        stored = stream @ (1 << np.arange(bits))
-        levels = 2 ** bits
-        per_row = rows > 1 and table.size == rows * levels
-        row_of = np.nonzero(present.reshape(rows, -1))[0]
-        if stored.size and stored.max() >= (levels if per_row else table.size):
-            continue
-        looked_up = table.reshape(rows, levels)[row_of, stored] if per_row else table[stored]
-        if scales is not None:
-            looked_up = looked_up * scales[row_of]
-        rebuilt = np.zeros(dense.size, dtype=dense.dtype)
-        rebuilt[present.reshape(-1)] = looked_up
-        if np.array_equal(rebuilt, dense.reshape(-1)):
-            index = np.zeros(dense.size, dtype=np.int64)
-            index[present.reshape(-1)] = stored
-            return Layout(weight.name, present, codebook=roles["table"], scales=roles.get("scales"),
-                          index=index.reshape(rows, -1), levels=levels if per_row else table.size)
-    return None
+    row_of = np.nonzero(present.reshape(rows, -1))[0]
+    if table.ndim != 2 or (table.shape[0] > 1 and table.shape[0] != rows) or \
+            (stored.size and stored.max() >= table.shape[1]):
+        return None
+    looked_up = table[row_of if table.shape[0] > 1 else 0, stored]
+    if "scales" in arrays:
+        looked_up = looked_up * arrays["scales"].reshape(-1)[row_of]
+    rebuilt[present] = looked_up
+    if not np.array_equal(rebuilt, dense.reshape(-1)):
+        return None
+    index = np.zeros(dense.size, dtype=np.int64)
+    index[present] = stored
+    return Layout(name, present.reshape(dense.shape), codebook=roles["codebook"], scales=roles.get("scales"),
+                  index=index.reshape(rows, -1), levels=table.shape[1])

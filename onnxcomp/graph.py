@@ -41,8 +41,18 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.model_version = template.model_version
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
+    # graphsurgeon exports the functions passes defined (the decoders of compact weights); keep the template's
+    # others, and drop those no node calls any longer (decoders whose weights a later pass folded)
+    defined = {(f.domain, f.name) for f in model.functions}
+    functions = list(model.functions) + [f for f in template.functions if (f.domain, f.name) not in defined]
+    called = _called_functions(model.graph, functions)
     del model.functions[:]
-    model.functions.extend(template.functions)
+    model.functions.extend(f for f in functions if (f.domain, f.name) in called)
+    custom = {f.domain for f in functions} - {f.domain for f in model.functions}
+    used = {node.domain for node in model.graph.node}
+    kept_imports = [o for o in model.opset_import if o.domain not in custom or o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept_imports)
     inputs = {value.name for value in model.graph.input}
     if template.ir_version >= 4:
         overridable = _overridable_initializers(template)
@@ -52,6 +62,22 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                  for t in model.graph.initializer if t.name not in inputs)
     return model
+
+
+def _called_functions(graph: onnx.GraphProto, functions: list[onnx.FunctionProto]) -> set[tuple[str, str]]:
+    """(domain, name) of the functions that `graph` (with its subgraphs) calls, directly or through others."""
+    bodies = {(f.domain, f.name): f for f in functions}
+    called: set[tuple[str, str]] = set()
+    pending = [list(graph.node)]
+    while pending:
+        for node in pending.pop():
+            key = (node.domain, node.op_type)
+            if key in bodies and key not in called:
+                called.add(key)
+                pending.append(list(bodies[key].node))
+            for attribute in node.attribute:
+                pending.extend(list(g.node) for g in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []))
+    return called
 
 
 def upgrade_opset(graph: gs.Graph, opset: int) -> None:

@@ -25,7 +25,8 @@ the codebooks, and inference runs at dense speed.
   stored bytes, makes a curve, and the bytes are spent where the output error per byte is highest (the lower
   convex hull of each curve, steepest first: passes/allocation.py). The budget is `bits`/8 bytes per stored
   weight, codebooks and scales included, plus the mask: the file is at most what `bits` for every weight
-  costs in indices alone. `layer-bits=pattern:bits|…` fixes the bits of the layers a pattern matches.
+  costs in indices alone; it may be fractional (bits=2.5). `layer-bits=pattern:bits|…` fixes the bits of
+  the layers a pattern matches.
 - Importance (`importance=energy`, the default with data): each weight's squared error is weighted by the energy
   E[x²] of the input it multiplies, so clusters follow the weights whose errors reach the output.
 - Error feedback (`feedback`, on with data): with the codebooks fixed, each weight's index is chosen column by
@@ -71,7 +72,7 @@ ROW_CODEBOOK_SHARE = 0.25  # per-row codebooks are used where they cost at most 
 
 @dataclass(frozen=True)
 class ShareConfig:
-    bits: int = 5                  # index bits per weight; with allocation=sensitivity, the budget's bits
+    bits: float = 5                # index bits per weight; with allocation=sensitivity, the budget's average
     allocation: str = "auto"       # auto | uniform | sensitivity; auto: sensitivity with calibration data
     layer_bits: tuple[str, ...] = ()  # "pattern:bits" items: the bits of the layers a pattern matches, fixed
     granularity: str = "auto"      # auto | row | scaled | tensor
@@ -89,6 +90,11 @@ class ShareConfig:
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be from 1 to 8, not {self.bits}")
+        if float(self.bits).is_integer():
+            object.__setattr__(self, "bits", int(self.bits))
+        elif self.allocation == "uniform":
+            raise ValueError(f"bits={self.bits} is an average over layers: it needs allocation=sensitivity; "
+                             "uniform sharing takes whole bits")
         if self.allocation not in ("auto", "uniform", "sensitivity"):
             raise ValueError(f"allocation must be auto, uniform or sensitivity, not '{self.allocation}'")
         for item in self.layer_bits:
@@ -140,6 +146,9 @@ class Share(Pass):
             raise PreconditionError(f"share: {' and '.join(wants)} need{'s' if len(wants) == 1 else ''} calibration "
                                     "data: pass --calib-data, or use importance=none, correction=false, "
                                     "feedback=false and allocation=uniform")
+        if isinstance(config.bits, float) and ctx.calibration_data is None:
+            raise PreconditionError(f"share: bits={config.bits} is an average that the bit allocation spends over "
+                                    "the layers, measured on calibration data: pass --calib-data, or whole bits")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
@@ -252,7 +261,7 @@ def _allocate_bits(graph: gs.Graph, layers: list[WeightedLayer], statistics: dic
                     clustered, _, _ = _restored(layer, clustered, stats)
                 candidates.append((sum(p.nbytes for p in _stored_parts(clustered, bits)),
                                    _error(layer, clustered, stats, correct), Choice(bits, granularity)))
-        uniform = cluster(layer.values, config.bits, config.granularity, weights_of.get(id(layer)))
+        uniform = cluster(layer.values, round(config.bits), config.granularity, weights_of.get(id(layer)))
         budget += uniform.indices.size * config.bits / 8 + _mask_bytes(uniform)
         if correct:
             uniform, bias_shift, _ = _restored(layer, uniform, stats)

@@ -127,3 +127,31 @@ def test_codebook_that_does_not_give_the_weight_is_refused():
     with pytest.raises(ValueError, match="do not give the weight"):
         encoding.encode_codebook(graph, graph.tensors()["W"], np.array([0.5, 2.0]), np.zeros(72, int), 1,
                                  graphs.Names(graph))
+
+
+def test_one_decoding_function_per_kind_of_layout_and_one_call_per_weight(tmp_path):
+    """Three pruned weights: one `Sparse` definition, three calls of about a hundred bytes each, and the decoder
+    is gone from the model once a later pass stores the weights densely."""
+    from onnxcomp import api
+
+    weights = [pruned_weight((8, 8, 3, 3), 0.5) for _ in range(3)]
+    x = gs.Variable("x", np.float32, [1, 8, 6, 6])
+    tensors, nodes = [x], []
+    for i, weight in enumerate(weights):
+        out = gs.Variable(f"y{i}", np.float32, [1, 8, 6, 6])
+        nodes.append(gs.Node("Conv", f"conv{i}", {"pads": [1, 1, 1, 1]}, [tensors[-1], gs.Constant(f"W{i}", weight)],
+                             [out]))
+        tensors.append(out)
+    model = gs.export_onnx(gs.Graph(nodes=nodes, inputs=[x], outputs=[tensors[-1]], opset=13))
+    pruned, _ = api.optimize(model, passes="prune:sparsity=0.5,min-size=0", validate_result=False)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [(f.domain, f.name) for f in pruned.functions] == [(encoding.DOMAIN, "Sparse")]
+    calls = [node for node in pruned.graph.node if node.domain == encoding.DOMAIN]
+    assert len(calls) == 3 and max(node.ByteSize() for node in calls) < 120
+    feed = {"x": RNG.normal(size=(1, 8, 6, 6)).astype(np.float32)}
+    _, ops = optimized_ops(pruned, tmp_path)
+    assert "Sparse" not in ops and "Where" not in ops, ops
+    dense, _ = api.optimize(pruned, passes="prune:sparsity=0.5,min-size=0,encoding=dense",
+                            validate_result=False)
+    assert not dense.functions and not [o for o in dense.opset_import if o.domain == encoding.DOMAIN]
+    np.testing.assert_allclose(run_model(dense, feed)[0], run_model(pruned, feed)[0], rtol=1e-5, atol=1e-5)

@@ -134,6 +134,23 @@ def test_bit_allocation_spends_the_bits_where_the_error_reaches_the_output():
         sqnr(reference, run_model(uniform, {"x": evaluation})[0]) + 3
 
 
+def test_fractional_bits_are_an_average_the_allocation_keeps():
+    model = loud_and_quiet(channels=64)
+    _, records = run(model, "share:bits=2.5,min-size=0", images(40, seed=1))
+    stats = records[0].stats
+    assert stats["bits"] == 2.5 and stats["allocation"] == "sensitivity"
+    assert stats["stored_bytes"] <= 2 * 2304 * 2.5 / 8
+    _, records = run(model, "share:bits=3.0,min-size=0,allocation=uniform")  # 3.0 is whole bits
+    assert records[0].stats["bits"] == 3
+    from onnxcomp.errors import InputError
+    from onnxcomp.pass_base import PreconditionError
+
+    with pytest.raises(PreconditionError, match="average.*--calib-data"):
+        run(model, "share:bits=2.5")
+    with pytest.raises(InputError, match="needs allocation=sensitivity"):
+        run(model, "share:bits=2.5,allocation=uniform", images(40, seed=1))
+
+
 def test_layer_bits_fix_the_bits_of_matching_layers():
     shared, records = run(net(), "share:bits=2,layer-bits=conv2:6", images(32, seed=1))
     rows = {row["layer"]: row for row in records[0].layers}
