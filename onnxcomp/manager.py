@@ -36,6 +36,7 @@ class PassManager:
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
         ctx = ctx or PassContext()
+        ctx.input_model = model
         # Check outputs only against a valid input: a pass is not to blame for a model the checker already rejects.
         check = self.check and _check_error(model) is None
         if self.check and not check:

@@ -45,6 +45,7 @@ class PassContext:
     provider: str = "cpu"
     seed: int = 0
     max_accuracy_drop: float | None = None  # points; passes with an accuracy-aware mode aim for it
+    input_model: Any = None  # the onnx.ModelProto the pipeline started from (heal's teacher); set by PassManager
     # Initializers of the input model that nothing reads: the import already dropped them, cleanup reports them.
     unused_initializers: int = 0
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcomp"))

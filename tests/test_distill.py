@@ -168,6 +168,43 @@ def test_heal_recovers_accuracy_and_keeps_masks_codebooks_and_layout(tmp_path, d
     assert abs(healed.stat().st_size - compressed.stat().st_size) < 64
 
 
+def test_heal_as_a_pipeline_step_trains_on_the_calibration_data_and_keeps_the_layout(digits_model, digits_train):
+    """`heal` after prune and share: the input model teaches, the calibration data (the training split here) is
+    the transfer set; the result keeps the masks, indices and file size, and is closer to the original."""
+    from onnxcomp import encoding
+
+    recipe = "fuse-bn,prune:sparsity=0.7,share:bits=3"
+    calibration = str(digits_train / "train.npz")
+    compressed, _ = onnxcomp.optimize(str(digits_model), recipe, calib_data=calibration, validate_result=False)
+    healed, report = onnxcomp.optimize(str(digits_model), recipe + ",heal:epochs=3,learning-rate=0.01",
+                                       calib_data=calibration, validate_result=False)
+    (record,) = [r for r in report.passes if r.name == "heal"]
+    assert record.stats["tensors_trained"] >= 3 and record.stats["epochs"] == 3
+    test = np.load(digits_model.parent / "digits_test.npz")
+    reference = run_model(digits_model, {"input": test["input"]})[0].argmax(1)
+    agreement = {name: np.mean(run_model(model, {"input": test["input"]})[0].argmax(1) == reference)
+                 for name, model in (("compressed", compressed), ("healed", healed))}
+    assert agreement["healed"] > agreement["compressed"], agreement
+    before, after = encoding.layouts(compressed), encoding.layouts(healed)
+    assert len(before) == len(after) == 3
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(old.present, new.present)
+        np.testing.assert_array_equal(old.index, new.index)
+    assert abs(healed.ByteSize() - compressed.ByteSize()) < 64
+
+
+def test_heal_step_needs_calibration_data_and_compressed_weights(tmp_path, digits_model):
+    for passes, data, message in (("fuse-bn,prune:sparsity=0.5,heal", None, "--calib-data"),
+                                  ("fuse-bn,heal", "digits_calib.npz", "after prune or share")):
+        args = ["optimize", digits_model, "--passes", passes, "-o", tmp_path / "out.onnx", "--no-validate"]
+        if data:
+            args += ["--calib-data", digits_model.parent / data]
+        result = run_cli(*args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, \
+            result.stderr
+        assert not (tmp_path / "out.onnx").exists()
+
+
 def test_heal_needs_a_compressed_model(tmp_path, digits_model, digits_train):
     result = run_cli("distill", digits_model, "--heal", digits_model, "--data", digits_train / "train.npz",
                      "-o", tmp_path / "h.onnx")

@@ -1,0 +1,95 @@
+"""heal: fine-tune a pruned or shared model to reproduce the model the pipeline started from, keeping its layout.
+
+Before (after prune / share, post-training):
+    W.mask, W.indices, W.codebook, W.scales ─► decode ─► W ─► Conv(W, b) ─► y
+After:
+    the same mask, indices and decoding; W.codebook, W.scales, W.values and b trained ─► … ─► y
+
+Knowledge distillation (onnxcomp.distillation.heal) with the pipeline's input model as the teacher and the
+calibration data as the transfer set (labels, when it has them, add α times the cross-entropy): pruned weights
+stay zero, each shared weight keeps its codebook entry and each codebook value moves by the sum of its members'
+gradients (Deep Compression's trained quantization). Only the stored values, codebooks, scales and the dense
+tensors (biases, layers left dense) change, so the file keeps its size and layout. Needs PyTorch
+(`onnxcomp[torch]`) and calibration data; a share of it (`holdout`) is held out and the teacher agreement there
+is reported after each epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from onnxcomp import encoding
+from onnxcomp import graph as graphs
+from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
+from onnxcomp.registry import register
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    epochs: int = 10
+    learning_rate: float = 1e-3    # Adam
+    batch_size: int = 32
+    temperature: float = 4.0
+    loss: str = "kl"               # kl | mse
+    alpha: float = 0.5             # weight of the cross-entropy on labels, when the calibration data has them
+    holdout: float = 0.1           # share of the calibration samples held out to report agreement
+    device: str = "cpu"            # torch device: cpu, cuda
+
+    def __post_init__(self):
+        self.distill_config()  # the same checks as distill's options
+
+    def distill_config(self, seed: int = 0, provider: str = "cpu"):
+        from onnxcomp.distillation import DistillConfig
+
+        return DistillConfig(epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+                             temperature=self.temperature, loss=self.loss, alpha=self.alpha, holdout=self.holdout,
+                             seed=seed, device=self.device, provider=provider)
+
+
+@register
+class Heal(Pass):
+    name = "heal"
+    summary = "fine-tune pruned / shared weights by distillation from the input model, keeping their layout"
+    Config = HealConfig
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        from onnxcomp.distillation import require_torch
+
+        if ctx.calibration_data is None:
+            raise PreconditionError("heal trains on calibration data: pass --calib-data (typical inputs; labels "
+                                    "are used when present)")
+        if ctx.input_model is None:
+            raise PreconditionError("heal needs the model the pipeline started from as its teacher")
+        if not any(node.domain == encoding.DOMAIN for node in graph.nodes):
+            raise PreconditionError("heal: no pruned or shared weights stored compactly; put heal after prune "
+                                    "or share (with the default encoding=compact)")
+        require_torch()
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        from onnxcomp.distillation import heal
+
+        model = graphs.export_model(graph, ctx.input_model)
+        config = self.config.distill_config(ctx.seed, ctx.provider)
+        healed, report = heal(model, ctx.input_model, ctx.calibration_data, config=config, progress=False)
+        constants = graphs.weight_initializers(graph)
+        changed = 0
+        for tensor in healed.graph.initializer:
+            if tensor.name in constants:
+                value = numpy_helper.to_array(tensor)
+                if not np.array_equal(value, np.asarray(constants[tensor.name].values)):
+                    constants[tensor.name].values = value
+                    changed += 1
+        last = report.epochs[-1]
+        stats = {"epochs": len(report.epochs), "train_samples": report.train_samples,
+                 "held_out_samples": report.held_out_samples, "tensors_trained": changed, "loss": round(last.loss, 4)}
+        if last.agreement is not None:
+            stats["held_out_agreement"] = round(last.agreement, 2)
+            stats["held_out_agreement_first_epoch"] = round(report.epochs[0].agreement, 2)
+        if last.accuracy is not None:
+            stats["held_out_accuracy"] = round(last.accuracy, 2)
+        return PassResult(changed > 0, stats)
+
