@@ -53,6 +53,8 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     kept_imports = [o for o in model.opset_import if o.domain not in custom or o.domain in used]
     del model.opset_import[:]
     model.opset_import.extend(kept_imports)
+    if model.functions:
+        model.ir_version = max(model.ir_version, 8)  # model-local functions came with IR 8
     inputs = {value.name for value in model.graph.input}
     if template.ir_version >= 4:
         overridable = _overridable_initializers(template)
