@@ -33,10 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "heal.json"
 MODELS = {  # name -> (path, loader, transfer-set indices, recipes)
     "resnet20": ("models/resnet20_cifar10.onnx", int8_vs_ort.cifar_data, slice(0, 500),
-                 ["fuse-bn,prune:sparsity=0.7", "deep-compression", "fuse-bn,prune:sparsity=0.5,share:bits=4",
-                  "fuse-bn,prune:sparsity=0.7,share:bits=3"]),
+                 ["fuse-bn,prune:sparsity=0.7", "deep-compression", "fuse-bn,prune:sparsity=0.3,share:bits=3",
+                  "fuse-bn,prune:sparsity=0.5,share:bits=2.5"]),
     "effnet": ("models/efficientnet_lite0_imagenet.onnx", int8_vs_ort.effnet_data, None,
-               ["deep-compression", "fuse-bn,prune:sparsity=0.4,share:bits=4"]),
+               ["fuse-bn,prune:sparsity=0.4,share:bits=4", "fuse-bn,prune:sparsity=0.3,share:bits=3"]),
 }
 
 
