@@ -78,7 +78,8 @@ def _called_functions(graph: onnx.GraphProto, functions: list[onnx.FunctionProto
                 called.add(key)
                 pending.append(list(bodies[key].node))
             for attribute in node.attribute:
-                pending.extend(list(g.node) for g in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []))
+                subgraphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+                pending.extend(list(subgraph.node) for subgraph in subgraphs)
     return called
 
 
