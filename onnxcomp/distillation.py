@@ -270,12 +270,9 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
         module.derive(layout.name, lambda: dense * present)
         return lambda: {layout.values: dense.detach().numpy()[layout.present].astype(stored[layout.values].dtype)}
     rows = layout.index.shape[0]
-    codebook_shape = stored[layout.codebook].shape
-    codebook = module.add_parameter(stored[layout.codebook].reshape(-1, layout.levels) if rows > 1 and
-                                    stored[layout.codebook].size == rows * layout.levels
-                                    else stored[layout.codebook].reshape(1, -1))
+    codebook = module.add_parameter(stored[layout.codebook])  # (1 or rows, entries)
     exact_zeros = torch.from_numpy(codebook.detach().numpy() != 0)  # a 0 entry codes zeros: it stays 0
-    scales = None if layout.scales is None else module.add_parameter(stored[layout.scales].reshape(-1, 1))
+    scales = None if layout.scales is None else module.add_parameter(stored[layout.scales])  # (rows, 1)
     index = torch.from_numpy(layout.index)
     row_of = torch.arange(rows)[:, None] if codebook.shape[0] > 1 else torch.zeros((rows, 1), dtype=torch.long)
     shape = tuple(layout.present.shape)
@@ -287,10 +284,9 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
         return values.reshape(shape) * present
 
     module.derive(layout.name, compute)
-    written = {layout.codebook: lambda: codebook.detach().numpy().reshape(codebook_shape)}
+    written = {layout.codebook: lambda: codebook.detach().numpy()}
     if scales is not None:
-        scale_shape = stored[layout.scales].shape
-        written[layout.scales] = lambda: scales.detach().numpy().reshape(scale_shape)
+        written[layout.scales] = lambda: scales.detach().numpy()
     return lambda: {name: get() for name, get in written.items()}
 
 

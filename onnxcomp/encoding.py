@@ -84,7 +84,7 @@ def encode_sparse(graph: gs.Graph, weight: gs.Constant, names: graphs.Names) -> 
     if values.size == 0:  # Gather needs something to index; every position is masked out anyway
         values = np.zeros(1, dtype=dense.dtype)
     return _call(graph, weight, names, _decoder(graph, dense.dtype, codebook=False, scaled=False, sparse=True),
-                 {"values": values, "mask": _mask(present), "shape": np.array(dense.shape, np.int64)})
+                 {"values": values, "mask": pack_mask(present), "shape": np.array(dense.shape, np.int64)})
 
 
 def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, indices: np.ndarray, bits: int,
@@ -122,14 +122,15 @@ def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, 
     if scales is not None:
         parts["scales"] = scales
     if sparse:
-        parts["mask"] = _mask(present)
+        parts["mask"] = pack_mask(present)
     parts["shape"] = np.array(dense.shape, np.int64)
     function = _decoder(graph, dense.dtype, codebook=True, scaled=scales is not None, sparse=sparse)
     return _call(graph, weight, names, function, parts)
 
 
-def _mask(present: np.ndarray) -> np.ndarray:
-    return np.packbits(present, bitorder="little").reshape(-1, 1)
+def pack_mask(present: np.ndarray) -> np.ndarray:
+    """The stored layout's mask of `present` (bool): bit j of byte i, least significant first, is element 8i + j."""
+    return np.packbits(np.asarray(present).reshape(-1), bitorder="little").reshape(-1, 1)
 
 
 def _call(graph: gs.Graph, weight: gs.Constant, names: graphs.Names, function: gs.Function,
@@ -330,10 +331,9 @@ class Layout:
     name: str                  # the decoded weight
     present: np.ndarray        # bool in the weight's shape: elements that are stored (all, without a mask)
     values: str | None = None  # sparse layout: the initializer of the stored values, row-major
-    codebook: str | None = None    # codebook layout: the initializer of the codebook(s), flattened
+    codebook: str | None = None    # codebook layout: the initializer of the codebooks, (1 or rows, entries)
     scales: str | None = None      # … and of the per-row scales, (rows, 1)
     index: np.ndarray | None = None  # … each element's index into its row's codebook, (rows, row size); 0 if absent
-    levels: int = 0                # … entries per codebook
 
 
 def layouts(model: onnx.ModelProto) -> list[Layout]:
@@ -389,4 +389,4 @@ def _layout(weight: EncodedWeight, roles: dict[str, str], arrays: dict[str, np.n
     index = np.zeros(dense.size, dtype=np.int64)
     index[present] = stored
     return Layout(name, present.reshape(dense.shape), codebook=roles["codebook"], scales=roles.get("scales"),
-                  index=index.reshape(rows, -1), levels=table.shape[1])
+                  index=index.reshape(rows, -1))

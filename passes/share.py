@@ -495,7 +495,7 @@ def _stored_parts(clustered: Clustered, bits: int) -> list[np.ndarray]:
     if clustered.scales is not None:
         parts.append(clustered.scales)
     if clustered.sparse:
-        parts.append(np.packbits(clustered.values.reshape(-1) != 0, bitorder="little"))
+        parts.append(encoding.pack_mask(clustered.values != 0))
     return parts
 
 
