@@ -270,9 +270,11 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
         module.derive(layout.name, lambda: dense * present)
         return lambda: {layout.values: dense.detach().numpy()[layout.present].astype(stored[layout.values].dtype)}
     rows = layout.index.shape[0]
-    codebook = module.add_parameter(stored[layout.codebook])  # (1 or rows, entries)
+    dtype = weight.detach().numpy().dtype  # tables stored in float16 train in the weight's dtype
+    codebook = module.add_parameter(stored[layout.codebook].astype(dtype))  # (1 or rows, entries)
     exact_zeros = torch.from_numpy(codebook.detach().numpy() != 0)  # a 0 entry codes zeros: it stays 0
-    scales = None if layout.scales is None else module.add_parameter(stored[layout.scales])  # (rows, 1)
+    scales = None if layout.scales is None else \
+        module.add_parameter(stored[layout.scales].astype(dtype))  # (rows, 1)
     index = torch.from_numpy(layout.index)
     row_of = torch.arange(rows)[:, None] if codebook.shape[0] > 1 else torch.zeros((rows, 1), dtype=torch.long)
     shape = tuple(layout.present.shape)

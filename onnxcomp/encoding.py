@@ -32,6 +32,9 @@ Codebook layout (weight sharing), for a weight whose values all come from codebo
     decode.bits                        b, a scalar
     W.scales   [R, 1]                  (ScaledCodebook) a scale per output channel
 
+The codebooks and scales are stored in float16 where float16 holds them exactly (share rounds them so:
+compact_table), and cast to the weight's dtype inside the decoder: 2 bytes per entry instead of 4.
+
 decoded (Codebook) by Range → Div/Mod 8 (byte and bit offset of each index) → Gather two bytes → Div by
 2^offset → Mod 2^b → Gather(W.codebook at row · K + index). With the mask (SparseCodebook), only the non-zero
 elements carry an index and the mask places them, so pruning and sharing compose: b/8 bytes per kept weight
@@ -62,6 +65,33 @@ def sparse_bytes(count: int, nonzero: int, itemsize: int = 4) -> int:
 def packed_bytes(count: int, bits: int) -> int:
     """Bytes of `count` indices of `bits` bits packed back to back, plus the one byte the decoder reads past."""
     return (count * bits + 7) // 8 + 1
+
+
+def compact_table(values: np.ndarray) -> np.ndarray:
+    """`values` (a codebook or scales) rounded to float16 precision, in their own dtype, where that moves none by
+    more than 2^-10 of the largest magnitude and keeps zeros and non-zeros apart; else unchanged. The stored
+    table then takes 2 bytes per entry (stored_table), a rounding far below the sharing's own error."""
+    values = np.asarray(values)
+    if values.dtype.itemsize <= 2 or values.dtype.kind != "f" or values.size == 0:
+        return values
+    with np.errstate(over="ignore"):
+        rounded = values.astype(np.float16).astype(values.dtype)
+    largest = float(np.abs(values).max())
+    if not np.all(np.isfinite(rounded)) or np.any((rounded == 0) != (values == 0)) \
+            or float(np.abs(rounded - values).max()) > largest * 2 ** -10:
+        return values
+    return rounded
+
+
+def stored_table(values: np.ndarray) -> np.ndarray:
+    """A codebook or scales as the file stores them: float16 where float16 holds every value exactly."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f" and values.dtype.itemsize > 2:
+        with np.errstate(over="ignore"):
+            half = values.astype(np.float16)
+        if np.array_equal(half.astype(values.dtype), values):
+            return half
+    return values
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
@@ -118,9 +148,9 @@ def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, 
     if indices.size == 0:  # the decoder gathers from the indices; every position is masked out anyway
         indices = np.zeros(1, dtype=np.int64)
     parts = {"indices": pack_indices(indices, bits), "bits": np.array(bits, np.int64),
-             "codebook": codebook if per_row else codebook.reshape(1, -1)}
+             "codebook": stored_table(codebook if per_row else codebook.reshape(1, -1))}
     if scales is not None:
-        parts["scales"] = scales
+        parts["scales"] = stored_table(scales)
     if sparse:
         parts["mask"] = pack_mask(present)
     parts["shape"] = np.array(dense.shape, np.int64)
@@ -160,9 +190,9 @@ def _decoder(graph: gs.Graph, dtype, *, codebook: bool, scaled: bool, sparse: bo
 
     Its inputs, by name: `indices` (packed, pack_indices), `bits` and `codebook` (rows × entries: one row, or
     one per slice along the weight's first axis) for a codebook, else `values` (the non-zero values,
-    row-major); `scales` (rows × 1) when scaled; `mask` (bit j of byte i set when element 8i + j is stored)
-    when sparse; `shape`, the weight's. Every size is derived from these, so one definition serves every
-    weight of its kind.
+    row-major); `scales` (rows × 1) when scaled (codebooks and scales in the weight's dtype or float16);
+    `mask` (bit j of byte i set when element 8i + j is stored) when sparse; `shape`, the weight's. Every size
+    is derived from these, so one definition serves every weight of its kind.
     """
     dtype = np.dtype(dtype)
     name = ("Sparse" if sparse else "") + ("Scaled" if scaled else "") + ("Codebook" if codebook else "")
@@ -174,6 +204,7 @@ def _decoder(graph: gs.Graph, dtype, *, codebook: bool, scaled: bool, sparse: bo
         + (["mask"] if sparse else []) + ["shape"]
     body = _Body(roles)
     i64 = np.int64
+    element_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     count = body.node("ReduceProd", [body["shape"]], keepdims=0)  # the weight's elements
     if sparse:
         shifted = body.node("BitShift", [body["mask"], np.arange(8, dtype=np.uint8)], direction="RIGHT")
@@ -190,14 +221,16 @@ def _decoder(graph: gs.Graph, dtype, *, codebook: bool, scaled: bool, sparse: bo
         entries = body.node("Gather", [table_shape, np.array(1, i64)])
         row = body.node("Div", [body.node("Range", [np.array(0, i64), count, np.array(1, i64)]),
                                 body.node("Div", [count, rows])])
-        flat_table = body.node("Reshape", [body["codebook"], np.array([-1], i64)])
+        table = body.node("Cast", [body["codebook"]], to=element_type)  # a no-op unless stored in float16
+        flat_table = body.node("Reshape", [table, np.array([-1], i64)])
         values = body.node("Gather", [flat_table, body.node("Add", [index, body.node("Mul", [row, entries])])])
     else:
         values = body.node("Gather", [body["values"], positions])
     if scaled:
         by_row = body.node("Concat", [body.node("Slice", [body.node("Shape", [body["scales"]]), np.array([0], i64),
                                                           np.array([1], i64)]), np.array([-1], i64)], axis=0)
-        scaled_rows = body.node("Mul", [body.node("Reshape", [values, by_row]), body["scales"]])
+        scales = body.node("Cast", [body["scales"]], to=element_type)
+        scaled_rows = body.node("Mul", [body.node("Reshape", [values, by_row]), scales])
         values = body.node("Reshape", [scaled_rows, np.array([-1], i64)])
     if sparse:
         present = body.node("Cast", [flags], to=onnx.TensorProto.BOOL)
@@ -372,7 +405,7 @@ def _layout(weight: EncodedWeight, roles: dict[str, str], arrays: dict[str, np.n
         rebuilt[present] = arrays["values"].reshape(-1)[:int(present.sum())]
         layout = Layout(name, present.reshape(dense.shape), values=roles["values"])
         return layout if np.array_equal(rebuilt, dense.reshape(-1)) else None
-    bits, table, count = int(arrays["bits"]), arrays["codebook"], int(present.sum())
+    bits, table, count = int(arrays["bits"]), arrays["codebook"].astype(dense.dtype), int(present.sum())
     stream = np.unpackbits(arrays["indices"], bitorder="little")[:count * bits]
     stored = stream.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
     rows = dense.shape[0] if dense.ndim >= 2 else 1
@@ -382,7 +415,7 @@ def _layout(weight: EncodedWeight, roles: dict[str, str], arrays: dict[str, np.n
         return None
     looked_up = table[row_of if table.shape[0] > 1 else 0, stored]
     if "scales" in arrays:
-        looked_up = looked_up * arrays["scales"].reshape(-1)[row_of]
+        looked_up = looked_up * arrays["scales"].astype(dense.dtype).reshape(-1)[row_of]
     rebuilt[present] = looked_up
     if not np.array_equal(rebuilt, dense.reshape(-1)):
         return None

@@ -19,6 +19,9 @@ the codebooks, and inference runs at dense speed.
 - Zero stays exactly zero. Where zeros are many (after `prune`), a bit mask places the non-zero values and only
   those carry an index; where they are few (a mask would cost more than it saves), the codebook keeps an exact
   0 entry. A tensor with at most 2^bits distinct values is kept exactly.
+- Codebooks and scales are rounded to float16 precision (encoding.compact_table: at most 2^-10 of the table's
+  largest value, far below the sharing's error) and stored in float16: 2 bytes per entry. A tensor kept
+  exactly keeps its values.
 - Bit allocation (`allocation=sensitivity`, the default with calibration data): every layer is clustered at
   1 … 8 bits and each granularity; its relative output error on the calibration data, times its gain (how much
   of it reaches the model's outputs, measured by running the model with the layer shared alone), against its
@@ -350,6 +353,9 @@ def _assemble(codebook: np.ndarray, scales: np.ndarray | None, index: np.ndarray
     masked layout only the elements that decode to non-zero keep an index: a value whose centroid is exactly
     zero joins the zeros of the mask."""
     rows = index.shape[0]
+    if not exact:  # an exactly kept tensor keeps its values
+        codebook = encoding.compact_table(codebook)
+        scales = None if scales is None else encoding.compact_table(scales)
     looked_up = codebook[np.arange(rows)[:, None], index] if codebook.ndim == 2 else codebook[index]
     if scales is not None:
         looked_up = looked_up * scales[:, None]  # float32 products, as the decoding Mul computes them
@@ -381,10 +387,11 @@ def _restored(layer: WeightedLayer, clustered: Clustered, stats) -> tuple[Cluste
     # a unit silent on the data (spread 0) keeps its scale: zeroing it would trust the data too far
     factor = np.sqrt(np.where((now > 0) & (spread > 0), spread / np.maximum(now, 1e-30), 1.0))
     factor = factor.astype(clustered.values.dtype)
+    compact = (lambda table: table) if clustered.exact else encoding.compact_table
     if clustered.scales is not None:
-        restored = replace(clustered, scales=clustered.scales * factor)
+        restored = replace(clustered, scales=compact(clustered.scales * factor))
     else:
-        restored = replace(clustered, codebook=clustered.codebook * factor[:, None])
+        restored = replace(clustered, codebook=compact(clustered.codebook * factor[:, None]))
     restored.values = _decoded(restored, layer.values.shape)
     if not use_bias:
         return restored, None, True
@@ -491,9 +498,9 @@ def _mask_bytes(clustered: Clustered) -> int:
 
 def _stored_parts(clustered: Clustered, bits: int) -> list[np.ndarray]:
     """The arrays the compact layout stores: codebook, packed indices, and the packed mask when sparse."""
-    parts = [clustered.codebook, encoding.pack_indices(clustered.indices, bits)]
+    parts = [encoding.stored_table(clustered.codebook), encoding.pack_indices(clustered.indices, bits)]
     if clustered.scales is not None:
-        parts.append(clustered.scales)
+        parts.append(encoding.stored_table(clustered.scales))
     if clustered.sparse:
         parts.append(encoding.pack_mask(clustered.values != 0))
     return parts

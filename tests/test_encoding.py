@@ -157,3 +157,38 @@ def test_one_decoding_function_per_kind_of_layout_and_one_call_per_weight(tmp_pa
                             validate_result=False)
     assert not dense.functions and not [o for o in dense.opset_import if o.domain == encoding.DOMAIN]
     np.testing.assert_allclose(run_model(dense, feed)[0], run_model(pruned, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("half", [True, False])
+def test_codebooks_and_scales_that_float16_holds_are_stored_in_float16(half, tmp_path):
+    bits = 3
+    codebook = np.sort(RNG.normal(size=2 ** bits)).astype(np.float32)
+    scales = RNG.uniform(0.5, 2.0, size=6).astype(np.float32)
+    if half:
+        codebook, scales = (encoding.compact_table(table) for table in (codebook, scales))
+    indices = RNG.integers(0, 2 ** bits, size=(6, 4 * 3 * 3))
+    weight = (codebook[indices] * scales[:, None]).reshape(6, 4, 3, 3)
+    model = conv_model(weight)
+    graph = graphs.import_model(model)
+    encoding.encode_codebook(graph, graph.tensors()["W"], codebook, indices, bits, graphs.Names(graph),
+                             scales=scales)
+    compact = gs.export_onnx(graph.cleanup().toposort())
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in compact.graph.initializer}
+    expected = np.float16 if half else np.float32
+    assert stored["W.codebook"].dtype == stored["W.scales"].dtype == expected
+    feed = {"x": RNG.normal(size=(1, 4, 6, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(run_model(compact, feed)[0], run_model(model, feed)[0])
+    (layout,) = encoding.layouts(compact)  # what heal trains reads the float16 tables too
+    np.testing.assert_array_equal(layout.index, indices)
+
+
+def test_compact_table_rounds_only_where_float16_keeps_the_values_close():
+    table = np.array([-1.0, 0.0, 1e-7, 0.3333333, 2.0], np.float32)
+    rounded = encoding.compact_table(table)
+    assert rounded.dtype == np.float32
+    assert np.abs(rounded - table).max() <= 2.0 * 2 ** -10 and (rounded != 0).tolist() == (table != 0).tolist()
+    assert encoding.stored_table(rounded).dtype == np.float16
+    for out_of_range in ([1e5, 1.0], [1e-3, 1e-9]):  # overflows float16; a non-zero that would become 0
+        table = np.array(out_of_range, np.float32)
+        np.testing.assert_array_equal(encoding.compact_table(table), table)
+        assert encoding.stored_table(table).dtype == np.float32

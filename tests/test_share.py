@@ -37,6 +37,15 @@ def test_compact_layout_gives_the_outputs_of_the_dense_layout_and_shrinks():
     assert compact.ByteSize() < dense.ByteSize() - 0.8 * (weights_shared * 4 - stats["stored_bytes"])
 
 
+def test_codebooks_and_scales_are_stored_in_float16_and_tensors_kept_exactly_keep_their_values():
+    shared, _ = run(net(), "share:bits=4,granularity=scaled")
+    tables = [numpy_helper.to_array(t) for t in shared.graph.initializer if t.name.endswith((".codebook", ".scales"))]
+    assert len(tables) == 4 and all(table.dtype == np.float16 for table in tables)
+    weight = RNG.choice(np.array([-0.1, 0.30000001, 1.0], np.float32), size=(8, 4, 3, 3))  # not float16 values
+    for granularity in ("row", "scaled", "tensor"):
+        np.testing.assert_array_equal(cluster(weight, 2, granularity).values, weight)
+
+
 def test_zeros_stay_zero_after_prune():
     pruned, _ = run(net(), "prune:sparsity=0.6")
     shared, records = run(pruned, "share:bits=3")
