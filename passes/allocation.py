@@ -2,10 +2,11 @@
 
 prune and share both choose, per layer, how hard to compress it: each layer has a curve of output error against
 savings (weights zeroed, bytes saved), measured on calibration data, and the total savings are fixed. `allocate`
-takes the lower convex hull of every curve and its segments cheapest error per saving first, which is optimal for
-convex curves (the classic greedy of bit allocation in transform coding). A layer's own error reaches the
-model's outputs attenuated or amplified by what follows it; `ModelOutputs` measures that by running the model
-with changed weights.
+(prune: any sparsity per layer) takes the lower convex hull of every curve and its segments cheapest error per
+saving first, which is optimal for convex curves (the classic greedy of bit allocation in transform coding);
+`choose` (share: a few discrete options per layer) solves the multiple-choice knapsack by dynamic programming.
+A layer's own error reaches the model's outputs attenuated or amplified by what follows it; `ModelOutputs`
+measures that by running the model with changed weights.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from onnxcomp import graph as graphs
 from onnxcomp.passes.layers import WeightedLayer
 
 
-def allocate(curves: list[tuple[np.ndarray, np.ndarray]], target: float, whole_segments: bool = False) -> np.ndarray:
+def allocate(curves: list[tuple[np.ndarray, np.ndarray]], target: float) -> np.ndarray:
     """Savings per layer reaching `target` in total with the least summed error, from each layer's
-    (savings, errors) points, savings increasing from 0.
+    (savings, errors) points, savings increasing from 0, where a layer may stop anywhere along its curve.
 
-    Each curve is replaced by its lower convex hull, whose segments are taken cheapest error per saving first.
-    The last segment taken is taken in part, so the target is met exactly, unless `whole_segments` (the
-    savings are discrete steps): then it is taken whole and the target is met or passed.
+    Each curve is replaced by its lower convex hull, whose segments are taken cheapest error per saving first;
+    the last one in part, so the target is met exactly.
     """
     segments = []
     for index, (savings, errors) in enumerate(curves):
@@ -36,10 +36,47 @@ def allocate(curves: list[tuple[np.ndarray, np.ndarray]], target: float, whole_s
     for _, index, width in segments:
         if left <= 0:
             break
-        step = width if whole_segments else min(width, left)
+        step = min(width, left)
         taken[index] += step
         left -= step
     return taken
+
+
+def choose(costs: list[np.ndarray], errors: list[np.ndarray], budget: float, steps: int = 2 ** 15) -> list[int]:
+    """One option per layer, by index into its (costs, errors), with the least summed error whose summed cost is
+    within `budget`; the cheapest option of every layer where even those exceed it.
+
+    The options are discrete (bits per weight), so this is a multiple-choice knapsack, solved by dynamic
+    programming over the budget in `steps` equal units. A cost is rounded up to whole units, so the choice never
+    exceeds the budget, and gives away at most one unit per layer. Unlike taking a curve's hull segments cheapest
+    first, it never overshoots: a greedy step that must be whole can spend a large error to save a few bytes.
+    """
+    floors = [float(np.min(cost)) for cost in costs]
+    room = budget - sum(floors)
+    if room <= 0:
+        return [int(np.argmin(cost)) for cost in costs]
+    unit = max(room / steps, 1e-9)
+    slots = int(room / unit) + 1
+    best = np.zeros(slots)  # best[c]: least error of the layers so far within c units above their cheapest
+    picks = []
+    for cost, error in zip(costs, errors):
+        units = np.ceil((np.asarray(cost, np.float64) - min(cost)) / unit - 1e-9).astype(np.int64)
+        merged = np.full(slots, np.inf)
+        pick = np.zeros(slots, dtype=np.int64)
+        for option in np.flatnonzero(units < slots):
+            shift = units[option]
+            candidate = np.full(slots, np.inf)
+            candidate[shift:] = best[:slots - shift] + error[option]
+            better = candidate < merged
+            merged[better], pick[better] = candidate[better], option
+        best = merged
+        picks.append(pick)
+    chosen, at = [], int(np.argmin(best))
+    for cost, pick in zip(reversed(costs), reversed(picks)):
+        option = int(pick[at])
+        chosen.append(option)
+        at -= int(np.ceil((cost[option] - min(cost)) / unit - 1e-9))
+    return chosen[::-1]
 
 
 def lower_hull(xs: np.ndarray, ys: np.ndarray) -> list[tuple[float, float]]:

@@ -25,8 +25,8 @@ the codebooks, and inference runs at dense speed.
 - Bit allocation (`allocation=sensitivity`, the default with calibration data): every layer is clustered at
   1 … 8 bits and each granularity; its relative output error on the calibration data, times its gain (how much
   of it reaches the model's outputs, measured by running the model with the layer shared alone), against its
-  stored bytes, makes a curve, and the bytes are spent where the output error per byte is highest (the lower
-  convex hull of each curve, steepest first: passes/allocation.py). The budget is `bits`/8 bytes per stored
+  stored bytes, gives each layer its options, and one option per layer is chosen with the least summed error
+  within the budget (a multiple-choice knapsack, solved by dynamic programming: allocation.choose). The budget is `bits`/8 bytes per stored
   weight, codebooks and scales included, plus the mask: the file is at most what `bits` for every weight
   costs in indices alone; it may be fractional (bits=2.5). `layer-bits=pattern:bits|…` fixes the bits of
   the layers a pattern matches.
@@ -63,7 +63,7 @@ from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.kmeans import kmeans_slices
-from onnxcomp.passes.allocation import ModelOutputs, allocate
+from onnxcomp.passes.allocation import ModelOutputs, choose
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, WeightedLayer,
                                     held_out_samples, input_statistics, obs_sweep, prepare, relative_error,
                                     select_layers, snr_db, solved, unit_energy)
@@ -246,14 +246,14 @@ def _allocate_bits(graph: gs.Graph, layers: list[WeightedLayer], statistics: dic
 
     Each layer is clustered at every bits (and, with granularity=auto, as `row`, `scaled` and `tensor`); its relative
     output error on calibration data, times its gain (measured by sharing the layer alone at `bits` and running
-    the model), against its stored bytes, is the curve the allocation spends the budget over.
+    the model), against its stored bytes, are the options the allocation chooses from.
     """
     if not layers:
         return {}
     granularities = ("row", "scaled", "tensor") if config.granularity == "auto" else (config.granularity,)
     probe = ModelOutputs(graph, ctx, ctx.calibration_data, min(PROBE_SAMPLES, config.samples,
                                                                 ctx.calibration_data.num_samples), config.batch_size)
-    curves, options, budget, gains = [], [], 0.0, []
+    options, budget, gains = [], 0.0, []
     for layer in layers:
         stats = statistics[id(layer)]
         candidates = []  # (stored bytes, relative error, Choice)
@@ -273,17 +273,12 @@ def _allocate_bits(graph: gs.Graph, layers: list[WeightedLayer], statistics: dic
         own = _error(layer, uniform, stats, correct)
         gain = probe.relative_error([(layer, uniform.values, bias_shift)]) / own if own > 0 else 1.0
         gains.append(gain)
-        candidates.sort(key=lambda c: (-c[0], c[1]))
-        most = candidates[0][0]
-        curves.append((np.array([most - c[0] for c in candidates], dtype=np.float64),
-                       np.array([c[1] * gain for c in candidates])))
         options.append(candidates)
-    most_total = sum(candidates[0][0] for candidates in options)
-    saved = allocate(curves, most_total - budget, whole_segments=True)
+    picked = choose([np.array([c[0] for c in candidates], dtype=np.float64) for candidates in options],
+                    [np.array([c[1] * gain for c in candidates]) for candidates, gain in zip(options, gains)], budget)
     choices = {}
-    for layer, candidates, (savings, errors), amount, gain in zip(layers, options, curves, saved, gains):
-        at = [i for i in range(len(candidates)) if abs(savings[i] - amount) < 0.5]  # the hull vertex reached
-        choice = candidates[min(at, key=lambda i: errors[i])][2]
+    for layer, candidates, index, gain in zip(layers, options, picked, gains):
+        choice = candidates[index][2]
         choice.gain = float(gain)
         choices[id(layer)] = choice
     return choices

@@ -143,6 +143,31 @@ def test_bit_allocation_spends_the_bits_where_the_error_reaches_the_output():
         sqnr(reference, run_model(uniform, {"x": evaluation})[0]) + 3
 
 
+def test_allocation_chooses_the_least_error_within_the_budget_without_overshooting():
+    """One option per layer (bits, granularity), least summed error within the bytes. Here 4 bytes must go:
+    layer B's cheapest error per byte is its long step (50 bytes, error 1), but its short one (error 0.1) is
+    enough; taking whole hull segments cheapest first would pay the long step."""
+    from itertools import product
+
+    from onnxcomp.passes.allocation import choose
+
+    assert choose([np.array([100.0, 10.0]), np.array([100.0, 95.0, 50.0])],
+                  [np.array([0.0, 5.0]), np.array([0.0, 0.1, 1.0])], budget=196) == [0, 1]
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # against every combination, on integer costs with one-byte units
+        costs = [rng.integers(1, 40, size=rng.integers(1, 5)).astype(float) for _ in range(4)]
+        errors = [rng.random(cost.size) for cost in costs]
+        budget = float(sum(cost.min() for cost in costs) + rng.integers(0, 60))
+        picked = choose(costs, errors, budget, steps=max(int(budget - sum(c.min() for c in costs)), 1))
+        feasible = [sum(e[i] for e, i in zip(errors, combo)) for combo in product(*(range(c.size) for c in costs))
+                    if sum(c[i] for c, i in zip(costs, combo)) <= budget]
+        assert sum(c[i] for c, i in zip(costs, picked)) <= budget
+        assert sum(e[i] for e, i in zip(errors, picked)) == pytest.approx(min(feasible))
+    costs = [rng.random(20) * 1000 for _ in range(30)]  # real costs: the budget holds with its rounding
+    picked = choose(costs, [rng.random(20) for _ in costs], budget=12000.5)
+    assert sum(c[i] for c, i in zip(costs, picked)) <= 12000.5
+
+
 def test_fractional_bits_are_an_average_the_allocation_keeps():
     model = loud_and_quiet(channels=64)
     _, records = run(model, "share:bits=2.5,min-size=0", images(40, seed=1))
