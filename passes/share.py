@@ -69,6 +69,7 @@ from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WE
                                     select_layers, snr_db, solved, unit_energy)
 from onnxcomp.registry import register
 
+LOST_SNR_DB = 6.0  # a held-out output SNR below this (error energy over a quarter of the signal's) gets a warning
 PROBE_SAMPLES = 32  # calibration samples on which each layer's effect on the model's outputs is measured
 ROW_CODEBOOK_SHARE = 0.25  # per-row codebooks are used where they cost at most this share of the index bytes
 
@@ -181,6 +182,10 @@ class Share(Pass):
                 errors = _damping_errors(graph, layers, clustered_of, fits, held_out, ctx, config, correct)
                 stats["damping"] = min(errors, key=errors.get)
                 stats["held_out_snr_db"] = round(float(snr_db(errors[stats["damping"]])), 1)
+                if stats["held_out_snr_db"] < LOST_SNR_DB:
+                    _warn(stats, ctx, f"the model's outputs on held-out calibration samples are at "
+                          f"{stats['held_out_snr_db']} dB SNR, largely lost at bits={config.bits}: raise bits, "
+                          "or heal the model (the heal pass, or distill --heal)")
         names = graphs.Names(graph)
         totals = Counter()
         rows = []
@@ -218,6 +223,11 @@ class Share(Pass):
                       "kept_exact": totals["exact"], "corrected": totals["corrected"]})
         stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
         return PassResult(True, stats, rows)
+
+
+def _warn(stats: dict, ctx: PassContext, warning: str) -> None:
+    ctx.log.warning("share: %s", warning)
+    stats["warning"] = "; ".join(filter(None, [stats.get("warning"), warning]))
 
 
 @dataclass

@@ -40,13 +40,13 @@ class ShortNames(Pass):
                 before += len(tensor.name)
                 tensor.name = next(fresh)
                 renamed += 1
-        unnamed = sum(1 for node in graph.nodes if node.name)
+        named = sum(1 for node in graph.nodes if node.name)
         for node in graph.nodes:
             node.name = ""
         after = sum(len(tensor.name) for tensor in graph.tensors().values() if tensor.name not in kept)
-        stats = {"tensors_renamed": renamed, "node_names_dropped": unnamed, "name_characters_before": before,
+        stats = {"tensors_renamed": renamed, "node_names_dropped": named, "name_characters_before": before,
                  "name_characters_after": after}
-        return PassResult(renamed > 0 or unnamed > 0, stats)
+        return PassResult(renamed > 0 or named > 0, stats)
 
 
 def _short_names():

@@ -168,6 +168,19 @@ def test_allocation_chooses_the_least_error_within_the_budget_without_overshooti
     assert sum(c[i] for c, i in zip(costs, picked)) <= 12000.5
 
 
+def test_outputs_lost_on_held_out_samples_are_warned_about(digits_model, caplog):
+    import onnxcomp
+
+    calibration = str(digits_model.parent / "digits_calib.npz")
+    for bits, lost in ((1, True), (5, False)):
+        _, report = onnxcomp.optimize(str(digits_model), f"share:bits={bits}", calib_data=calibration,
+                                      validate_result=False)
+        stats = [record for record in report.passes if record.name == "share"][0].stats
+        assert (stats["held_out_snr_db"] < 6) == lost
+        assert ("largely lost at bits=1: raise bits, or heal" in stats.get("warning", "")) == lost
+    assert "largely lost" in caplog.text
+
+
 def test_fractional_bits_are_an_average_the_allocation_keeps():
     model = loud_and_quiet(channels=64)
     _, records = run(model, "share:bits=2.5,min-size=0", images(40, seed=1))
