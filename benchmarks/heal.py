@@ -34,10 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "heal.json"
 MODELS = {  # name -> (path, loader, transfer-set indices, recipes)
     "resnet20": ("models/resnet20_cifar10.onnx", int8_vs_ort.cifar_data, slice(0, 500),
-                 ["fuse-bn,prune:sparsity=0.7", "deep-compression", "fuse-bn,prune:sparsity=0.3,share:bits=3",
-                  "fuse-bn,prune:sparsity=0.5,share:bits=2.5"]),
+                 ["fuse-bn,prune:sparsity=0.7", "deep-compression",
+                  "fuse-bn,prune:sparsity=0.4,share:bits=3,min-size=0,short-names",
+                  "fuse-bn,share:bits=1.25,min-size=0,short-names"]),
     "effnet": ("models/efficientnet_lite0_imagenet.onnx", int8_vs_ort.effnet_data, None,
-               ["fuse-bn,prune:sparsity=0.4,share:bits=4", "fuse-bn,prune:sparsity=0.3,share:bits=3"]),
+               ["fuse-bn,prune:sparsity=0.3,share:bits=3,min-size=0,short-names"]),
 }
 
 
