@@ -25,7 +25,6 @@ trained, and the result written back into the same layout.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,7 +75,6 @@ class Epoch:
     agreement: float | None      # held-out top-1 agreement with the teacher, percent
     accuracy: float | None       # held-out top-1 on labels, percent
     seconds: float
-    held_out_loss: float | None = None  # the training loss on the held-out samples
 
 
 @dataclass
@@ -88,8 +86,6 @@ class DistillReport:
     teacher_accuracy: float | None = None   # on the held-out samples, with labels
     epochs: list[Epoch] = field(default_factory=list)
     transferred: list[dict] = field(default_factory=list)  # init_from_teacher, one row per student tensor
-    start: Epoch | None = None  # heal: the held-out figures before training (number 0)
-    kept: Epoch | None = None   # heal: the epoch whose weights were kept, by held-out loss (0: the input's)
 
     def render(self) -> str:
         lines = [f"distill {self.student} from {self.teacher}: {self.train_samples} training samples, "
@@ -101,8 +97,6 @@ class DistillReport:
                       for row in self.transferred]
         for epoch in self.epochs:
             lines.append(_epoch_line(epoch, len(self.epochs)))
-        if self.kept is not None:
-            lines.append(_kept_line(self))
         if self.teacher_accuracy is not None:
             lines.append(f"teacher held-out accuracy {self.teacher_accuracy:.2f} %")
         return "\n".join(lines)
@@ -168,9 +162,7 @@ def heal(compressed, teacher, data, *, config: DistillConfig = DistillConfig(), 
     torch.manual_seed(config.seed)
     module = OnnxModule(_decoded(compressed_model))
     payload = [_tie(torch, module, layout, compressed_model) for layout in found]
-    # healing must not leave the model worse than it came: the weights of the epoch with the lowest held-out
-    # loss are kept, the input's own among them (on a small transfer set, later epochs can overfit it)
-    _train(module, module.input_names, transfer, config, report, progress, keep_best=True)
+    _train(module, module.input_names, transfer, config, report, progress)
     tied = {layout.name for layout in found}
     updates = {name: value for name, value in module.weights().items() if name not in tied}
     for write in payload:
@@ -206,9 +198,8 @@ def _label(model) -> str:
 
 
 def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig, report: DistillReport,
-           progress: bool | None, keep_best: bool = False) -> None:
-    """Adam on the distillation loss over the training samples, one report line per epoch. With `keep_best` and
-    held-out samples, the module ends with the weights, before training included, of the lowest held-out loss."""
+           progress: bool | None) -> None:
+    """Adam on the distillation loss over the training samples, one report line per epoch."""
     import torch
 
     device = torch.device(config.device)
@@ -222,12 +213,6 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
     show = sys.stderr.isatty() if progress is None else progress
-    evaluate = lambda: _evaluate(torch, module, inputs, transfer, device, config)  # noqa: E731
-    best = None  # (the Epoch, its weights)
-    if keep_best and len(transfer.held_out):
-        agreement, accuracy, held_out_loss = evaluate()
-        report.start = Epoch(0, math.nan, agreement, accuracy, 0.0, held_out_loss)
-        best = (report.start, _snapshot(module))
     for number in range(1, config.epochs + 1):
         started = time.perf_counter()
         module.train()
@@ -246,29 +231,12 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
             if show:
                 print(f"\repoch {number}/{config.epochs}  {seen}/{len(shuffled)}  loss {total / seen:.4f}", end="",
                       file=sys.stderr, flush=True)
-        agreement, accuracy, held_out_loss = evaluate()
-        epoch = Epoch(number, total / max(seen, 1), agreement, accuracy, time.perf_counter() - started,
-                      held_out_loss)
+        agreement, accuracy = _evaluate(torch, module, inputs, transfer.targets, labels, transfer.held_out, device,
+                                        config.batch_size)
+        epoch = Epoch(number, total / max(seen, 1), agreement, accuracy, time.perf_counter() - started)
         report.epochs.append(epoch)
         print(("\r" if show else "") + _epoch_line(epoch, config.epochs), file=sys.stderr, flush=True)
-        if best is not None and held_out_loss < best[0].held_out_loss:
-            best = (epoch, _snapshot(module))
-    if best is not None:
-        module.load_state_dict(best[1])
-        report.kept = best[0]
-        print(_kept_line(report), file=sys.stderr, flush=True)
     module.eval().cpu()
-
-
-def _snapshot(module) -> dict:
-    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-
-
-def _kept_line(report: DistillReport) -> str:
-    kept = report.kept
-    if kept.number == 0:
-        return f"kept the input's weights: no epoch lowered the held-out loss ({kept.held_out_loss:.4f})"
-    return f"kept epoch {kept.number}: the lowest held-out loss ({kept.held_out_loss:.4f})"
 
 
 def _check_output(output, *inputs) -> None:
@@ -391,23 +359,18 @@ def _loss(torch, out, teacher, labels, config: DistillConfig):
     return (1 - config.alpha) * soft + config.alpha * hard
 
 
-def _evaluate(torch, module, inputs, transfer: _Transfer, device, config: DistillConfig):
-    """(agreement with the teacher, accuracy on labels, training loss) on the held-out samples."""
-    held_out, targets, labels = transfer.held_out, transfer.targets, transfer.labels
+def _evaluate(torch, module, inputs, targets, labels, held_out, device, batch_size):
     if not len(held_out):
-        return None, None, None
+        return None, None
     module.eval()
     with torch.no_grad():
         index = torch.from_numpy(held_out)
-        outs = [_first_output(module(*[x[index[i:i + config.batch_size]].to(device) for x in inputs])).cpu()
-                for i in range(0, len(index), config.batch_size)]
-        out = torch.cat(outs)
-        loss = float(_loss(torch, out, torch.from_numpy(targets[held_out].astype(np.float32)),
-                           None if labels is None else torch.from_numpy(labels[held_out]), config))
-    predicted = out.numpy().reshape(len(held_out), -1).argmax(-1)
+        outs = [_first_output(module(*[x[index[i:i + batch_size]].to(device) for x in inputs])).cpu().numpy()
+                for i in range(0, len(index), batch_size)]
+    predicted = np.concatenate(outs).reshape(len(held_out), -1).argmax(-1)
     agreement = 100 * float(np.mean(predicted == targets[held_out].reshape(len(held_out), -1).argmax(-1)))
     accuracy = None if labels is None else 100 * float(np.mean(predicted == labels[held_out]))
-    return agreement, accuracy, loss
+    return agreement, accuracy
 
 
 def _check_shapes(module, inputs, teacher_out, device) -> None:

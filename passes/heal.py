@@ -10,9 +10,8 @@ calibration data as the transfer set (labels, when it has them, add α times the
 stay zero, each shared weight keeps its codebook entry and each codebook value moves by the sum of its members'
 gradients (Deep Compression's trained quantization). Only the stored values, codebooks, scales and the dense
 tensors (biases, layers left dense) change, so the file keeps its size and layout. Needs PyTorch
-(`onnxcomp[torch]`) and calibration data; a share of it (`holdout`) is held out, the teacher agreement there
-is reported after each epoch, and the weights of the epoch with the lowest held-out loss are kept, the input's
-own among them: healing never hands back a model that does worse there than the one it was given.
+(`onnxcomp[torch]`) and calibration data; a share of it (`holdout`) is held out and the teacher agreement there
+is reported after each epoch.
 """
 
 from __future__ import annotations
@@ -87,12 +86,10 @@ class Heal(Pass):
         last = report.epochs[-1]
         stats = {"epochs": len(report.epochs), "train_samples": report.train_samples,
                  "held_out_samples": report.held_out_samples, "tensors_trained": changed, "loss": round(last.loss, 4)}
-        kept = report.kept  # None without held-out samples: the last epoch's weights
-        if kept is not None:
-            stats["kept_epoch"] = kept.number
-            stats["held_out_agreement_before"] = round(report.start.agreement, 2)
-            stats["held_out_agreement"] = round(kept.agreement, 2)
-            if kept.accuracy is not None:
-                stats["held_out_accuracy"] = round(kept.accuracy, 2)
+        if last.agreement is not None:
+            stats["held_out_agreement"] = round(last.agreement, 2)
+            stats["held_out_agreement_first_epoch"] = round(report.epochs[0].agreement, 2)
+        if last.accuracy is not None:
+            stats["held_out_accuracy"] = round(last.accuracy, 2)
         return PassResult(changed > 0, stats)
 

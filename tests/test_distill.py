@@ -180,7 +180,6 @@ def test_heal_as_a_pipeline_step_trains_on_the_calibration_data_and_keeps_the_la
                                        calib_data=calibration, validate_result=False)
     (record,) = [r for r in report.passes if r.name == "heal"]
     assert record.stats["tensors_trained"] >= 3 and record.stats["epochs"] == 3
-    assert 1 <= record.stats["kept_epoch"] <= 3 and "held_out_agreement_before" in record.stats
     test = np.load(digits_model.parent / "digits_test.npz")
     reference = run_model(digits_model, {"input": test["input"]})[0].argmax(1)
     agreement = {name: np.mean(run_model(model, {"input": test["input"]})[0].argmax(1) == reference)
@@ -192,25 +191,6 @@ def test_heal_as_a_pipeline_step_trains_on_the_calibration_data_and_keeps_the_la
         np.testing.assert_array_equal(old.present, new.present)
         np.testing.assert_array_equal(old.index, new.index)
     assert abs(healed.ByteSize() - compressed.ByteSize()) < 64
-
-
-def test_heal_keeps_the_epoch_with_the_lowest_held_out_loss_and_never_a_worse_model(digits_model, digits_train):
-    """A learning rate that wrecks the weights: no epoch beats the input on the held-out samples, so the input's
-    weights come back unchanged. A sound one: the kept epoch is the one of least held-out loss."""
-    compressed, _ = onnxcomp.optimize(str(digits_model), "fuse-bn,prune:sparsity=0.7,share:bits=3",
-                                      calib_data=str(digits_model.parent / "digits_calib.npz"),
-                                      validate_result=False)
-    data = str(digits_train / "unlabeled.npz")
-    wrecked, report = onnxcomp.heal(compressed, str(digits_model), data,
-                                    config=DistillConfig(epochs=2, learning_rate=50.0), progress=False)
-    assert report.kept.number == 0 and report.kept is report.start
-    assert all(epoch.held_out_loss > report.start.held_out_loss for epoch in report.epochs)
-    assert wrecked.SerializeToString() == compressed.SerializeToString()
-    _, report = onnxcomp.heal(compressed, str(digits_model), data, config=DistillConfig(epochs=3, learning_rate=0.01),
-                              progress=False)
-    losses = [report.start.held_out_loss] + [epoch.held_out_loss for epoch in report.epochs]
-    assert report.kept.number == int(np.argmin(losses)) >= 1
-    assert f"kept epoch {report.kept.number}" in report.render()
 
 
 def test_heal_step_needs_calibration_data_and_compressed_weights(tmp_path, digits_model):
