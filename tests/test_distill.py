@@ -173,7 +173,7 @@ def test_heal_as_a_pipeline_step_trains_on_the_calibration_data_and_keeps_the_la
     the transfer set; the result keeps the masks, indices and file size, and is closer to the original."""
     from onnxcomp import encoding
 
-    recipe = "fuse-bn,prune:sparsity=0.9,share:bits=3"
+    recipe = "fuse-bn,prune:sparsity=0.9,share:bits=3,short-names"  # heal reads layouts, not names
     calibration = str(digits_train / "train.npz")
     compressed, _ = onnxcomp.optimize(str(digits_model), recipe, calib_data=calibration, validate_result=False)
     healed, report = onnxcomp.optimize(str(digits_model), recipe + ",heal:epochs=3,learning-rate=0.01",
