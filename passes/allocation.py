@@ -58,9 +58,9 @@ def choose(costs: list[np.ndarray], errors: list[np.ndarray], budget: float, ste
     unit = max(room / steps, 1e-9)
     slots = int(room / unit) + 1
     best = np.zeros(slots)  # best[c]: least error of the layers so far within c units above their cheapest
-    picks = []
-    for cost, error in zip(costs, errors):
-        units = np.ceil((np.asarray(cost, np.float64) - min(cost)) / unit - 1e-9).astype(np.int64)
+    picks, units_of = [], []
+    for cost, error, floor in zip(costs, errors, floors):
+        units = np.ceil((np.asarray(cost, np.float64) - floor) / unit - 1e-9).astype(np.int64)
         merged = np.full(slots, np.inf)
         pick = np.zeros(slots, dtype=np.int64)
         for option in np.flatnonzero(units < slots):
@@ -71,11 +71,12 @@ def choose(costs: list[np.ndarray], errors: list[np.ndarray], budget: float, ste
             merged[better], pick[better] = candidate[better], option
         best = merged
         picks.append(pick)
+        units_of.append(units)
     chosen, at = [], int(np.argmin(best))
-    for cost, pick in zip(reversed(costs), reversed(picks)):
+    for units, pick in zip(reversed(units_of), reversed(picks)):
         option = int(pick[at])
         chosen.append(option)
-        at -= int(np.ceil((cost[option] - min(cost)) / unit - 1e-9))
+        at -= int(units[option])
     return chosen[::-1]
 
 

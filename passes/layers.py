@@ -206,6 +206,12 @@ def select_layers(graph: gs.Graph, ops: tuple[str, ...], *, include: tuple[str, 
     return chosen, skipped, warnings
 
 
+def warn(stats: dict, ctx, pass_name: str, warning: str) -> None:
+    """Log `warning` and add it to the pass's stats (where the report shows it)."""
+    ctx.log.warning("%s: %s", pass_name, warning)
+    stats["warning"] = "; ".join(filter(None, [stats.get("warning"), warning]))
+
+
 def prepare(graph: gs.Graph, select, ctx, pass_name: str, compact: bool) -> tuple[list[WeightedLayer], Counter, dict]:
     """(layers, skipped, stats) for a compression pass, from `select()` → (layers, skipped, warnings).
 
@@ -220,10 +226,8 @@ def prepare(graph: gs.Graph, select, ctx, pass_name: str, compact: bool) -> tupl
         graph.fold_constants().cleanup()
         layers, skipped, warnings = select()
     stats: dict[str, int | float | str] = {}
-    if warnings:
-        stats["warning"] = "; ".join(warnings)
-        for warning in warnings:
-            ctx.log.warning("%s: %s", pass_name, warning)
+    for warning in warnings:
+        warn(stats, ctx, pass_name, warning)
     if layers and compact and graph.opset < encoding.SPARSE_MIN_OPSET:
         stats["opset"] = f"{graph.opset}->{encoding.SPARSE_MIN_OPSET}"
         graphs.upgrade_opset(graph, encoding.SPARSE_MIN_OPSET)  # raises a PreconditionError when it cannot

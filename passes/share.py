@@ -26,10 +26,10 @@ the codebooks, and inference runs at dense speed.
   1 … 8 bits and each granularity; its relative output error on the calibration data, times its gain (how much
   of it reaches the model's outputs, measured by running the model with the layer shared alone), against its
   stored bytes, gives each layer its options, and one option per layer is chosen with the least summed error
-  within the budget (a multiple-choice knapsack, solved by dynamic programming: allocation.choose). The budget is `bits`/8 bytes per stored
-  weight, codebooks and scales included, plus the mask: the file is at most what `bits` for every weight
-  costs in indices alone; it may be fractional (bits=2.5). `layer-bits=pattern:bits|…` fixes the bits of
-  the layers a pattern matches.
+  within the budget (a multiple-choice knapsack, solved by dynamic programming: allocation.choose). The
+  budget is `bits`/8 bytes per stored weight, codebooks and scales included, plus the mask: the file is at
+  most what `bits` for every weight costs in indices alone; it may be fractional (bits=2.5).
+  `layer-bits=pattern:bits|…` fixes the bits of the layers a pattern matches.
 - Importance (`importance=energy`, the default with data): each weight's squared error is weighted by the energy
   E[x²] of the input it multiplies, so clusters follow the weights whose errors reach the output.
 - Error feedback (`feedback`, on with data): with the codebooks fixed, each weight's index is chosen column by
@@ -66,7 +66,7 @@ from onnxcomp.passes.kmeans import kmeans_slices
 from onnxcomp.passes.allocation import ModelOutputs, choose
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, WeightedLayer,
                                     held_out_samples, input_statistics, obs_sweep, prepare, relative_error,
-                                    select_layers, snr_db, solved, unit_energy)
+                                    select_layers, snr_db, solved, unit_energy, warn)
 from onnxcomp.registry import register
 
 LOST_SNR_DB = 6.0  # a held-out output SNR below this (error energy over a quarter of the signal's) gets a warning
@@ -183,9 +183,9 @@ class Share(Pass):
                 stats["damping"] = min(errors, key=errors.get)
                 stats["held_out_snr_db"] = round(float(snr_db(errors[stats["damping"]])), 1)
                 if stats["held_out_snr_db"] < LOST_SNR_DB:
-                    _warn(stats, ctx, f"the model's outputs on held-out calibration samples are at "
-                          f"{stats['held_out_snr_db']} dB SNR, largely lost at bits={config.bits}: raise bits, "
-                          "or heal the model (the heal pass, or distill --heal)")
+                    warn(stats, ctx, self.name, f"the model's outputs on held-out calibration samples are at "
+                         f"{stats['held_out_snr_db']} dB SNR, largely lost at bits={config.bits}: raise bits, "
+                         "or heal the model (the heal pass, or distill --heal)")
         names = graphs.Names(graph)
         totals = Counter()
         rows = []
@@ -223,11 +223,6 @@ class Share(Pass):
                       "kept_exact": totals["exact"], "corrected": totals["corrected"]})
         stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
         return PassResult(True, stats, rows)
-
-
-def _warn(stats: dict, ctx: PassContext, warning: str) -> None:
-    ctx.log.warning("share: %s", warning)
-    stats["warning"] = "; ".join(filter(None, [stats.get("warning"), warning]))
 
 
 @dataclass
