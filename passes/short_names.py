@@ -34,16 +34,16 @@ class ShortNames(Pass):
         kept = {tensor.name for tensor in list(graph.inputs) + list(graph.outputs)}
         taken = kept | _subgraph_names(graph)
         fresh = (name for name in _short_names() if name not in taken)
-        before = renamed = 0
+        before = after = renamed = 0
         for tensor in graph.tensors().values():
             if tensor.name and tensor.name not in kept:
                 before += len(tensor.name)
                 tensor.name = next(fresh)
+                after += len(tensor.name)
                 renamed += 1
         named = sum(1 for node in graph.nodes if node.name)
         for node in graph.nodes:
             node.name = ""
-        after = sum(len(tensor.name) for tensor in graph.tensors().values() if tensor.name not in kept)
         stats = {"tensors_renamed": renamed, "node_names_dropped": named, "name_characters_before": before,
                  "name_characters_after": after}
         return PassResult(renamed > 0 or named > 0, stats)
