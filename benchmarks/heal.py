@@ -1,7 +1,7 @@
 """Benchmark: healing compressed models with `distill --heal`, against the same models post-training.
 
     .venv/bin/python benchmarks/heal.py [--models resnet20,effnet] [--assets DIR] [--epochs 30] [--lr 0.001]
-        [--recipe RECIPE ...] [--augment N] [--output FILE]
+        [--recipe RECIPE ...] [--augment none|flip-shift] [--output FILE]
 
 Data (benchmarks/int8_vs_ort.py's split, its loaders imported): the evaluation images are never trained on.
   resnet20  CIFAR-10 test images: calibration 0..99 (prune / share), transfer set 0..499 without labels (heal;
@@ -47,26 +47,6 @@ def top1(model: onnx.ModelProto, data: dict) -> float:
     return 100 * float(np.mean(prediction == data["labels"][data["evaluation"]]))
 
 
-def augmented(images: np.ndarray, copies: int, seed: int = 0) -> np.ndarray:
-    """`images` (N, C, H, W) followed by `copies` altered copies of each: a random horizontal flip and a shift
-    of up to an eighth of the side in each direction, the uncovered border filled by reflection."""
-    if copies <= 0:
-        return images
-    rng = np.random.default_rng(seed)
-    height, width = images.shape[2:]
-    pad_h, pad_w = height // 8, width // 8
-    padded = np.pad(images, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)), mode="reflect")
-    out = [images]
-    for _ in range(copies):
-        top = rng.integers(0, 2 * pad_h + 1, size=len(images))
-        left = rng.integers(0, 2 * pad_w + 1, size=len(images))
-        flip = rng.random(len(images)) < 0.5
-        shifted = np.stack([p[:, t:t + height, l:l + width] for p, t, l in zip(padded, top, left)])
-        shifted[flip] = shifted[flip][..., ::-1]
-        out.append(shifted)
-    return np.ascontiguousarray(np.concatenate(out))
-
-
 def main(argv: list[str] | None = None) -> int:
     import onnxcomp
     from onnxcomp.distillation import DistillConfig
@@ -78,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--recipe", action="append", default=[],
                         help="a recipe to run instead of the model's list (repeatable)")
-    parser.add_argument("--augment", type=int, default=0,
-                        help="add this many flipped / shifted copies of each transfer image (default 0)")
+    parser.add_argument("--augment", default="none", choices=["none", "flip-shift"],
+                        help="alter each batch's images at random (DistillConfig.augment; default none)")
     parser.add_argument("--output", default=str(RESULTS), help=f"JSON results file (default {RESULTS})")
     args = parser.parse_args(argv)
     keys = int8_vs_ort.model_keys(args.models, MODELS)
@@ -94,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         images = data["images"]
         calib = {data["input"]: images[data["calibration"]]}
         transfer_images = images[transfer_slice] if transfer_slice is not None else images[data["calibration"]]
-        transfer = {data["input"]: augmented(transfer_images, args.augment)}
+        transfer = {data["input"]: transfer_images}
         fp32 = top1(model, data)
         fp32_bytes = len(model.SerializeToString())
         int8_vs_ort.log(f"{key}: fp32 {fp32:.2f} %")
@@ -103,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
             before = top1(compressed, data)
             begun = time.perf_counter()
             healed, report = onnxcomp.heal(compressed, model, transfer,
-                                           config=DistillConfig(epochs=args.epochs, learning_rate=args.lr),
+                                           config=DistillConfig(epochs=args.epochs, learning_rate=args.lr,
+                                                                augment=args.augment),
                                            progress=False)
             seconds = time.perf_counter() - begun
             after = top1(healed, data)
             row = {"model": key, "recipe": recipe, "fp32": fp32, "post_training": before, "healed": after,
                    "smaller": fp32_bytes / len(healed.SerializeToString()), "heal_s": seconds,
-                   "transfer_samples": report.train_samples, "augment": args.augment, "epochs": args.epochs,
-                   "lr": args.lr,
+                   "transfer_samples": report.train_samples, "augment": args.augment,
+                   "epochs": args.epochs, "lr": args.lr,
                    "same_size": len(healed.SerializeToString()) == len(compressed.SerializeToString())}
             results.append(row)
             int8_vs_ort.log(f"  {recipe}: {before:.2f} % -> healed {after:.2f} % ({after - fp32:+.2f}), "
@@ -121,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"| {r['model']} | `{r['recipe']}` | {r['fp32']:.2f} % | {r['post_training']:.2f} % | "
               f"{r['healed']:.2f} % | {r['healed'] - r['fp32']:+.2f} | {r['smaller']:.2f} | {r['heal_s']:.0f} |")
-    print(f"\n{args.epochs} epochs, Adam lr {args.lr}, batch 32, KL at T=4; whole run {wall:.0f} s")
+    print(f"\n{args.epochs} epochs, Adam lr {args.lr} (cosine), batch 32, KL at T=4, augment {args.augment}; "
+          f"whole run {wall:.0f} s")
     int8_vs_ort.write_results(args.output, {"environment": int8_vs_ort.environment(), "wall_s": wall,
                                             "rows": results})
     return 0

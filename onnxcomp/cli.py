@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--epochs", type=int, default=defaults.epochs)
     teach.add_argument("--batch-size", type=int, default=defaults.batch_size)
     teach.add_argument("--lr", type=float, default=defaults.learning_rate, help="Adam learning rate")
+    teach.add_argument("--schedule", choices=["cosine", "constant"], default=defaults.schedule,
+                       help="learning rate over the steps: cosine decay to 0 (default) or constant")
+    teach.add_argument("--augment", choices=["none", "flip-shift"], default=defaults.augment,
+                       help="flip-shift: each batch's images flipped and shifted at random, the teacher run on "
+                            "the same images (for small image transfer sets)")
     teach.add_argument("--temperature", type=float, default=defaults.temperature)
     teach.add_argument("--loss", choices=["kl", "mse"], default=defaults.loss,
                        help="kl: Hinton's softened KL ×T²; mse: on the outputs")
@@ -213,6 +218,7 @@ def _default_output(model: Path) -> Path:
 
 def _distill(args) -> int:
     config = DistillConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                           schedule=args.schedule, augment=args.augment,
                            temperature=args.temperature, loss=args.loss, alpha=args.alpha, holdout=args.holdout,
                            seed=args.seed, device=args.device, provider=args.provider,
                            init_from_teacher=args.init_from_teacher)

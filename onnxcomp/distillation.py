@@ -1,7 +1,10 @@
 """distill: train a student model to reproduce an ONNX teacher's outputs (knowledge distillation).
 
-The teacher is any ONNX model, run once over the data by ONNX Runtime on the chosen execution provider; its
-outputs are kept in memory (the data is not augmented, so they do not change between epochs). The student is
+The teacher is any ONNX model, run by ONNX Runtime on the chosen execution provider: once over the data, its
+outputs kept in memory, or, with `augment=flip-shift`, on each batch's randomly flipped and shifted images, the
+same images the student sees (the teacher's function is matched on more than the few images a transfer set
+often has). The learning rate decays to 0 along a cosine over the steps (`schedule=cosine`) or stays constant.
+The student is
 
 - an ONNX model: trained in place through onnxcomp.torch_graph (its graph unchanged, its weights trained) and
   written back as the same graph with new weights; or
@@ -25,6 +28,7 @@ trained, and the result written back into the same layout.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +43,8 @@ from onnxcomp import encoding, model_io, runtime
 from onnxcomp.errors import InputError
 
 LOSSES = ("kl", "mse")
+SCHEDULES = ("cosine", "constant")
+AUGMENTS = ("none", "flip-shift")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class DistillConfig:
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 1e-3     # Adam
+    schedule: str = "cosine"        # learning rate over the steps: cosine (down to 0) | constant
+    augment: str = "none"           # none | flip-shift (images: random horizontal flip and shift, each batch)
     temperature: float = 4.0
     loss: str = "kl"                # kl | mse
     alpha: float = 0.5              # weight of the cross-entropy on labels, when the data has them
@@ -62,6 +70,10 @@ class DistillConfig:
             raise InputError("learning rate and temperature must be positive")
         if self.loss not in LOSSES:
             raise InputError(f"loss must be one of {', '.join(LOSSES)}, not '{self.loss}'")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, not '{self.schedule}'")
+        if self.augment not in AUGMENTS:
+            raise InputError(f"augment must be one of {', '.join(AUGMENTS)}, not '{self.augment}'")
         if not 0 <= self.alpha <= 1:
             raise InputError(f"alpha must be in [0, 1], not {self.alpha}")
         if not 0 <= self.holdout < 1:
@@ -180,10 +192,20 @@ class _Transfer:
         dataset = datasets.open_data(data, teacher_model, preprocess=preprocess)
         self.names = [spec.name for spec in dataset.inputs]
         self.feed = dataset.batch(0, dataset.num_samples)
-        self.targets = _teacher_outputs(teacher_model, dataset, config)
+        self.session = runtime.session(teacher_model, config.provider)
+        self.targets = _teacher_outputs(self.session, dataset)
+        if config.augment != "none":
+            shapes = {name: value.shape for name, value in self.feed.items()}
+            if len(shapes) != 1 or len(next(iter(shapes.values()))) != 4:
+                raise InputError(f"augment={config.augment} alters images: it needs one (N, C, H, W) input, and "
+                                 f"the data has {shapes}; use augment=none")
         self.labels = dataset.labels
         self.held_out = _held_out_indices(dataset.num_samples, config.holdout)
         self.train = np.setdiff1d(np.arange(dataset.num_samples), self.held_out)
+
+    def teacher_outputs(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        output = self.session.get_outputs()[0].name
+        return np.asarray(self.session.run([output], feed)[0], dtype=np.float32)
 
     def report(self, teacher, student) -> DistillReport:
         report = DistillReport(_label(teacher), _label(student), len(self.train), len(self.held_out))
@@ -211,7 +233,12 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
     _check_shapes(module, inputs, teacher_out, device)
     labels, train = transfer.labels, transfer.train
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
+    steps = config.epochs * -(-len(train) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if config.schedule == "cosine"
+        else (lambda step: 1.0))
     generator = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
     show = sys.stderr.isatty() if progress is None else progress
     for number in range(1, config.epochs + 1):
         started = time.perf_counter()
@@ -220,12 +247,20 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
         total, seen = 0.0, 0
         for first in range(0, len(shuffled), config.batch_size):
             index = shuffled[first:first + config.batch_size]
-            out = _first_output(module(*[x[index].to(device) for x in inputs]))
-            loss = _loss(torch, out, teacher_out[index].to(device), None if labels is None else
+            if config.augment == "none":
+                batch, targets = [x[index] for x in inputs], teacher_out[index]
+            else:  # the teacher sees the same altered images as the student
+                name = order[0]
+                images = flip_shift(transfer.feed[name][index.numpy()], rng)
+                batch = [torch.from_numpy(images)]
+                targets = torch.from_numpy(transfer.teacher_outputs({name: images}))
+            out = _first_output(module(*[x.to(device) for x in batch]))
+            loss = _loss(torch, out, targets.to(device), None if labels is None else
                          torch.from_numpy(labels[index.numpy()]).to(device), config)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            scheduler.step()
             total += loss.item() * len(index)
             seen += len(index)
             if show:
@@ -237,6 +272,20 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
         report.epochs.append(epoch)
         print(("\r" if show else "") + _epoch_line(epoch, config.epochs), file=sys.stderr, flush=True)
     module.eval().cpu()
+
+
+def flip_shift(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`images` (N, C, H, W), each flipped left-right with probability 1/2 and shifted by up to an eighth of its
+    side in each direction, the uncovered border filled by reflection (the usual CIFAR / ImageNet crops)."""
+    height, width = images.shape[2:]
+    pad_h, pad_w = height // 8, width // 8
+    padded = np.pad(images, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)), mode="reflect")
+    top = rng.integers(0, 2 * pad_h + 1, size=len(images))
+    left = rng.integers(0, 2 * pad_w + 1, size=len(images))
+    flip = rng.random(len(images)) < 0.5
+    out = np.stack([p[:, t:t + height, l:l + width] for p, t, l in zip(padded, top, left)])
+    out[flip] = out[flip][..., ::-1]
+    return np.ascontiguousarray(out)
 
 
 def _check_output(output, *inputs) -> None:
@@ -267,7 +316,7 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
     weight.requires_grad_(False)  # the dense tensor is computed from here on
     if layout.values is not None:
         dense = module.add_parameter(weight.detach().numpy())
-        module.derive(layout.name, lambda: dense * present)
+        module.derive(layout.name, lambda: dense * present.to(dense.device))
         return lambda: {layout.values: dense.detach().numpy()[layout.present].astype(stored[layout.values].dtype)}
     rows = layout.index.shape[0]
     dtype = weight.detach().numpy().dtype  # tables stored in float16 train in the weight's dtype
@@ -278,17 +327,18 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
     index = torch.from_numpy(layout.index)
     row_of = torch.arange(rows)[:, None] if codebook.shape[0] > 1 else torch.zeros((rows, 1), dtype=torch.long)
     shape = tuple(layout.present.shape)
-
-    def compute():
-        values = (codebook * exact_zeros)[row_of, index]
-        if scales is not None:
-            values = values * scales
-        return values.reshape(shape) * present
-
-    module.derive(layout.name, compute)
     written = {layout.codebook: lambda: codebook.detach().numpy()}
     if scales is not None:
         written[layout.scales] = lambda: scales.detach().numpy()
+
+    def compute():  # the fixed tensors stay on the CPU; .to() is free there and moves them to a GPU
+        device = codebook.device
+        values = (codebook * exact_zeros.to(device))[row_of.to(device), index.to(device)]
+        if scales is not None:
+            values = values * scales
+        return values.reshape(shape) * present.to(device)
+
+    module.derive(layout.name, compute)
     return lambda: {name: get() for name, get in written.items()}
 
 
@@ -302,9 +352,8 @@ def _epoch_line(epoch: Epoch, epochs: int) -> str:
     return "  ".join(parts)
 
 
-def _teacher_outputs(model: onnx.ModelProto, dataset, config: DistillConfig) -> np.ndarray:
+def _teacher_outputs(session, dataset) -> np.ndarray:
     """The teacher's first output for every sample, as float64 (N, …)."""
-    session = runtime.session(model, config.provider)
     output = session.get_outputs()[0].name
     parts = [np.asarray(session.run([output], dataset.batch(start, stop))[0], dtype=np.float64)
              for start, stop in dataset.runs(dataset.num_samples, 64)]

@@ -9,7 +9,8 @@ Knowledge distillation (onnxcomp.distillation.heal) with the pipeline's input mo
 calibration data as the transfer set (labels, when it has them, add α times the cross-entropy): pruned weights
 stay zero, each shared weight keeps its codebook entry and each codebook value moves by the sum of its members'
 gradients (Deep Compression's trained quantization). Only the stored values, codebooks, scales and the dense
-tensors (biases, layers left dense) change, so the file keeps its size and layout. Needs PyTorch
+tensors (biases, layers left dense) change, so the file keeps its size and layout. `augment=flip-shift` alters each batch's
+images at random, the teacher run on the same images; the learning rate decays along a cosine. Needs PyTorch
 (`onnxcomp[torch]`) and calibration data; a share of it (`holdout`) is held out and the teacher agreement there
 is reported after each epoch.
 """
@@ -32,6 +33,8 @@ from onnxcomp.registry import register
 class HealConfig:
     epochs: int = 10
     learning_rate: float = 1e-3    # Adam
+    schedule: str = "cosine"       # cosine | constant
+    augment: str = "none"          # none | flip-shift (image data: random flips and shifts, each batch)
     batch_size: int = 32
     temperature: float = 4.0
     loss: str = "kl"               # kl | mse
@@ -46,6 +49,7 @@ class HealConfig:
         from onnxcomp.distillation import DistillConfig
 
         return DistillConfig(epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+                             schedule=self.schedule, augment=self.augment,
                              temperature=self.temperature, loss=self.loss, alpha=self.alpha, holdout=self.holdout,
                              seed=seed, device=self.device, provider=provider)
 

@@ -79,6 +79,46 @@ def test_init_from_teacher_copies_matching_tensors(digits_model, digits_train):
     assert all(row["reason"] for row in report.transferred)
 
 
+def test_flip_shift_moves_or_mirrors_each_image_within_an_eighth_of_its_side():
+    from onnxcomp.distillation import flip_shift
+
+    images = np.arange(4 * 2 * 16 * 24, dtype=np.float32).reshape(4, 2, 16, 24)
+    first = flip_shift(images, np.random.default_rng(1))
+    np.testing.assert_array_equal(first, flip_shift(images, np.random.default_rng(1)))  # seeded
+    assert first.shape == images.shape and not np.array_equal(first, images)
+    for original, altered in zip(images, first):
+        padded = np.pad(original, ((0, 0), (2, 2), (3, 3)), mode="reflect")
+        windows = [padded[:, t:t + 16, l:l + 24] for t in range(5) for l in range(7)]
+        assert any(np.array_equal(altered, w) or np.array_equal(altered, w[..., ::-1]) for w in windows)
+
+
+def test_augmented_batches_are_taught_on_the_same_altered_images(digits_model, digits_train):
+    """The teacher as its own student: with flip-shift, its targets come from the images the student sees, so
+    the loss stays 0; targets from the unaltered images would give a loss well above 0."""
+    _, report = onnxcomp.distill(str(digits_model), str(digits_model), str(digits_train / "unlabeled.npz"),
+                                 config=DistillConfig(epochs=1, learning_rate=1e-9, augment="flip-shift"),
+                                 progress=False)
+    assert report.epochs[0].loss < 1e-3 and report.epochs[0].agreement == 100
+
+
+def test_augment_and_schedule_options_are_checked(tmp_path):
+    from onnx import TensorProto, helper
+
+    with pytest.raises(onnxcomp.InputError, match="schedule must be one of cosine, constant"):
+        DistillConfig(schedule="linear")
+    with pytest.raises(onnxcomp.InputError, match="augment must be one of"):
+        DistillConfig(augment="mixup")
+    weight = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    np.save(tmp_path / "rows.npy", np.ones((8, 4), np.float32))
+    with pytest.raises(onnxcomp.InputError, match=r"one \(N, C, H, W\) input"):
+        onnxcomp.distill(model, model, str(tmp_path / "rows.npy"), config=DistillConfig(augment="flip-shift"),
+                         progress=False)
+
+
 def test_student_whose_outputs_do_not_match_the_teacher_is_an_input_error(tmp_path, digits_model, digits_train):
     (tmp_path / "wrong.py").write_text("import torch\n\ndef five():\n"
                                        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))\n")
