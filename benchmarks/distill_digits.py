@@ -1,6 +1,6 @@
 """Benchmark: the digits student distilled from the digits teacher against the same student trained on labels.
 
-    .venv/bin/python benchmarks/distill_digits.py [--seeds 0,1,2] [--epochs 30] [--lr 0.01]
+    .venv/bin/python benchmarks/distill_digits.py [--seeds 0,1,2] [--epochs 30] [--lr 0.01] [--schedule cosine]
 
 Teacher: models/digits_cnn.onnx (17 k parameters). Student: models/digits_student.py:small_student (3.7 k).
 Data: the model's own training split (models/train_digits.py load_split: 1437 images), every 10th held out for
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     x_train, _, y_train, _ = train_digits.load_split()
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = []
         for seed in seeds:
             data = {"input": x_train, "labels": y_train} if labelled else {"input": x_train}
-            config = DistillConfig(epochs=args.epochs, learning_rate=args.lr, alpha=alpha, seed=seed)
+            config = DistillConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule, alpha=alpha,
+                                   seed=seed)
             trained, _ = onnxcomp.distill(teacher, student, data, config=config, progress=False)
             logits = ort.InferenceSession(trained.SerializeToString()).run(None, {"input": test["input"]})[0]
             results[name].append(100 * float(np.mean(logits.argmax(1) == test["labels"])))
@@ -70,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"| {name} | {statistics.mean(values):.2f} % | {spread:.2f} | "
               + " | ".join(f"{v:.2f} %" for v in values) + " |")
-    print(f"\n{args.epochs} epochs, Adam lr {args.lr}, batch 32; whole run {wall:.0f} s")
+    print(f"\n{args.epochs} epochs, Adam lr {args.lr} ({args.schedule}), batch 32; whole run {wall:.0f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"teacher_top1": teacher_top1, "epochs": args.epochs, "lr": args.lr,
+                                   "schedule": args.schedule,
                                    "seeds": seeds, "results": results, "wall_s": wall}, indent=2))
     return 0
 

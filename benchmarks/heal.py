@@ -1,7 +1,7 @@
 """Benchmark: healing compressed models with `distill --heal`, against the same models post-training.
 
     .venv/bin/python benchmarks/heal.py [--models resnet20,effnet] [--assets DIR] [--epochs 30] [--lr 0.001]
-        [--recipe RECIPE ...] [--augment none|flip-shift] [--output FILE]
+        [--recipe RECIPE ...] [--schedule cosine|constant] [--augment none|flip-shift] [--output FILE]
 
 Data (benchmarks/int8_vs_ort.py's split, its loaders imported): the evaluation images are never trained on.
   resnet20  CIFAR-10 test images: calibration 0..99 (prune / share), transfer set 0..499 without labels (heal;
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--recipe", action="append", default=[],
                         help="a recipe to run instead of the model's list (repeatable)")
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     parser.add_argument("--augment", default="none", choices=["none", "flip-shift"],
                         help="alter each batch's images at random (DistillConfig.augment; default none)")
     parser.add_argument("--output", default=str(RESULTS), help=f"JSON results file (default {RESULTS})")
@@ -84,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             begun = time.perf_counter()
             healed, report = onnxcomp.heal(compressed, model, transfer,
                                            config=DistillConfig(epochs=args.epochs, learning_rate=args.lr,
-                                                                augment=args.augment),
+                                                                schedule=args.schedule, augment=args.augment),
                                            progress=False)
             seconds = time.perf_counter() - begun
             after = top1(healed, data)
             row = {"model": key, "recipe": recipe, "fp32": fp32, "post_training": before, "healed": after,
                    "smaller": fp32_bytes / len(healed.SerializeToString()), "heal_s": seconds,
-                   "transfer_samples": report.train_samples, "augment": args.augment,
+                   "transfer_samples": report.train_samples, "schedule": args.schedule, "augment": args.augment,
                    "epochs": args.epochs, "lr": args.lr,
                    "same_size": len(healed.SerializeToString()) == len(compressed.SerializeToString())}
             results.append(row)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"| {r['model']} | `{r['recipe']}` | {r['fp32']:.2f} % | {r['post_training']:.2f} % | "
               f"{r['healed']:.2f} % | {r['healed'] - r['fp32']:+.2f} | {r['smaller']:.2f} | {r['heal_s']:.0f} |")
-    print(f"\n{args.epochs} epochs, Adam lr {args.lr} (cosine), batch 32, KL at T=4, augment {args.augment}; "
+    print(f"\n{args.epochs} epochs, Adam lr {args.lr} ({args.schedule}), batch 32, KL at T=4, augment {args.augment}; "
           f"whole run {wall:.0f} s")
     int8_vs_ort.write_results(args.output, {"environment": int8_vs_ort.environment(), "wall_s": wall,
                                             "rows": results})

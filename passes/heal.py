@@ -9,10 +9,10 @@ Knowledge distillation (onnxcomp.distillation.heal) with the pipeline's input mo
 calibration data as the transfer set (labels, when it has them, add α times the cross-entropy): pruned weights
 stay zero, each shared weight keeps its codebook entry and each codebook value moves by the sum of its members'
 gradients (Deep Compression's trained quantization). Only the stored values, codebooks, scales and the dense
-tensors (biases, layers left dense) change, so the file keeps its size and layout. `augment=flip-shift` alters each batch's
-images at random, the teacher run on the same images; the learning rate decays along a cosine. Needs PyTorch
-(`onnxcomp[torch]`) and calibration data; a share of it (`holdout`) is held out and the teacher agreement there
-is reported after each epoch.
+tensors (biases, layers left dense) change, so the file keeps its size and layout. `augment=flip-shift` alters
+each batch's images at random, the teacher run on the same images; the learning rate decays along a cosine.
+Needs PyTorch (`onnxcomp[torch]`) and calibration data; a share of it (`holdout`) is held out and the teacher
+agreement there is reported after each epoch.
 """
 
 from __future__ import annotations
