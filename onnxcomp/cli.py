@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning rate over the steps: cosine decay to 0 (default) or constant")
     teach.add_argument("--augment", choices=["none", "flip-shift"], default=defaults.augment,
                        help="flip-shift: each batch's images flipped and shifted at random, the teacher run on "
-                            "the same images (for small image transfer sets)")
+                            "the same images (for small transfer sets of photographs; not for digits or text)")
     teach.add_argument("--temperature", type=float, default=defaults.temperature)
     teach.add_argument("--loss", choices=["kl", "mse"], default=defaults.loss,
                        help="kl: Hinton's softened KL ×T²; mse: on the outputs")

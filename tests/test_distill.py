@@ -117,6 +117,11 @@ def test_augment_and_schedule_options_are_checked(tmp_path):
     with pytest.raises(onnxcomp.InputError, match=r"one \(N, C, H, W\) input"):
         onnxcomp.distill(model, model, str(tmp_path / "rows.npy"), config=DistillConfig(augment="flip-shift"),
                          progress=False)
+    onnx.save(model, tmp_path / "rows.onnx")
+    result = run_cli("distill", tmp_path / "rows.onnx", "--student", tmp_path / "rows.onnx", "--data",
+                     tmp_path / "rows.npy", "-o", tmp_path / "s.onnx", "--augment", "flip-shift")
+    assert result.returncode == 2 and "(N, C, H, W)" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s.onnx").exists()
 
 
 def test_student_whose_outputs_do_not_match_the_teacher_is_an_input_error(tmp_path, digits_model, digits_train):
