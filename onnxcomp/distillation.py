@@ -192,18 +192,20 @@ class _Transfer:
         dataset = datasets.open_data(data, teacher_model, preprocess=preprocess)
         self.names = [spec.name for spec in dataset.inputs]
         self.feed = dataset.batch(0, dataset.num_samples)
-        self.session = runtime.session(teacher_model, config.provider)
-        self.targets = _teacher_outputs(self.session, dataset)
         if config.augment != "none":
             shapes = {name: value.shape for name, value in self.feed.items()}
             if len(shapes) != 1 or len(next(iter(shapes.values()))) != 4:
                 raise InputError(f"augment={config.augment} alters images: it needs one (N, C, H, W) input, and "
                                  f"the data has {shapes}; use augment=none")
+        self.session = runtime.session(teacher_model, config.provider)
+        self.targets = np.concatenate([self.teacher_outputs(dataset.batch(start, stop))
+                                       for start, stop in dataset.runs(dataset.num_samples, 64)])
         self.labels = dataset.labels
         self.held_out = _held_out_indices(dataset.num_samples, config.holdout)
         self.train = np.setdiff1d(np.arange(dataset.num_samples), self.held_out)
 
     def teacher_outputs(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """The teacher's first output on `feed`, float32 (N, …)."""
         output = self.session.get_outputs()[0].name
         return np.asarray(self.session.run([output], feed)[0], dtype=np.float32)
 
@@ -229,7 +231,7 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
         raise InputError("--device cuda: torch sees no GPU here; use --device cpu")
     module.to(device)
     inputs = [torch.from_numpy(np.ascontiguousarray(transfer.feed[name])) for name in order]
-    teacher_out = torch.from_numpy(transfer.targets.astype(np.float32))
+    teacher_out = torch.from_numpy(transfer.targets)
     _check_shapes(module, inputs, teacher_out, device)
     labels, train = transfer.labels, transfer.train
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
@@ -350,14 +352,6 @@ def _epoch_line(epoch: Epoch, epochs: int) -> str:
         parts.append(f"accuracy {epoch.accuracy:.2f} %")
     parts.append(f"{epoch.seconds:.1f} s")
     return "  ".join(parts)
-
-
-def _teacher_outputs(session, dataset) -> np.ndarray:
-    """The teacher's first output for every sample, as float64 (N, …)."""
-    output = session.get_outputs()[0].name
-    parts = [np.asarray(session.run([output], dataset.batch(start, stop))[0], dtype=np.float64)
-             for start, stop in dataset.runs(dataset.num_samples, 64)]
-    return np.concatenate(parts)
 
 
 def _held_out_indices(count: int, share: float) -> np.ndarray:
