@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxcomp
     import train_digits
-    from onnxcomp.distillation import DistillConfig
+    from onnxcomp.distillation import SCHEDULES, DistillConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    parser.add_argument("--schedule", default="cosine", choices=SCHEDULES)
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     x_train, _, y_train, _ = train_digits.load_split()

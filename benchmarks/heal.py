@@ -49,7 +49,7 @@ def top1(model: onnx.ModelProto, data: dict) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     import onnxcomp
-    from onnxcomp.distillation import DistillConfig
+    from onnxcomp.distillation import AUGMENTS, SCHEDULES, DistillConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet20,effnet")
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--recipe", action="append", default=[],
                         help="a recipe to run instead of the model's list (repeatable)")
-    parser.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    parser.add_argument("--augment", default="none", choices=["none", "flip-shift"],
+    parser.add_argument("--schedule", default="cosine", choices=SCHEDULES)
+    parser.add_argument("--augment", default="none", choices=AUGMENTS,
                         help="alter each batch's images at random (DistillConfig.augment; default none)")
     parser.add_argument("--output", default=str(RESULTS), help=f"JSON results file (default {RESULTS})")
     args = parser.parse_args(argv)

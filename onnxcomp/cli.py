@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from onnxcomp import api, inspection, model_io, recipe, registry
-from onnxcomp.distillation import DistillConfig, distill, heal
+from onnxcomp.distillation import AUGMENTS, LOSSES, SCHEDULES, DistillConfig, distill, heal
 from onnxcomp.errors import InputError, OnnxcompError
 from onnxcomp.report import Report
 from onnxcomp.validate import validate
@@ -70,13 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--epochs", type=int, default=defaults.epochs)
     teach.add_argument("--batch-size", type=int, default=defaults.batch_size)
     teach.add_argument("--lr", type=float, default=defaults.learning_rate, help="Adam learning rate")
-    teach.add_argument("--schedule", choices=["cosine", "constant"], default=defaults.schedule,
+    teach.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                        help="learning rate over the steps: cosine decay to 0 (default) or constant")
-    teach.add_argument("--augment", choices=["none", "flip-shift"], default=defaults.augment,
+    teach.add_argument("--augment", choices=AUGMENTS, default=defaults.augment,
                        help="flip-shift: each batch's images flipped and shifted at random, the teacher run on "
                             "the same images (for small transfer sets of photographs; not for digits or text)")
     teach.add_argument("--temperature", type=float, default=defaults.temperature)
-    teach.add_argument("--loss", choices=["kl", "mse"], default=defaults.loss,
+    teach.add_argument("--loss", choices=LOSSES, default=defaults.loss,
                        help="kl: Hinton's softened KL ×T²; mse: on the outputs")
     teach.add_argument("--alpha", type=float, default=defaults.alpha,
                        help="weight of the cross-entropy on labels, when the data has them")

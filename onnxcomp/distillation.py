@@ -329,9 +329,6 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
     index = torch.from_numpy(layout.index)
     row_of = torch.arange(rows)[:, None] if codebook.shape[0] > 1 else torch.zeros((rows, 1), dtype=torch.long)
     shape = tuple(layout.present.shape)
-    written = {layout.codebook: lambda: codebook.detach().numpy()}
-    if scales is not None:
-        written[layout.scales] = lambda: scales.detach().numpy()
 
     def compute():  # the fixed tensors stay on the CPU; .to() is free there and moves them to a GPU
         device = codebook.device
@@ -341,6 +338,9 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
         return values.reshape(shape) * present.to(device)
 
     module.derive(layout.name, compute)
+    written = {layout.codebook: lambda: codebook.detach().numpy()}
+    if scales is not None:
+        written[layout.scales] = lambda: scales.detach().numpy()
     return lambda: {name: get() for name, get in written.items()}
 
 
