@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                        help="learning rate over the steps: cosine decay to 0 (default) or constant")
     teach.add_argument("--augment", choices=AUGMENTS, default=defaults.augment,
-                       help="flip-shift: each batch's images flipped and shifted at random, the teacher run on "
-                            "the same images (for small transfer sets of photographs; not for digits or text)")
+                       help="alter each batch at random, the teacher run on the same inputs: flip-shift flips "
+                            "and shifts images (photographs; not digits or text), mixup blends pairs of samples "
+                            "(any float inputs); for small transfer sets")
     teach.add_argument("--temperature", type=float, default=defaults.temperature)
     teach.add_argument("--loss", choices=LOSSES, default=defaults.loss,
                        help="kl: Hinton's softened KL ×T²; mse: on the outputs")

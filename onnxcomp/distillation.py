@@ -1,9 +1,9 @@
 """distill: train a student model to reproduce an ONNX teacher's outputs (knowledge distillation).
 
 The teacher is any ONNX model, run by ONNX Runtime on the chosen execution provider: once over the data, its
-outputs kept in memory, or, with `augment=flip-shift`, on each batch's randomly flipped and shifted images, the
-same images the student sees (the teacher's function is matched on more than the few images a transfer set
-often has). The learning rate decays to 0 along a cosine over the steps (`schedule=cosine`) or stays constant.
+outputs kept in memory, or, with `augment`, on each batch's randomly altered inputs, the same inputs the student
+sees, so that the teacher's function is matched on more than the few samples a transfer set often has:
+`flip-shift` flips and shifts images, `mixup` blends pairs of samples, `flip-shift+mixup` does both. The learning rate decays to 0 along a cosine over the steps (`schedule=cosine`) or stays constant.
 The student is
 
 - an ONNX model: trained in place through onnxcomp.torch_graph (its graph unchanged, its weights trained) and
@@ -44,7 +44,7 @@ from onnxcomp.errors import InputError
 
 LOSSES = ("kl", "mse")
 SCHEDULES = ("cosine", "constant")
-AUGMENTS = ("none", "flip-shift")
+AUGMENTS = ("none", "flip-shift", "mixup", "flip-shift+mixup")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class DistillConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3     # Adam
     schedule: str = "cosine"        # learning rate over the steps: cosine (down to 0) | constant
-    augment: str = "none"           # none | flip-shift (images: random horizontal flip and shift, each batch)
+    augment: str = "none"           # none | flip-shift | mixup | flip-shift+mixup: each batch altered at random
     temperature: float = 4.0
     loss: str = "kl"                # kl | mse
     alpha: float = 0.5              # weight of the cross-entropy on labels, when the data has them
@@ -192,11 +192,16 @@ class _Transfer:
         dataset = datasets.open_data(data, teacher_model, preprocess=preprocess)
         self.names = [spec.name for spec in dataset.inputs]
         self.feed = dataset.batch(0, dataset.num_samples)
-        if config.augment != "none":
+        if "mixup" in config.augment:
+            integers = [name for name, value in self.feed.items() if not np.issubdtype(value.dtype, np.floating)]
+            if integers:
+                raise InputError(f"augment={config.augment} blends inputs, and {', '.join(integers)} are not "
+                                 "floating-point (ids or indices cannot be blended); use augment=none")
+        if "flip-shift" in config.augment:
             shapes = {name: value.shape for name, value in self.feed.items()}
             if len(shapes) != 1 or len(next(iter(shapes.values()))) != 4:
                 raise InputError(f"augment={config.augment} alters images: it needs one (N, C, H, W) input, and "
-                                 f"the data has {shapes}; use augment=none")
+                                 f"the data has {shapes}; use augment=mixup or none")
         self.session = runtime.session(teacher_model, config.provider)
         self.targets = np.concatenate([self.teacher_outputs(dataset.batch(start, stop))
                                        for start, stop in dataset.runs(dataset.num_samples, 64)])
@@ -249,16 +254,19 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
         total, seen = 0.0, 0
         for first in range(0, len(shuffled), config.batch_size):
             index = shuffled[first:first + config.batch_size]
+            label_batch = None if labels is None else torch.from_numpy(labels[index.numpy()])
             if config.augment == "none":
                 batch, targets = [x[index] for x in inputs], teacher_out[index]
-            else:  # the teacher sees the same altered images as the student
-                name = order[0]
-                images = flip_shift(transfer.feed[name][index.numpy()], rng)
-                batch = [torch.from_numpy(images)]
-                targets = torch.from_numpy(transfer.teacher_outputs({name: images}))
+            else:  # the teacher sees the same altered inputs as the student
+                feed, mix = _augmented({name: transfer.feed[name][index.numpy()] for name in order}, config.augment,
+                                       rng)
+                batch = [torch.from_numpy(feed[name]) for name in order]
+                targets = torch.from_numpy(transfer.teacher_outputs(feed))
+                if mix is not None and label_batch is not None:
+                    partner, weight = mix
+                    label_batch = (label_batch, label_batch[partner], torch.from_numpy(weight).to(device))
             out = _first_output(module(*[x.to(device) for x in batch]))
-            loss = _loss(torch, out, targets.to(device), None if labels is None else
-                         torch.from_numpy(labels[index.numpy()]).to(device), config)
+            loss = _loss(torch, out, targets.to(device), label_batch, config)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -274,6 +282,30 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
         report.epochs.append(epoch)
         print(("\r" if show else "") + _epoch_line(epoch, config.epochs), file=sys.stderr, flush=True)
     module.eval().cpu()
+
+
+def _augmented(feed: dict[str, np.ndarray], augment: str, rng: np.random.Generator):
+    """The batch `feed` altered as `augment` says, and the mixup partners and weights (None without mixup)."""
+    if "flip-shift" in augment:
+        feed = {name: flip_shift(images, rng) for name, images in feed.items()}
+    if "mixup" not in augment:
+        return feed, None
+    return mixup(feed, rng)
+
+
+def mixup(feed: dict[str, np.ndarray], rng: np.random.Generator):
+    """Each sample of the batch `feed` blended with another one, w·x + (1 − w)·x_partner, w uniform in [0, 1]
+    (mixup, Zhang et al. 2018; the same partner and weight for every input). Blends are inputs the transfer set
+    does not have, on which the teacher's function is matched too (Beyer et al. 2022, "function matching").
+    Returns the blended feed, the partners' positions and the weights."""
+    count = len(next(iter(feed.values())))
+    partner = rng.permutation(count)
+    weight = rng.random(count).astype(np.float32)
+    blended = {}
+    for name, values in feed.items():
+        w = weight.reshape(-1, *[1] * (values.ndim - 1))
+        blended[name] = (w * values + (1 - w) * values[partner]).astype(values.dtype)
+    return blended, (partner, weight)
 
 
 def flip_shift(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -398,7 +430,13 @@ def _loss(torch, out, teacher, labels, config: DistillConfig):
         soft = F.mse_loss(out, teacher)
     if labels is None or config.alpha == 0:
         return soft
-    hard = F.cross_entropy(out.reshape(out.shape[0], -1), labels.long())
+    logits = out.reshape(out.shape[0], -1)
+    if isinstance(labels, tuple):  # mixup: each blended sample's cross-entropy on both labels, by its weight
+        first, second, weight = labels
+        hard = (weight * F.cross_entropy(logits, first.to(out.device).long(), reduction="none")
+                + (1 - weight) * F.cross_entropy(logits, second.to(out.device).long(), reduction="none")).mean()
+    else:
+        hard = F.cross_entropy(logits, labels.to(out.device).long())
     return (1 - config.alpha) * soft + config.alpha * hard
 
 

@@ -9,8 +9,9 @@ Knowledge distillation (onnxcomp.distillation.heal) with the pipeline's input mo
 calibration data as the transfer set (labels, when it has them, add α times the cross-entropy): pruned weights
 stay zero, each shared weight keeps its codebook entry and each codebook value moves by the sum of its members'
 gradients (Deep Compression's trained quantization). Only the stored values, codebooks, scales and the dense
-tensors (biases, layers left dense) change, so the file keeps its size and layout. `augment=flip-shift` alters
-each batch's images at random, the teacher run on the same images; the learning rate decays along a cosine.
+tensors (biases, layers left dense) change, so the file keeps its size and layout. `augment` (flip-shift, mixup,
+flip-shift+mixup) alters each batch at random, the teacher run on the same inputs; the learning rate decays
+along a cosine.
 Needs PyTorch (`onnxcomp[torch]`) and calibration data; a share of it (`holdout`) is held out and the teacher
 agreement there is reported after each epoch.
 """
@@ -34,7 +35,7 @@ class HealConfig:
     epochs: int = 10
     learning_rate: float = 1e-3    # Adam
     schedule: str = "cosine"       # cosine | constant
-    augment: str = "none"          # none | flip-shift (image data: random flips and shifts, each batch)
+    augment: str = "none"          # none | flip-shift | mixup | flip-shift+mixup (each batch altered at random)
     batch_size: int = 32
     temperature: float = 4.0
     loss: str = "kl"               # kl | mse

@@ -92,11 +92,37 @@ def test_flip_shift_moves_or_mirrors_each_image_within_an_eighth_of_its_side():
         assert any(np.array_equal(altered, w) or np.array_equal(altered, w[..., ::-1]) for w in windows)
 
 
-def test_augmented_batches_are_taught_on_the_same_altered_images(digits_model, digits_train):
-    """The teacher as its own student: with flip-shift, its targets come from the images the student sees, so
+def test_mixup_blends_every_input_with_the_same_partner_and_weight():
+    from onnxcomp.distillation import mixup
+
+    first = np.random.default_rng(0).normal(size=(16, 3, 5)).astype(np.float32)
+    feed = {"a": first, "b": 2 * first[:, :, :1]}
+    blended, (partner, weight) = mixup(feed, np.random.default_rng(1))
+    assert sorted(partner) == list(range(16)) and np.all((weight >= 0) & (weight <= 1)) and np.ptp(weight) > 0.3
+    expected = weight[:, None, None] * first + (1 - weight[:, None, None]) * first[partner]
+    np.testing.assert_allclose(blended["a"], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(blended["b"], 2 * blended["a"][:, :, :1], rtol=1e-6, atol=1e-6)
+    assert blended["a"].dtype == np.float32
+
+
+def test_mixed_labels_weigh_each_cross_entropy_by_its_share():
+    from onnxcomp.distillation import _loss
+
+    logits, teacher = torch.randn(6, 10), torch.randn(6, 10)
+    first, second = torch.arange(6), torch.arange(6).flip(0)
+    config = DistillConfig(alpha=1.0)
+    plain = _loss(torch, logits, teacher, first, config)
+    assert torch.allclose(_loss(torch, logits, teacher, (first, second, torch.ones(6)), config), plain)
+    half = _loss(torch, logits, teacher, (first, second, torch.full((6,), 0.5)), config)
+    assert torch.allclose(half, (plain + _loss(torch, logits, teacher, second, config)) / 2)
+
+
+@pytest.mark.parametrize("augment", ["flip-shift", "mixup", "flip-shift+mixup"])
+def test_augmented_batches_are_taught_on_the_same_altered_images(digits_model, digits_train, augment):
+    """The teacher as its own student: with augmentation, its targets come from the images the student sees, so
     the loss stays 0; targets from the unaltered images would give a loss well above 0."""
     _, report = onnxcomp.distill(str(digits_model), str(digits_model), str(digits_train / "unlabeled.npz"),
-                                 config=DistillConfig(epochs=1, learning_rate=1e-9, augment="flip-shift"),
+                                 config=DistillConfig(epochs=1, learning_rate=1e-9, augment=augment),
                                  progress=False)
     assert report.epochs[0].loss < 1e-3 and report.epochs[0].agreement == 100
 
@@ -107,7 +133,7 @@ def test_augment_and_schedule_options_are_checked(tmp_path):
     with pytest.raises(onnxcomp.InputError, match="schedule must be one of cosine, constant"):
         DistillConfig(schedule="linear")
     with pytest.raises(onnxcomp.InputError, match="augment must be one of"):
-        DistillConfig(augment="mixup")
+        DistillConfig(augment="cutout")
     weight = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
@@ -116,6 +142,16 @@ def test_augment_and_schedule_options_are_checked(tmp_path):
     np.save(tmp_path / "rows.npy", np.ones((8, 4), np.float32))
     with pytest.raises(onnxcomp.InputError, match=r"one \(N, C, H, W\) input"):
         onnxcomp.distill(model, model, str(tmp_path / "rows.npy"), config=DistillConfig(augment="flip-shift"),
+                         progress=False)
+    embedding = onnx.numpy_helper.from_array(np.ones((10, 4), np.float32), "table")
+    lookup = helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 4])], [embedding]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    np.save(tmp_path / "ids.npy", np.ones((8, 4), np.int64))
+    with pytest.raises(onnxcomp.InputError, match="ids are not floating-point"):
+        onnxcomp.distill(lookup, lookup, str(tmp_path / "ids.npy"), config=DistillConfig(augment="mixup"),
                          progress=False)
     onnx.save(model, tmp_path / "rows.onnx")
     result = run_cli("distill", tmp_path / "rows.onnx", "--student", tmp_path / "rows.onnx", "--data",
