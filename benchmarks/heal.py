@@ -38,7 +38,8 @@ MODELS = {  # name -> (path, loader, transfer-set indices, recipes)
                   "fuse-bn,prune:sparsity=0.4,share:bits=3,min-size=0,short-names",
                   "fuse-bn,share:bits=1.25,min-size=0,short-names"]),
     "effnet": ("models/efficientnet_lite0_imagenet.onnx", int8_vs_ort.effnet_data, None,
-               ["fuse-bn,prune:sparsity=0.3,share:bits=3,min-size=0,short-names"]),
+               ["fuse-bn,prune:sparsity=0.3,share:bits=3,min-size=0,short-names",
+                "fuse-bn,share:bits=3,min-size=0,short-names"]),
 }
 
 
