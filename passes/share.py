@@ -310,8 +310,7 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
     rows = weight.shape[0] if weight.ndim >= 2 else 1
     stored = weight.size - int(zeros.sum()) if masked else weight.size
     if granularity == "auto":
-        # codebooks are stored in float16 where it holds them (encoding.compact_table): 2 bytes an entry
-        granularity = auto_granularity(rows, stored, bits, min(weight.itemsize, 2))
+        granularity = auto_granularity(rows, stored, bits, weight.itemsize)
     by_row = weight.reshape(rows, -1)
     scales = None
     if granularity == "scaled":

@@ -46,14 +46,6 @@ def test_codebooks_and_scales_are_stored_in_float16_and_tensors_kept_exactly_kee
         np.testing.assert_array_equal(cluster(weight, 2, granularity).values, weight)
 
 
-def test_auto_granularity_counts_codebook_entries_at_their_stored_two_bytes():
-    """8 rows × 192 weights at 2 bits: 384 bytes of indices; 8 codebooks of 4 float16 entries (64 bytes) are
-    within a quarter of that, so each row gets its own codebook; at 4 bytes an entry (128) they would not be."""
-    weight = RNG.normal(size=(8, 192)).astype(np.float32)
-    assert cluster(weight, 2, "auto").codebook.shape == (8, 4)
-    assert cluster(RNG.normal(size=(8, 96)).astype(np.float32), 2, "auto").scales is not None  # 64 > 48
-
-
 def test_zeros_stay_zero_after_prune():
     pruned, _ = run(net(), "prune:sparsity=0.6")
     shared, records = run(pruned, "share:bits=3")
