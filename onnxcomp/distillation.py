@@ -3,8 +3,8 @@
 The teacher is any ONNX model, run by ONNX Runtime on the chosen execution provider: once over the data, its
 outputs kept in memory, or, with `augment`, on each batch's randomly altered inputs, the same inputs the student
 sees, so that the teacher's function is matched on more than the few samples a transfer set often has:
-`flip-shift` flips and shifts images, `mixup` blends pairs of samples, `flip-shift+mixup` does both. The learning rate decays to 0 along a cosine over the steps (`schedule=cosine`) or stays constant.
-The student is
+`flip-shift` flips and shifts images, `mixup` blends pairs of samples, `flip-shift+mixup` does both. The
+learning rate decays to 0 along a cosine over the steps (`schedule=cosine`) or stays constant. The student is
 
 - an ONNX model: trained in place through onnxcomp.torch_graph (its graph unchanged, its weights trained) and
   written back as the same graph with new weights; or
