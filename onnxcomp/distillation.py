@@ -264,7 +264,7 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
                 targets = torch.from_numpy(transfer.teacher_outputs(feed))
                 if mix is not None and label_batch is not None:
                     partner, weight = mix
-                    label_batch = (label_batch, label_batch[partner], torch.from_numpy(weight).to(device))
+                    label_batch = (label_batch, label_batch[partner], torch.from_numpy(weight))
             out = _first_output(module(*[x.to(device) for x in batch]))
             loss = _loss(torch, out, targets.to(device), label_batch, config)
             optimizer.zero_grad()
@@ -433,6 +433,7 @@ def _loss(torch, out, teacher, labels, config: DistillConfig):
     logits = out.reshape(out.shape[0], -1)
     if isinstance(labels, tuple):  # mixup: each blended sample's cross-entropy on both labels, by its weight
         first, second, weight = labels
+        weight = weight.to(out.device)
         hard = (weight * F.cross_entropy(logits, first.to(out.device).long(), reduction="none")
                 + (1 - weight) * F.cross_entropy(logits, second.to(out.device).long(), reduction="none")).mean()
     else:
