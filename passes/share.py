@@ -305,8 +305,9 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
     levels = 2 ** bits
     zeros = weight == 0
     # a bit mask over all weights pays for itself when it saves more index bits than it costs; otherwise zeros
-    # keep an exact 0 entry in the codebook of the slices that have them
-    masked = int(zeros.sum()) * bits > weight.size
+    # keep an exact 0 entry in the codebook of the slices that have them. At 1 bit that entry would leave a
+    # single value for every non-zero weight, so zeros are masked there whatever the mask costs
+    masked = bool(zeros.any()) and (int(zeros.sum()) * bits > weight.size or bits == 1)
     rows = weight.shape[0] if weight.ndim >= 2 else 1
     stored = weight.size - int(zeros.sum()) if masked else weight.size
     if granularity == "auto":

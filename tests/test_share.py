@@ -127,6 +127,17 @@ def test_few_zeros_keep_a_zero_entry_instead_of_a_mask():
     assert result.sparse and result.indices.size == np.count_nonzero(weight)
 
 
+def test_one_bit_masks_zeros_so_the_non_zeros_keep_both_values():
+    # at 1 bit a reserved 0 entry would leave one value for every non-zero weight, whatever their signs
+    weight = RNG.normal(size=(16, 8, 3, 3)).astype(np.float32)
+    weight[np.abs(weight) < np.quantile(np.abs(weight), 0.8)] = 0  # pruned to 80 %
+    for granularity in ("tensor", "row", "scaled"):
+        result = cluster(weight, 1, granularity)
+        assert result.sparse and result.indices.size == np.count_nonzero(weight)
+        np.testing.assert_array_equal(result.values == 0, weight == 0)
+        assert sqnr(weight, result.values) > 5, granularity  # signs kept: 10 to 12 dB here; one value: 0 dB
+
+
 def test_bit_allocation_spends_the_bits_where_the_error_reaches_the_output():
     """Within the bytes of 3 bits per weight, codebooks included, the layer whose error reaches the output gets
     more bits than the one scaled by 0.01, and the output error falls below that of 3 bits everywhere."""
