@@ -345,29 +345,35 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
     and indices fixed; return the function giving the stored initializers' new values by name."""
     stored = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer
               if t.name in (layout.values, layout.codebook, layout.scales)}
-    present = torch.from_numpy(layout.present)
+
+    def fixed(value: np.ndarray):
+        """A tensor that stays as it is, a buffer of the module: it moves to the module's device once."""
+        name = f"fixed{len(module._buffers)}"
+        module.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value)), persistent=False)
+        return lambda: getattr(module, name)
+
+    present = fixed(layout.present)
     weight = module.tensor(layout.name)
     weight.requires_grad_(False)  # the dense tensor is computed from here on
     if layout.values is not None:
         dense = module.add_parameter(weight.detach().numpy())
-        module.derive(layout.name, lambda: dense * present.to(dense.device))
+        module.derive(layout.name, lambda: dense * present())
         return lambda: {layout.values: dense.detach().numpy()[layout.present].astype(stored[layout.values].dtype)}
     rows = layout.index.shape[0]
     dtype = weight.detach().numpy().dtype  # tables stored in float16 train in the weight's dtype
     codebook = module.add_parameter(stored[layout.codebook].astype(dtype))  # (1 or rows, entries)
-    exact_zeros = torch.from_numpy(codebook.detach().numpy() != 0)  # a 0 entry codes zeros: it stays 0
+    exact_zeros = fixed(codebook.detach().numpy() != 0)  # a 0 entry codes zeros: it stays 0
     scales = None if layout.scales is None else \
         module.add_parameter(stored[layout.scales].astype(dtype))  # (rows, 1)
-    index = torch.from_numpy(layout.index)
-    row_of = torch.arange(rows)[:, None] if codebook.shape[0] > 1 else torch.zeros((rows, 1), dtype=torch.long)
+    index = fixed(layout.index)
+    row_of = fixed(np.arange(rows)[:, None] if codebook.shape[0] > 1 else np.zeros((rows, 1), dtype=np.int64))
     shape = tuple(layout.present.shape)
 
-    def compute():  # the fixed tensors stay on the CPU; .to() is free there and moves them to a GPU
-        device = codebook.device
-        values = (codebook * exact_zeros.to(device))[row_of.to(device), index.to(device)]
+    def compute():
+        values = (codebook * exact_zeros())[row_of(), index()]
         if scales is not None:
             values = values * scales
-        return values.reshape(shape) * present.to(device)
+        return values.reshape(shape) * present()
 
     module.derive(layout.name, compute)
     written = {layout.codebook: lambda: codebook.detach().numpy()}
