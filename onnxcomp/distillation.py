@@ -348,7 +348,7 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
 
     def fixed(value: np.ndarray):
         """A tensor that stays as it is, a buffer of the module: it moves to the module's device once."""
-        name = f"fixed{len(module._buffers)}"
+        name = f"fixed{len(dict(module.named_buffers(recurse=False)))}"
         module.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value)), persistent=False)
         return lambda: getattr(module, name)
 
