@@ -270,10 +270,7 @@ def _allocate_bits(graph: gs.Graph, layers: list[WeightedLayer], statistics: dic
                 candidates.append((sum(p.nbytes for p in _stored_parts(clustered, bits)),
                                    _error(layer, clustered, stats, correct), Choice(bits, granularity)))
         uniform = cluster(layer.values, round(config.bits), config.granularity, weights_of.get(id(layer)))
-        # at most `bits` for every weight in indices alone: a mask counts where it saves bytes (at 1 bit it
-        # costs more than it saves, and the budget stays the indices of all the weights)
-        budget += min(uniform.indices.size * config.bits / 8 + _mask_bytes(uniform),
-                      layer.values.size * config.bits / 8)
+        budget += uniform.indices.size * config.bits / 8 + _mask_bytes(uniform)
         if correct:
             uniform, bias_shift, _ = _restored(layer, uniform, stats)
         else:
