@@ -28,7 +28,8 @@ the codebooks, and inference runs at dense speed.
   stored bytes, gives each layer its options, and one option per layer is chosen with the least summed error
   within the budget (a multiple-choice knapsack, solved by dynamic programming: allocation.choose). The
   budget is `bits`/8 bytes per stored weight, codebooks and scales included, plus the mask: the file is at
-  most what `bits` for every weight costs in indices alone; it may be fractional (bits=2.5).
+  most what `bits` for every weight costs in indices alone, except after prune at about 1 bit, where zeros are
+  always masked (so the budget is `bits` per kept weight plus the mask); it may be fractional (bits=2.5).
   `layer-bits=pattern:bits|…` fixes the bits of the layers a pattern matches.
 - Importance (`importance=energy`, the default with data): each weight's squared error is weighted by the energy
   E[x²] of the input it multiplies, so clusters follow the weights whose errors reach the output.
