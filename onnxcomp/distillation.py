@@ -173,7 +173,7 @@ def heal(compressed, teacher, data, *, config: DistillConfig = DistillConfig(), 
     report = transfer.report(teacher, compressed)
     torch.manual_seed(config.seed)
     module = OnnxModule(_decoded(compressed_model))
-    payload = [_tie(torch, module, layout, compressed_model) for layout in found]
+    payload = [_tie(module, layout, compressed_model) for layout in found]
     _train(module, module.input_names, transfer, config, report, progress)
     tied = {layout.name for layout in found}
     updates = {name: value for name, value in module.weights().items() if name not in tied}
@@ -340,19 +340,12 @@ def _decoded(model: onnx.ModelProto) -> onnx.ModelProto:
     return gs.export_onnx(graph, do_type_check=False)
 
 
-def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
+def _tie(module, layout: encoding.Layout, compressed: onnx.ModelProto):
     """Make the module compute `layout.name` from trainable stored values (and codebooks, scales) with its mask
     and indices fixed; return the function giving the stored initializers' new values by name."""
     stored = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer
               if t.name in (layout.values, layout.codebook, layout.scales)}
-
-    def fixed(value: np.ndarray):
-        """A tensor that stays as it is, a buffer of the module: it moves to the module's device once."""
-        name = f"fixed{len(dict(module.named_buffers(recurse=False)))}"
-        module.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value)), persistent=False)
-        return lambda: getattr(module, name)
-
-    present = fixed(layout.present)
+    present = module.add_buffer(layout.present)
     weight = module.tensor(layout.name)
     weight.requires_grad_(False)  # the dense tensor is computed from here on
     if layout.values is not None:
@@ -362,11 +355,12 @@ def _tie(torch, module, layout: encoding.Layout, compressed: onnx.ModelProto):
     rows = layout.index.shape[0]
     dtype = weight.detach().numpy().dtype  # tables stored in float16 train in the weight's dtype
     codebook = module.add_parameter(stored[layout.codebook].astype(dtype))  # (1 or rows, entries)
-    exact_zeros = fixed(codebook.detach().numpy() != 0)  # a 0 entry codes zeros: it stays 0
+    exact_zeros = module.add_buffer(codebook.detach().numpy() != 0)  # a 0 entry codes zeros: it stays 0
     scales = None if layout.scales is None else \
         module.add_parameter(stored[layout.scales].astype(dtype))  # (rows, 1)
-    index = fixed(layout.index)
-    row_of = fixed(np.arange(rows)[:, None] if codebook.shape[0] > 1 else np.zeros((rows, 1), dtype=np.int64))
+    index = module.add_buffer(layout.index)
+    row_of = module.add_buffer(np.arange(rows)[:, None] if codebook.shape[0] > 1
+                               else np.zeros((rows, 1), dtype=np.int64))
     shape = tuple(layout.present.shape)
 
     def compute():

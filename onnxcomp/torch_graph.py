@@ -71,6 +71,13 @@ class OnnxModule(torch.nn.Module):
         self.extra[f"p{len(self.extra)}"] = parameter
         return parameter
 
+    def add_buffer(self, value: np.ndarray):
+        """A new fixed tensor, for `derive` functions to read: returns the function that gives it. `.to()` moves
+        it with the module once, and replaces it, so it is read through the module each time."""
+        slot = f"f{len(list(self.buffers(recurse=False)))}"
+        self.register_buffer(slot, torch.from_numpy(np.ascontiguousarray(value)), persistent=False)
+        return lambda: getattr(self, slot)
+
     def derive(self, name: str, compute) -> None:
         """Compute tensor `name` with `compute()` at every use (a weight tied to shared values or a mask), so
         that its gradients reach the parameters `compute` reads."""
