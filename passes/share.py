@@ -15,7 +15,7 @@ the codebooks, and inference runs at dense speed.
   with transB) its own codebook; `scaled` divides each slice by its largest magnitude and gives the slices one
   codebook and one scale each (channels whose ranges differ by orders of magnitude, as BN-scaled and depthwise
   filters do, are where one codebook per tensor fails); `tensor` is one codebook. `auto` lets the allocation
-  choose per layer, or without it takes `row` where its codebooks cost at most a quarter of the indices.
+  choose per layer, or without it takes `row` where its codebooks cost at most an eighth of the indices.
 - Zero stays exactly zero. Where zeros are many (after `prune`), a bit mask places the non-zero values and only
   those carry an index; where they are few (a mask would cost more than it saves), the codebook keeps an exact
   0 entry. A tensor with at most 2^bits distinct values is kept exactly.
@@ -72,7 +72,8 @@ from onnxcomp.registry import register
 
 LOST_SNR_DB = 6.0  # a held-out output SNR below this (error energy over a quarter of the signal's) gets a warning
 PROBE_SAMPLES = 32  # calibration samples on which each layer's effect on the model's outputs is measured
-ROW_CODEBOOK_SHARE = 0.25  # per-row codebooks are used where they cost at most this share of the index bytes
+ROW_CODEBOOK_SHARE = 0.125  # per-row codebooks are used where they cost at most this share of the index bytes
+TABLE_ENTRY_BYTES = 2  # a codebook entry or scale as stored: float16 (encoding.compact_table)
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,7 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
     rows = weight.shape[0] if weight.ndim >= 2 else 1
     stored = weight.size - int(zeros.sum()) if masked else weight.size
     if granularity == "auto":
-        granularity = auto_granularity(rows, stored, bits, weight.itemsize)
+        granularity = auto_granularity(rows, stored, bits)
     by_row = weight.reshape(rows, -1)
     scales = None
     if granularity == "scaled":
@@ -366,9 +367,9 @@ def _assemble(codebook: np.ndarray, scales: np.ndarray | None, index: np.ndarray
     return Clustered(values.reshape(shape), codebook, scales, index[kept], masked, exact)
 
 
-def auto_granularity(rows: int, stored: int, bits: int, itemsize: int) -> str:
+def auto_granularity(rows: int, stored: int, bits: int) -> str:
     """`row` where one codebook per row costs at most ROW_CODEBOOK_SHARE of the `stored` indices, else `scaled`."""
-    return "row" if rows * 2 ** bits * itemsize <= ROW_CODEBOOK_SHARE * stored * bits / 8 else "scaled"
+    return "row" if rows * 2 ** bits * TABLE_ENTRY_BYTES <= ROW_CODEBOOK_SHARE * stored * bits / 8 else "scaled"
 
 
 def _restored(layer: WeightedLayer, clustered: Clustered, stats) -> tuple[Clustered, np.ndarray | None, bool]:
