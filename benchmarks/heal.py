@@ -1,7 +1,8 @@
 """Benchmark: healing compressed models with `distill --heal`, against the same models post-training.
 
     .venv/bin/python benchmarks/heal.py [--models resnet20,effnet] [--assets DIR] [--epochs 30] [--lr 0.001]
-        [--recipe RECIPE ...] [--schedule cosine|constant] [--augment none|flip-shift] [--folds K] [--output FILE]
+        [--recipe RECIPE ...] [--schedule cosine|constant] [--augment none|flip-shift|mixup|flip-shift+mixup]
+        [--folds K] [--output FILE]
 
 Data (benchmarks/int8_vs_ort.py's split, its loaders imported): the evaluation images are never trained on.
   resnet20  CIFAR-10 test images: calibration 0..99 (prune / share), transfer set 0..499 without labels (heal;
@@ -72,8 +73,8 @@ def heal_row(onnxcomp, config, model: onnx.ModelProto, data: dict, folds: list, 
     largest healed file of the folds (each fold calibrates on its own images, so bit allocations may differ)."""
     before = after = seconds = 0.0
     train_samples, same_size, largest = 0, True, 0
+    images = data["images"]
     for calibration, transfer, evaluation in folds:
-        images = data["images"]
         compressed, _ = onnxcomp.optimize(model, recipe, calib_data={data["input"]: images[calibration]},
                                           validate_result=False)
         begun = time.perf_counter()
