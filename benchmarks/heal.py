@@ -68,9 +68,11 @@ def splits(data: dict, transfer_slice: slice | None, folds: int) -> list[tuple[n
     return result
 
 
-def heal_row(onnxcomp, config, model: onnx.ModelProto, data: dict, folds: list, recipe: str) -> dict:
+def heal_row(config, model: onnx.ModelProto, data: dict, folds: list, recipe: str) -> dict:
     """Post-training and healed top-1 of `recipe`, pooled over `folds` (each fold's images counted once), and the
     largest healed file of the folds (each fold calibrates on its own images, so bit allocations may differ)."""
+    import onnxcomp
+
     before = after = seconds = 0.0
     train_samples, same_size, largest = 0, True, 0
     images = data["images"]
@@ -94,7 +96,6 @@ def heal_row(onnxcomp, config, model: onnx.ModelProto, data: dict, folds: list, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import onnxcomp
     from onnxcomp.distillation import AUGMENTS, SCHEDULES, DistillConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         fp32_bytes = len(model.SerializeToString())
         int8_vs_ort.log(f"{key}: fp32 {fp32:.2f} %")
         for recipe in recipes:
-            row = heal_row(onnxcomp, DistillConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule,
+            row = heal_row(DistillConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule,
                                                    augment=args.augment),
                            model, data, splits(data, transfer_slice, args.folds), recipe)
             row.update({"model": key, "fp32": fp32, "smaller": fp32_bytes / row.pop("bytes"),
