@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         int8_vs_ort.log(f"{key}: fp32 {fp32:.2f} %")
         for recipe in recipes:
             row = heal_row(DistillConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule,
-                                                   augment=args.augment),
+                                         augment=args.augment),
                            model, data, splits(data, transfer_slice, args.folds), recipe)
             row.update({"model": key, "fp32": fp32, "smaller": fp32_bytes / row.pop("bytes"),
                         "schedule": args.schedule, "augment": args.augment, "epochs": args.epochs, "lr": args.lr,
