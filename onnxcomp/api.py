@@ -15,7 +15,7 @@ from onnxcomp.pass_base import Pass, PassContext
 from onnxcomp.report import Report
 from onnxcomp.validate import Validation, validate
 
-DEFAULT_PASSES = "fuse-bn,cleanup"
+DEFAULT_PASSES = "fold-constants,flush-denormals,fuse-bn,cleanup"
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -43,13 +43,17 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
              recipe_file: str | os.PathLike | None = None, data=None, calib_data=None, preprocess=None,
              output: str | os.PathLike | None = None, validate_result: bool = True, providers=("cpu",),
              limit: int | None = None, latency_runs: int = 50, optimization: str = "all",
-             seed: int = 0, max_accuracy_drop: float | None = None) -> tuple[onnx.ModelProto, Report]:
+             seed: int = 0, max_accuracy_drop: float | None = None, max_latency_ratio: float | None = None,
+             input_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run passes over a model, optionally save it, and validate it against the original.
 
     `model` is a path or a ModelProto (never modified). `data` is evaluation data and `calib_data` calibration
     data for the passes that need it (paths, arrays or Datasets; see onnxcomp.data). `max_accuracy_drop`
     (points) is the budget that accuracy-aware passes (int8) aim for on held-back calibration samples; checking
-    it on `data` afterwards is `check_budgets`. Returns the optimized model and its report.
+    it on `data` afterwards is `check_budgets`. `input_shapes` ({input: dims}) fixes free input dimensions for
+    random inputs and data. Without data, validation runs on random inputs where the model's inputs allow
+    them; where they do not, the report says why validation was skipped, unless a budget needs it (then
+    InputError, before any work). Returns the optimized model and its report.
     """
     if validate_result:  # fail on what can be checked now, before any work or any file is written
         runtime.require_available(runtime.parse_providers(list(providers)))
@@ -62,15 +66,23 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
         model_io.check_output_path(source, output)
     ctx = PassContext(seed=seed, provider=providers[0] if providers else "cpu", max_accuracy_drop=max_accuracy_drop)
     if calib_data is not None:
-        ctx.calibration_data = datasets.open_data(calib_data, original, preprocess=preprocess, seed=seed)
-    evaluation = None
-    if validate_result and data is not None:
-        evaluation = datasets.open_data(data, original, preprocess=preprocess, limit=limit, seed=seed)
+        ctx.calibration_data = datasets.open_data(calib_data, original, preprocess=preprocess, seed=seed,
+                                                  input_shapes=input_shapes)
+    evaluation, skipped = None, None
+    if validate_result:
+        try:
+            evaluation = datasets.open_data("random" if data is None else data, original, preprocess=preprocess,
+                                            limit=limit, seed=seed, input_shapes=input_shapes)
+        except datasets.RandomInputsUnavailable as exc:
+            if max_accuracy_drop is not None or max_latency_ratio is not None:
+                raise InputError(f"the budget cannot be checked: {exc}") from None
+            skipped = str(exc)
     optimized, records = PassManager(pipeline).run(original, ctx)
     if output is not None:
         model_io.save(optimized, output, source=source)
-    report = Report(model=source or "(in memory)", output=None if output is None else str(output), passes=records)
-    if validate_result:
+    report = Report(model=source or "(in memory)", output=None if output is None else str(output), passes=records,
+                    validation_skipped=skipped)
+    if evaluation is not None:
         report.validation = validate(source or original, str(output) if output is not None else optimized,
                                      evaluation, providers=providers, latency_runs=latency_runs,
                                      optimization=optimization)

@@ -109,6 +109,9 @@ def _add_validation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess", help="image preprocessing, e.g. "
                                              "'resize=256,crop=224,scale=1/255,mean=0.485|0.456|0.406,"
                                              "std=0.229|0.224|0.225,layout=NCHW'")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                        help="fix the free dimensions of an input, e.g. x:1,3,320,320 (repeatable; for random "
+                             "inputs and data)")
     parser.add_argument("--providers", default="cpu", help="execution providers to validate on: cpu, cuda")
     parser.add_argument("--limit", type=int, help="use at most this many samples")
     parser.add_argument("--runs", type=int, default=50, help="timed runs for latency at batch 1 (default 50)")
@@ -148,7 +151,8 @@ def _optimize(args) -> int:
                              calib_data=args.calib_data, preprocess=args.preprocess, output=output,
                              validate_result=not args.no_validate, providers=_providers(args), limit=args.limit,
                              latency_runs=args.runs, optimization=args.ort_opt,
-                             max_accuracy_drop=args.max_accuracy_drop)
+                             max_accuracy_drop=args.max_accuracy_drop, max_latency_ratio=args.max_latency_ratio,
+                             input_shapes=_input_shapes(args))
     return _finish(report, args)
 
 
@@ -156,7 +160,7 @@ def _validate(args) -> int:
     _check_validation_args(args, models=(args.reference, args.candidate))
     result = validate(args.reference, args.candidate, args.data, preprocess=args.preprocess,
                       providers=_providers(args), limit=args.limit, latency_runs=args.runs,
-                      optimization=args.ort_opt)
+                      optimization=args.ort_opt, input_shapes=_input_shapes(args))
     return _finish(Report(model=args.reference, output=args.candidate, validation=result), args)
 
 
@@ -195,6 +199,15 @@ def _providers(args) -> list[str]:
     from onnxcomp.runtime import parse_providers
 
     return parse_providers(args.providers)
+
+
+def _input_shapes(args) -> dict[str, tuple[int, ...]]:
+    from onnxcomp.data import parse_input_shapes
+
+    try:
+        return parse_input_shapes(args.input_shape)
+    except InputError as exc:
+        raise InputError(f"--input-shape: {exc}") from None
 
 
 def _check_validation_args(args, models: tuple[str, ...]) -> None:

@@ -28,19 +28,34 @@ LABEL_KEYS = ("labels", "label", "targets")
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: name, numpy dtype and shape (ints, or strings / None for free dimensions)."""
+    """One model input: name, numpy dtype and shape (ints, or strings / None for free dimensions).
+
+    `batched` inputs carry samples along their first axis; the others (scalars, and inputs whose first
+    dimension is fixed to another size than the batch, such as a recurrent state [2, N, 128]) are fed whole,
+    the same array with every batch.
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple
+    batched: bool = True
 
     @property
     def fixed_batch(self) -> int | None:
-        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+        return self.shape[0] if self.batched and isinstance(self.shape[0], int) else None
+
+    @property
+    def free_dims(self) -> list[str]:
+        """Names of the free dimensions a random input would have to guess (the batch axis excepted)."""
+        dims = self.shape[1:] if self.batched else self.shape
+        return [str(d) if d else "?" for d in dims if not isinstance(d, int)]
 
 
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The real inputs of a model (graph inputs that are not initializers), which must be numeric tensors."""
+def model_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[InputSpec]:
+    """The real inputs of a model (graph inputs that are not initializers), which must be numeric tensors.
+
+    `input_shapes` fixes free dimensions by input name, as given by the user; it may not contradict a fixed one.
+    """
     initializers = {t.name for t in model.graph.initializer}
     specs = []
     for value in model.graph.input:
@@ -53,7 +68,72 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     if not specs:
         raise InputError("the model has no inputs, so there is nothing to feed it; onnxcomp needs a model "
                          "with inputs")
-    return specs
+    input_shapes = input_shapes or {}
+    _check_shape_names(input_shapes, specs)
+    return _mark_batched([_with_shape(spec, input_shapes.get(spec.name)) for spec in specs])
+
+
+def _check_shape_names(input_shapes: dict, specs: list[InputSpec]) -> None:
+    unknown = [name for name in input_shapes if name not in {spec.name for spec in specs}]
+    if unknown:
+        raise InputError(f"an input shape is given for '{unknown[0]}', which is not an input of the model; its "
+                         f"inputs are {', '.join(spec.name for spec in specs)}")
+
+
+def _with_shape(spec: InputSpec, shape: tuple[int, ...] | None) -> InputSpec:
+    if shape is None:
+        return spec
+    declared = "[" + ", ".join(str(d) if d else "?" for d in spec.shape) + "]"
+    if len(shape) != len(spec.shape):
+        raise InputError(f"input shape {_dims(shape)} for '{spec.name}' has {len(shape)} dimension(s); the model's "
+                         f"input is {declared}")
+    for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+        if not isinstance(got, (int, np.integer)) or got < 1:
+            raise InputError(f"input shape {_dims(shape)} for '{spec.name}': dimensions must be positive integers")
+        if isinstance(want, int) and want != got:
+            raise InputError(f"input shape {_dims(shape)} for '{spec.name}' sets axis {axis} to {got}, but the "
+                             f"model fixes it at {want} ({declared})")
+    return InputSpec(spec.name, spec.dtype, tuple(int(d) for d in shape))
+
+
+def _dims(shape) -> str:
+    return ",".join(str(d) for d in shape)
+
+
+def parse_input_shapes(items: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """`NAME:d1,d2,...` items (a scalar: `NAME:`) → {name: dims}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, colon, dims = item.rpartition(":")
+        try:
+            if not colon or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.split(",")) if dims.strip() else ()
+        except ValueError:
+            raise InputError(f"input shape '{item}' is not NAME:d1,d2,...; example: x:1,3,224,224") from None
+        if any(d < 1 for d in shape):
+            raise InputError(f"input shape '{item}': dimensions must be positive integers")
+        if name in shapes:
+            raise InputError(f"input shape for '{name}' is given twice")
+        shapes[name] = shape
+    return shapes
+
+
+def _mark_batched(specs: list[InputSpec]) -> list[InputSpec]:
+    """The first input with a first axis sets the batch; others whose first axis differs from it are fed whole."""
+    ranked = [spec for spec in specs if spec.shape]
+    if not ranked:
+        return [InputSpec(s.name, s.dtype, s.shape, batched=False) for s in specs]
+    batch = ranked[0].shape[0]
+    free = not isinstance(batch, int)
+
+    def batched(spec: InputSpec) -> bool:
+        if not spec.shape:
+            return False
+        first = spec.shape[0]
+        return not isinstance(first, int) if free else first == batch
+
+    return [InputSpec(s.name, s.dtype, s.shape, batched=batched(s)) for s in specs]
 
 
 NUMERIC_TYPES = {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
@@ -213,7 +293,11 @@ class Dataset:
 
         def take_selected(start: int, stop: int) -> dict[str, np.ndarray]:
             parts = [take(int(i), int(i) + 1) for i in indices[start:stop]]
-            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
+            if not parts:
+                return {}
+            batched = {spec.name for spec in self.inputs if spec.batched}
+            return {name: np.concatenate([p[name] for p in parts]) if name in batched else value
+                    for name, value in parts[0].items()}
 
         return Dataset(self.source, len(indices), self.inputs, take_selected,
                        None if self.labels is None else self.labels[indices], self.is_random)
@@ -232,14 +316,16 @@ class Dataset:
 
 
 def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | None = None,
-              limit: int | None = None, seed: int = 0) -> Dataset:
+              limit: int | None = None, seed: int = 0,
+              input_shapes: dict[str, tuple[int, ...]] | None = None) -> Dataset:
     """Open `source` as samples for `model`.
 
     `source`: a path (.npz, .npy, image folder), "random", a dict of arrays, a Dataset, or any iterable of feed
     dicts `{input name: batch}` — ONNX Runtime's CalibrationDataReader objects (`get_next()`) work too.
-    Iterables are read once and held in memory; files and folders are read batch by batch.
+    Iterables are read once and held in memory; files and folders are read batch by batch. `input_shapes`
+    fixes free input dimensions ({name: dims}).
     """
-    inputs = model_inputs(model)
+    inputs = model_inputs(model, input_shapes)
     if isinstance(preprocess, str) or preprocess is None:
         preprocess = Preprocess.parse(preprocess) if preprocess else None
     if isinstance(source, Dataset):
@@ -247,9 +333,9 @@ def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | 
     elif isinstance(source, dict):
         dataset = _from_arrays("arrays", dict(source), inputs, preprocess)
     elif isinstance(source, str) and source == "random":
-        dataset = random_data(model, seed=seed)
+        dataset = random_data(model, seed=seed, input_shapes=input_shapes)
     elif hasattr(source, "get_next") or (hasattr(source, "__iter__") and not isinstance(source, (str, bytes, Path))):
-        dataset = _from_arrays(type(source).__name__, _gather_feeds(source, limit), inputs, preprocess)
+        dataset = _from_arrays(type(source).__name__, _gather_feeds(source, limit, inputs), inputs, preprocess)
     else:
         path = Path(source)
         if not path.exists():
@@ -270,26 +356,105 @@ def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | 
     return dataset
 
 
-def random_data(model: onnx.ModelProto, *, samples: int = 32, seed: int = 0) -> Dataset:
-    """Random inputs of the model's shapes (free dimensions become 1): for agreement checks only."""
-    inputs = model_inputs(model)
+class RandomInputsUnavailable(InputError):
+    """Random inputs cannot be made for this model without more information (a shape or a valid value)."""
+
+
+RANDOM_SAMPLES = 32
+RANDOM_BYTES_LIMIT = 2 << 30  # random inputs beyond this are a shape mistake, not a validation set
+
+
+def random_data(model: onnx.ModelProto, *, samples: int = RANDOM_SAMPLES, seed: int = 0,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> Dataset:
+    """Random inputs a model can take, for agreement checks only.
+
+    Floats are standard normal; integer inputs that index a table (Gather on a constant) take valid indices;
+    inputs named like a mask are ones; other integers are small non-negative values. A free dimension other
+    than the batch, or a scalar integer with no valid value in the graph, raises RandomInputsUnavailable.
+    """
+    inputs = model_inputs(model, input_shapes)
     rng = np.random.default_rng(seed)
-    arrays = {}
+    ranges = index_ranges(model)
     for spec in inputs:
-        free = [str(d) for d in spec.shape[1:] if not isinstance(d, int)]
-        if not spec.shape or free:
-            raise InputError(f"model input '{spec.name}' has shape {list(spec.shape)}: random inputs cannot guess "
-                             f"{'its free dimensions ' + ', '.join(free) if free else 'a batch axis'}; give --data")
-        per_sample = tuple(spec.shape[1:])
-        if np.issubdtype(spec.dtype, np.floating):
-            arrays[spec.name] = rng.standard_normal((samples,) + per_sample).astype(spec.dtype)
-        elif spec.dtype == np.bool_:
-            arrays[spec.name] = rng.integers(0, 2, (samples,) + per_sample).astype(np.bool_)
-        else:
-            arrays[spec.name] = rng.integers(0, 10, (samples,) + per_sample).astype(spec.dtype)
+        if spec.free_dims:
+            raise RandomInputsUnavailable(
+                f"random inputs cannot guess the free dimension(s) {', '.join(spec.free_dims)} of input "
+                f"'{spec.name}' {_declared(spec)}; give data, or fix them with an input shape "
+                f"(--input-shape {spec.name}:{_example_dims(spec)})")
+        if not spec.shape and spec.dtype.kind in "iu" and spec.name not in ranges:
+            raise RandomInputsUnavailable(
+                f"input '{spec.name}' is an integer scalar whose valid values cannot be read from the graph; "
+                "give data with a real value for it (--data)")
+    fixed = next((spec.fixed_batch for spec in inputs if spec.fixed_batch), None)
+    samples = max(samples, fixed or 0)
+    shapes = {spec.name: ((samples,) + tuple(spec.shape[1:]) if spec.batched else tuple(spec.shape))
+              for spec in inputs}
+    total = sum(int(np.prod(shape, dtype=np.float64)) * spec.dtype.itemsize
+                for spec, shape in zip(inputs, shapes.values()))
+    if total > RANDOM_BYTES_LIMIT:
+        raise RandomInputsUnavailable(
+            f"random inputs for {samples} sample(s) of shapes {list(shapes.values())} would take "
+            f"{total / 2**30:.1f} GiB; give data, or smaller input shapes")
+    arrays = {spec.name: _random_array(spec, shapes[spec.name], ranges.get(spec.name), rng) for spec in inputs}
     dataset = _from_arrays("random", arrays, inputs, None)
     dataset.is_random = True
     return dataset
+
+
+def _random_array(spec: InputSpec, shape: tuple, index_range: int | None, rng) -> np.ndarray:
+    if spec.dtype.kind == "f":
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if "mask" in spec.name.lower():
+        return np.ones(shape, dtype=spec.dtype)
+    if spec.dtype == np.bool_:
+        return rng.integers(0, 2, shape).astype(np.bool_)
+    return rng.integers(0, index_range or 10, shape).astype(spec.dtype)
+
+
+def _declared(spec: InputSpec) -> str:
+    return "[" + ", ".join(str(d) if d else "?" for d in spec.shape) + "]"
+
+
+def _example_dims(spec: InputSpec) -> str:
+    return ",".join(str(d) if isinstance(d, int) else ("1" if axis == 0 and spec.batched else "?")
+                    for axis, d in enumerate(spec.shape))
+
+
+# Ops that pass integer indices through unchanged in value, so a Gather after them still reads the input's ids.
+_INDEX_PRESERVING = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand", "Transpose"}
+
+
+def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
+    """{integer input: number of rows} for inputs that index a constant table (embeddings), directly or through
+    shape-only ops; the smallest table wins when an input indexes several."""
+    graph = model.graph
+    constants = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = list(node.attribute[0].t.dims)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    ranges = {}
+    for value in graph.input:
+        if value.name in constants:
+            continue
+        rows, pending, seen = [], [value.name], set()
+        while pending:
+            tensor = pending.pop()
+            for node in readers.get(tensor, []):
+                if node.op_type in _INDEX_PRESERVING and node.input[0] == tensor and node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    pending.append(node.output[0])
+                elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == tensor:
+                    table = constants.get(node.input[0])
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if table and -len(table) <= axis < len(table):
+                        rows.append(table[axis])
+        if rows:
+            ranges[value.name] = min(rows)
+    return ranges
 
 
 def _from_arrays(source: str, arrays: dict[str, np.ndarray], inputs: list[InputSpec],
@@ -311,21 +476,25 @@ def _from_arrays(source: str, arrays: dict[str, np.ndarray], inputs: list[InputS
                          f"[{', '.join(names)}]; name the arrays after the inputs")
     for spec in inputs:
         array = arrays[spec.name]
-        if preprocess is not None and array.ndim in (3, 4) and len(spec.shape) == 4:
+        if preprocess is not None and spec.batched and array.ndim in (3, 4) and len(spec.shape) == 4:
             array = preprocess.apply(array)
         feeds[spec.name] = _check_array(source, spec, array)
-    counts = {len(a) for a in feeds.values()}
+    batched = {name: array for name, array in feeds.items() if name in {s.name for s in inputs if s.batched}}
+    counts = {len(a) for a in batched.values()}
     if len(counts) > 1:
         raise InputError(f"{source}: input arrays have different numbers of samples: "
-                         + ", ".join(f"{k}={len(v)}" for k, v in feeds.items()))
-    count = counts.pop() if counts else 0
+                         + ", ".join(f"{k}={len(v)}" for k, v in batched.items()))
+    count = counts.pop() if counts else 1
     labels = _check_labels(source, labels, count)
-    return Dataset(source, count, inputs, lambda a, b: {k: v[a:b] for k, v in feeds.items()}, labels)
+    return Dataset(source, count, inputs,
+                   lambda a, b: {k: v[a:b] if k in batched else v for k, v in feeds.items()}, labels)
 
 
-def _gather_feeds(source, limit: int | None) -> dict[str, np.ndarray]:
-    """Concatenate the feed dicts an iterable (or a CalibrationDataReader) yields, up to `limit` samples."""
+def _gather_feeds(source, limit: int | None, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Concatenate the feed dicts an iterable (or a CalibrationDataReader) yields, up to `limit` samples; an
+    input without a batch axis keeps the first feed's value."""
     feeds = iter(source.get_next, None) if hasattr(source, "get_next") else iter(source)
+    whole = {spec.name for spec in inputs if not spec.batched}
     parts: dict[str, list[np.ndarray]] = {}
     count = 0
     for feed in feeds:
@@ -333,25 +502,28 @@ def _gather_feeds(source, limit: int | None) -> dict[str, np.ndarray]:
             raise InputError(f"data iterable yielded {type(feed).__name__}; yield dicts {{input name: array}}")
         for name, value in feed.items():
             parts.setdefault(name, []).append(np.asarray(value))
-        count += len(np.asarray(next(iter(feed.values())))) if feed else 0
+        count += next((len(np.asarray(v)) for k, v in feed.items() if k not in whole), 0)
         if limit is not None and count >= limit:
             break
     try:
-        return {name: np.concatenate(values) for name, values in parts.items()}
+        return {name: values[0] if name in whole else np.concatenate(values) for name, values in parts.items()}
     except ValueError as exc:
         raise InputError(f"data iterable yielded batches that do not stack: {exc}") from None
 
 
 def _check_array(source: str, spec: InputSpec, array: np.ndarray) -> np.ndarray:
-    if not spec.shape:
-        raise InputError(f"model input '{spec.name}' is a scalar, so samples cannot be stacked along a first "
-                         "axis; onnxcomp validates models whose inputs have a batch axis")
-    expected = "[" + ", ".join(str(d) if d is not None else "?" for d in spec.shape) + "]"
-    if array.ndim != len(spec.shape):
+    expected = _declared(spec)
+    if not spec.batched:  # fed whole with every batch: the array is the input itself
+        array = np.asarray(array)
+        if array.ndim != len(spec.shape) or any(isinstance(want, int) and want != got
+                                                for want, got in zip(spec.shape, array.shape)):
+            raise InputError(f"{source}: array for input '{spec.name}' has shape {list(array.shape)}, the model "
+                             f"expects {expected}; this input has no batch axis, so give it whole, once")
+    elif array.ndim != len(spec.shape):
         raise InputError(f"{source}: array for input '{spec.name}' has shape {list(array.shape)}, the model expects "
                          f"{expected} (the first axis counts samples)")
     for axis, (want, got) in enumerate(zip(spec.shape[1:], array.shape[1:]), start=1):
-        if isinstance(want, int) and want != got:
+        if spec.batched and isinstance(want, int) and want != got:
             raise InputError(f"{source}: array for input '{spec.name}' has shape {list(array.shape)}, the model "
                              f"expects {expected}: axis {axis} is {got}, not {want}")
     if array.dtype == spec.dtype:

@@ -20,3 +20,9 @@ class BudgetExceeded(OnnxcompError):
     """The optimized model was measured and broke a budget (accuracy drop, latency ratio)."""
 
     exit_code = 1
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an exception's message (or of a text), for one-line errors; never raises."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__ if isinstance(error, BaseException) else ""

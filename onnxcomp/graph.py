@@ -182,7 +182,7 @@ class Names:
     def __init__(self, graph: gs.Graph):
         self.taken: set[str] = set()
         self.tried: dict[str, int] = {}  # base → last suffix tried: many names from one base stay linear
-        for scope in [graph] + list(graph.subgraphs(recursive=True)):  # subgraphs see outer names
+        for scope in scopes(graph):  # subgraphs see outer names
             self.taken.update(scope.tensors().keys())
             self.taken.update(node.name for node in scope.nodes)
 
@@ -210,3 +210,23 @@ def is_standard(node: gs.Node) -> bool:
 def weight_initializers(graph: gs.Graph) -> dict[str, gs.Constant]:
     """Initializers (gs.Constant tensors) of the main graph by name."""
     return {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+
+
+def scopes(graph: gs.Graph) -> list[gs.Graph]:
+    """`graph` and every subgraph in it (If branches, Loop and Scan bodies), nested ones included."""
+    return [graph] + list(graph.subgraphs(recursive=True))
+
+
+def constant_tensors(graph: gs.Graph) -> list[gs.Constant]:
+    """Every constant tensor the model holds, once each: initializers and Constant node values, subgraphs
+    included."""
+    found: dict[int, gs.Constant] = {}
+    for scope in scopes(graph):
+        for tensor in scope.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                found.setdefault(id(tensor), tensor)
+        for node in scope.nodes:
+            value = node.attrs.get("value") if node.op == "Constant" else None
+            if isinstance(value, gs.Constant):
+                found.setdefault(id(value), value)
+    return list(found.values())

@@ -16,6 +16,7 @@ class Report:
     output: str | None = None
     passes: list[PassRecord] = field(default_factory=list)
     validation: Validation | None = None
+    validation_skipped: str | None = None  # why the model could not be validated (no inputs could be made)
 
     def to_dict(self) -> dict:
         return {
@@ -23,6 +24,7 @@ class Report:
             "output": self.output,
             "passes": [asdict(record) for record in self.passes],
             "validation": self.validation.to_dict() if self.validation else None,
+            "validation_skipped": self.validation_skipped,
         }
 
     def to_json(self) -> str:
@@ -47,28 +49,50 @@ class Report:
                                                         for row in record.layers])
         if self.validation:
             lines += ([""] if lines else []) + render_validation(self.validation)
+        if self.validation_skipped:
+            lines += ([""] if lines else []) + [f"validation skipped: {self.validation_skipped}"]
         return "\n".join(lines)
 
 
 def render_validation(result: Validation) -> list[str]:
+    """One row per provider for its worst output (named), then a line for each other output."""
     lines = [f"validation on {result.data_source}"]
-    rows = [("provider", "samples", "top-1 ref", "top-1 new", "agreement", "max |err|", "cosine", "SQNR dB",
-             "ref p50/p90 ms", "new p50/p90 ms", "ratio")]
+    rows = [("provider", "samples", "top-1 ref", "top-1 new", "agreement", "worst output", "max |err|", "cosine",
+             "SQNR dB", "ref p50/p90 ms", "new p50/p90 ms", "ratio")]
     for p in result.providers:
-        first = p.outputs[0]
+        worst = p.worst_output
         rows.append((p.provider, str(p.samples), _pct(p.reference_accuracy), _pct(p.candidate_accuracy),
-                     _pct(p.agreement), f"{first.max_abs_error:.3g}", f"{first.cosine:.6f}", _db(first.sqnr_db),
+                     _pct(p.agreement), worst.name, f"{worst.max_abs_error:.3g}", _cosine(worst), _db(worst.sqnr_db),
                      _ms(p.reference_latency), _ms(p.candidate_latency),
                      f"{p.latency_ratio:.2f}x" if p.latency_ratio else "-"))
     lines += _table(rows)
-    extra_outputs = [(p.provider, o) for p in result.providers for o in p.outputs[1:]]
-    for provider, output in extra_outputs:
-        lines.append(f"  {provider} output {output.name}: max |err| {output.max_abs_error:.3g}, "
-                     f"cosine {output.cosine:.6f}, SQNR {_db(output.sqnr_db)} dB")
+    for p in result.providers:
+        for output in p.outputs:
+            if len(p.outputs) > 1 and output is not p.worst_output:
+                lines.append(f"  {p.provider} output {output.name}: {_output_figures(output)}")
     lines.append(f"size: {_bytes(result.reference_bytes)} → {_bytes(result.candidate_bytes)} "
                  f"({result.size_ratio:.3f}x)")
+    over = {o.agreement_over for p in result.providers for o in p.outputs if o.agreement is not None}
+    if "position" in over:
+        lines.append("note: agreement is the share of positions (sequence steps, map pixels) whose argmax matches "
+                     "the reference, for outputs with more than one position")
     lines += [f"note: {note}" for note in result.notes]
     return lines
+
+
+def _output_figures(output) -> str:
+    if output.integer:
+        return "exact" if output.mismatches == 0 else f"{output.mismatches} element(s) differ (integer output)"
+    figures = f"max |err| {output.max_abs_error:.3g}, cosine {_cosine(output)}, SQNR {_db(output.sqnr_db)} dB"
+    if output.agreement is not None:
+        figures += f", argmax agreement {output.agreement:.2f}% per {output.agreement_over}"
+    return figures
+
+
+def _cosine(output) -> str:
+    if output.integer:
+        return "exact" if output.mismatches == 0 else f"{output.mismatches} differ"
+    return f"{output.cosine:.6f}"
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -7,6 +7,7 @@ top-1 class as the reference) is reported instead; with random inputs, only agre
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,6 +27,16 @@ class OutputError:
     max_abs_reference: float
     cosine: float
     sqnr_db: float  # 10·log10(Σ ref² / Σ (ref − cand)²); inf when identical
+    integer: bool = False  # integer and bool outputs are compared exactly: `mismatches` counts differing elements
+    mismatches: int = 0
+    agreement: float | None = None  # %, same argmax as the reference, per sample or per position
+    agreement_over: str | None = None  # "sample" ([N, C] scores) or "position" ([N, T, C], [N, C, H, W] maps)
+
+    @property
+    def badness(self) -> tuple:
+        """Orders outputs from best to worst: differing integers, then NaN, then lower SQNR."""
+        sqnr = self.sqnr_db
+        return (self.mismatches, math.isnan(sqnr), -sqnr if not math.isnan(sqnr) else 0.0)
 
 
 @dataclass
@@ -38,6 +49,10 @@ class ProviderResult:
     outputs: list[OutputError]
     reference_latency: Latency | None
     candidate_latency: Latency | None
+
+    @property
+    def worst_output(self) -> OutputError:
+        return max(self.outputs, key=lambda output: output.badness)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -88,8 +103,12 @@ class Validation:
 
 def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, data=None, *,
              preprocess=None, providers=("cpu",), limit: int | None = None, batch_size: int = 32,
-             latency_runs: int = 50, warmup: int = 5, optimization: str = "all") -> Validation:
-    """Compare `candidate` with `reference` on `data` (a path, arrays, Dataset, or None for random inputs)."""
+             latency_runs: int = 50, warmup: int = 5, optimization: str = "all",
+             input_shapes: dict[str, tuple[int, ...]] | None = None) -> Validation:
+    """Compare `candidate` with `reference` on `data` (a path, arrays, Dataset, or None for random inputs).
+
+    `input_shapes` ({input: dims}) fixes free dimensions for the data. Every output is compared; integer
+    outputs exactly."""
     providers = runtime.parse_providers(list(providers))
     runtime.require_available(providers)
     if isinstance(preprocess, str):
@@ -97,8 +116,8 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
     reference_model = _as_model(reference)
     candidate_model = _as_model(candidate)
     _check_same_interface(reference_model, candidate_model)
-    dataset = datasets.random_data(reference_model) if data is None else datasets.open_data(
-        data, reference_model, preprocess=preprocess, limit=limit)
+    dataset = datasets.random_data(reference_model, input_shapes=input_shapes) if data is None else \
+        datasets.open_data(data, reference_model, preprocess=preprocess, limit=limit, input_shapes=input_shapes)
     runs = dataset.runs(dataset.num_samples, batch_size)
     usable = runs[-1][1]
     notes = []
@@ -125,6 +144,7 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
     cand_session = runtime.session(_source(candidate, candidate_model), provider, optimization, spinning=False)
     output_names = [o.name for o in ref_session.get_outputs()]
     errors = {name: _ErrorAccumulator() for name in output_names}
+    scores = None  # the first [N, C] float output: top-1 against labels, and agreement
     ref_top1, cand_top1 = [], []
     usable = runs[-1][1]
     for start, stop in runs:
@@ -132,11 +152,15 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
         ref_out = _run(ref_session, feed, "reference", provider)
         cand_out = _run(cand_session, feed, "candidate", provider)
         for name, r, c in zip(output_names, ref_out, cand_out):
-            errors[name].add(r, c)
-        if _is_scores(ref_out[0], stop - start):
-            ref_top1.append(ref_out[0].argmax(axis=1))
-            cand_top1.append(cand_out[0].argmax(axis=1))
-    ref_acc = cand_acc = agreement = None
+            errors[name].add(r, c, stop - start)
+        scores = scores if scores is not None else next(
+            (i for i, r in enumerate(ref_out) if _is_scores(r, stop - start)), -1)
+        if scores >= 0:
+            ref_top1.append(ref_out[scores].argmax(axis=1))
+            cand_top1.append(cand_out[scores].argmax(axis=1))
+    results = [errors[name].result(name) for name in output_names]
+    ref_acc = cand_acc = None
+    agreement = min((o.agreement for o in results if o.agreement is not None), default=None)
     if ref_top1 and sum(map(len, ref_top1)) == usable:
         ref_classes, cand_classes = np.concatenate(ref_top1), np.concatenate(cand_top1)
         agreement = 100.0 * float(np.mean(ref_classes == cand_classes))
@@ -149,8 +173,7 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
         one = dataset.batch(0, dataset.fixed_batch or 1)  # batch 1, unless the model only takes its fixed batch
         ref_latency, cand_latency = interleaved_latency([ref_session, cand_session], one,
                                                         runs=latency_runs, warmup=warmup)
-    return ProviderResult(provider, usable, ref_acc, cand_acc, agreement,
-                          [errors[name].result(name) for name in output_names], ref_latency, cand_latency)
+    return ProviderResult(provider, usable, ref_acc, cand_acc, agreement, results, ref_latency, cand_latency)
 
 
 def _run(session, feed, which: str, provider: str) -> list[np.ndarray]:
@@ -171,6 +194,15 @@ def _is_scores(output: np.ndarray, rows: int) -> bool:
     return output.ndim == 2 and output.shape[0] == rows and output.shape[1] > 1 and output.dtype.kind == "f"
 
 
+def _class_axis(output: np.ndarray, rows: int) -> int | None:
+    """The axis whose argmax is a prediction: classes of [N, C], the last axis of [N, T, C] sequences, the
+    channels of [N, C, H, W] maps; None where there is no such axis (one channel, other ranks)."""
+    if output.dtype.kind != "f" or not output.shape or output.shape[0] != rows:
+        return None
+    axis = {2: 1, 3: 2, 4: 1}.get(output.ndim)
+    return axis if axis is not None and output.shape[axis] > 1 else None
+
+
 class _ErrorAccumulator:
     def __init__(self):
         self.count = 0
@@ -182,11 +214,25 @@ class _ErrorAccumulator:
         self.sum_diff_sq = 0.0
         self.dot = 0.0
         self.not_finite = False
+        self.integer = False
+        self.mismatches = 0
+        self.positions = 0
+        self.agreeing = 0
+        self.agreement_over: str | None = None
 
-    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+    def add(self, reference: np.ndarray, candidate: np.ndarray, rows: int) -> None:
         if reference.shape != candidate.shape:
             raise InputError(f"output shapes differ: reference {list(reference.shape)}, candidate "
                              f"{list(candidate.shape)}")
+        self.integer = reference.dtype.kind in "biu"
+        if self.integer:
+            self.mismatches += int(np.count_nonzero(reference != candidate))
+        axis = _class_axis(reference, rows)
+        if axis is not None:
+            same = reference.argmax(axis=axis) == candidate.argmax(axis=axis)
+            self.positions += same.size
+            self.agreeing += int(same.sum())
+            self.agreement_over = "sample" if reference.ndim == 2 else "position"
         r = reference.astype(np.float64).ravel()
         c = candidate.astype(np.float64).ravel()
         diff = np.abs(r - c)
@@ -202,8 +248,11 @@ class _ErrorAccumulator:
         self.dot += float(r @ c)
 
     def result(self, name: str) -> OutputError:
+        agreement = 100.0 * self.agreeing / self.positions if self.positions else None
+        exact = dict(integer=self.integer, mismatches=self.mismatches, agreement=agreement,
+                     agreement_over=self.agreement_over)
         if self.not_finite:  # NaN or inf in either model's output: no figure would mean anything
-            return OutputError(name, float("nan"), float("nan"), self.max_ref, float("nan"), float("nan"))
+            return OutputError(name, float("nan"), float("nan"), self.max_ref, float("nan"), float("nan"), **exact)
         norms = np.sqrt(self.sum_ref_sq * self.sum_cand_sq)
         cosine = self.dot / norms if norms > 0 else (1.0 if self.sum_diff_sq == 0 else 0.0)
         if self.sum_diff_sq == 0:
@@ -211,7 +260,7 @@ class _ErrorAccumulator:
         else:
             sqnr = 10 * np.log10(self.sum_ref_sq / self.sum_diff_sq) if self.sum_ref_sq > 0 else float("-inf")
         return OutputError(name, self.max_abs, self.sum_abs / max(self.count, 1), self.max_ref, float(cosine),
-                           float(sqnr))
+                           float(sqnr), **exact)
 
 
 def _check_same_interface(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:

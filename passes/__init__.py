@@ -1,3 +1,5 @@
 """The passes of onnxcomp, one module each. Importing this package registers them all."""
 
-from . import cleanup, equalize, fuse_bn, heal, prune, quantize, share, short_names  # noqa: F401
+from . import (  # noqa: F401
+    cleanup, equalize, flush_denormals, fold_constants, fuse_bn, heal, prune, quantize, share, short_names,
+)
