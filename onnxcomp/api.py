@@ -44,7 +44,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
              output: str | os.PathLike | None = None, validate_result: bool = True, providers=("cpu",),
              limit: int | None = None, latency_runs: int = 50, optimization: str = "all",
              seed: int = 0, max_accuracy_drop: float | None = None, max_latency_ratio: float | None = None,
-             input_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[onnx.ModelProto, Report]:
+             input_shapes: dict[str, tuple[int, ...]] | None = None,
+             tokenizer: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run passes over a model, optionally save it, and validate it against the original.
 
     `model` is a path or a ModelProto (never modified). `data` is evaluation data and `calib_data` calibration
@@ -53,12 +54,16 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     it on `data` afterwards is `check_budgets`. `input_shapes` ({input: dims}) fixes free input dimensions for
     random inputs and data. Without data, validation runs on random inputs where the model's inputs allow
     them; where they do not, the report says why validation was skipped, unless a budget needs it (then
-    InputError, before any work). Returns the optimized model and its report.
+    InputError, before any work). `tokenizer` (a tokenizer.json) turns sentence files (.txt, .tsv) given as
+    `data` or `calib_data` into token inputs. Returns the optimized model and its report.
     """
     if validate_result:  # fail on what can be checked now, before any work or any file is written
         runtime.require_available(runtime.parse_providers(list(providers)))
     if isinstance(preprocess, str):
         preprocess = datasets.Preprocess.parse(preprocess)
+    if tokenizer is not None and not any(_text_only(d, tokenizer) for d in (data, calib_data)):
+        raise InputError(f"a tokenizer ({tokenizer}) turns sentences into token ids, but no data given is "
+                         "sentences (.txt/.tsv)")
     source = None if isinstance(model, onnx.ModelProto) else str(model)
     original = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
     pipeline = resolve_passes(passes, recipe_file)
@@ -67,12 +72,14 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     ctx = PassContext(seed=seed, provider=providers[0] if providers else "cpu", max_accuracy_drop=max_accuracy_drop)
     if calib_data is not None:
         ctx.calibration_data = datasets.open_data(calib_data, original, preprocess=preprocess, seed=seed,
-                                                  input_shapes=input_shapes)
+                                                  input_shapes=input_shapes,
+                                                  tokenizer=_text_only(calib_data, tokenizer))
     evaluation, skipped = None, None
     if validate_result:
         try:
             evaluation = datasets.open_data("random" if data is None else data, original, preprocess=preprocess,
-                                            limit=limit, seed=seed, input_shapes=input_shapes)
+                                            limit=limit, seed=seed, input_shapes=input_shapes,
+                                            tokenizer=_text_only(data, tokenizer))
         except datasets.RandomInputsUnavailable as exc:
             if max_accuracy_drop is not None or max_latency_ratio is not None:
                 raise InputError(f"the budget cannot be checked: {exc}") from None
@@ -87,6 +94,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
                                      evaluation, providers=providers, latency_runs=latency_runs,
                                      optimization=optimization)
     return optimized, report
+
+
+def _text_only(source, tokenizer):
+    """The tokenizer for a source of sentences; one tokenizer serves both data sets, whichever are text."""
+    from onnxcomp.text import is_text
+
+    return tokenizer if is_text(source) else None
 
 
 def check_budgets(result: Validation, *, max_accuracy_drop: float | None = None,

@@ -112,6 +112,8 @@ def _add_validation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
                         help="fix the free dimensions of an input, e.g. x:1,3,320,320 (repeatable; for random "
                              "inputs and data)")
+    parser.add_argument("--tokenizer", help="a tokenizer.json (Hugging Face tokenizers) that turns sentence data "
+                                            "(.txt, or .tsv with a label column) into token ids")
     parser.add_argument("--providers", default="cpu", help="execution providers to validate on: cpu, cuda")
     parser.add_argument("--limit", type=int, help="use at most this many samples")
     parser.add_argument("--runs", type=int, default=50, help="timed runs for latency at batch 1 (default 50)")
@@ -152,7 +154,7 @@ def _optimize(args) -> int:
                              validate_result=not args.no_validate, providers=_providers(args), limit=args.limit,
                              latency_runs=args.runs, optimization=args.ort_opt,
                              max_accuracy_drop=args.max_accuracy_drop, max_latency_ratio=args.max_latency_ratio,
-                             input_shapes=_input_shapes(args))
+                             input_shapes=_input_shapes(args), tokenizer=args.tokenizer)
     return _finish(report, args)
 
 
@@ -160,7 +162,7 @@ def _validate(args) -> int:
     _check_validation_args(args, models=(args.reference, args.candidate))
     result = validate(args.reference, args.candidate, args.data, preprocess=args.preprocess,
                       providers=_providers(args), limit=args.limit, latency_runs=args.runs,
-                      optimization=args.ort_opt, input_shapes=_input_shapes(args))
+                      optimization=args.ort_opt, input_shapes=_input_shapes(args), tokenizer=args.tokenizer)
     return _finish(Report(model=args.reference, output=args.candidate, validation=result), args)
 
 

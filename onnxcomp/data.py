@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
+from onnxcomp import text
 from onnxcomp.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -317,11 +318,11 @@ class Dataset:
 
 def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | None = None,
               limit: int | None = None, seed: int = 0,
-              input_shapes: dict[str, tuple[int, ...]] | None = None) -> Dataset:
+              input_shapes: dict[str, tuple[int, ...]] | None = None, tokenizer=None) -> Dataset:
     """Open `source` as samples for `model`.
 
-    `source`: a path (.npz, .npy, image folder), "random", a dict of arrays, a Dataset, or any iterable of feed
-    dicts `{input name: batch}` — ONNX Runtime's CalibrationDataReader objects (`get_next()`) work too.
+    `source`: a path (.npz, .npy, image folder, or sentences in .txt / .tsv with a `tokenizer` file: see
+    onnxcomp.text), "random", a dict of arrays, a Dataset, or any iterable of feed dicts `{input name: batch}` — ONNX Runtime's CalibrationDataReader objects (`get_next()`) work too.
     Iterables are read once and held in memory; files and folders are read batch by batch. `input_shapes`
     fixes free input dimensions ({name: dims}).
     """
@@ -339,8 +340,13 @@ def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | 
     else:
         path = Path(source)
         if not path.exists():
-            raise InputError(f"{path}: data not found; give an .npz/.npy file or a folder of images")
-        if path.is_dir():
+            raise InputError(f"{path}: data not found; give an .npz/.npy file, a folder of images, or sentences "
+                             "(.txt/.tsv)")
+        if tokenizer is not None and not text.is_text(path):
+            raise InputError(f"a tokenizer turns sentences into token ids, but {path} is not text data (.txt/.tsv)")
+        if text.is_text(path):
+            dataset = _from_arrays(str(path), text.token_arrays(path, tokenizer, inputs), inputs, None)
+        elif path.is_dir():
             dataset = _from_image_folder(path, inputs, preprocess)
         elif path.suffix == ".npz":
             dataset = _from_arrays(str(path), _read_npz(path), inputs, preprocess)
@@ -348,7 +354,10 @@ def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | 
             dataset = _from_arrays(str(path), {inputs[0].name if inputs else "input": _read_npy(path)},
                                    inputs, preprocess)
         else:
-            raise InputError(f"{path}: unknown data format; use .npz, .npy or a folder of images")
+            raise InputError(f"{path}: unknown data format; use .npz, .npy, a folder of images, or sentences "
+                             "(.txt/.tsv)")
+    if tokenizer is not None and not isinstance(source, (str, Path)):
+        raise InputError("a tokenizer turns sentences into token ids; give the sentences as a .txt/.tsv file")
     if dataset.num_samples == 0:
         raise InputError(f"{dataset.source}: holds no samples")
     if limit is not None and limit < dataset.num_samples:
@@ -384,7 +393,7 @@ def random_data(model: onnx.ModelProto, *, samples: int = RANDOM_SAMPLES, seed: 
         if not spec.shape and spec.dtype.kind in "iu" and spec.name not in ranges:
             raise RandomInputsUnavailable(
                 f"input '{spec.name}' is an integer scalar whose valid values cannot be read from the graph; "
-                "give data with a real value for it (--data)")
+                "give data with a real value for it (--data or --calib-data)")
     fixed = next((spec.fixed_batch for spec in inputs if spec.fixed_batch), None)
     samples = max(samples, fixed or 0)
     shapes = {spec.name: ((samples,) + tuple(spec.shape[1:]) if spec.batched else tuple(spec.shape))

@@ -104,10 +104,10 @@ class Validation:
 def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, data=None, *,
              preprocess=None, providers=("cpu",), limit: int | None = None, batch_size: int = 32,
              latency_runs: int = 50, warmup: int = 5, optimization: str = "all",
-             input_shapes: dict[str, tuple[int, ...]] | None = None) -> Validation:
+             input_shapes: dict[str, tuple[int, ...]] | None = None, tokenizer=None) -> Validation:
     """Compare `candidate` with `reference` on `data` (a path, arrays, Dataset, or None for random inputs).
 
-    `input_shapes` ({input: dims}) fixes free dimensions for the data. Every output is compared; integer
+    `input_shapes` ({input: dims}) fixes free dimensions for the data; `tokenizer` reads sentence files. Every output is compared; integer
     outputs exactly."""
     providers = runtime.parse_providers(list(providers))
     runtime.require_available(providers)
@@ -117,7 +117,8 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
     candidate_model = _as_model(candidate)
     _check_same_interface(reference_model, candidate_model)
     dataset = datasets.random_data(reference_model, input_shapes=input_shapes) if data is None else \
-        datasets.open_data(data, reference_model, preprocess=preprocess, limit=limit, input_shapes=input_shapes)
+        datasets.open_data(data, reference_model, preprocess=preprocess, limit=limit, input_shapes=input_shapes,
+                           tokenizer=tokenizer)
     runs = dataset.runs(dataset.num_samples, batch_size)
     usable = runs[-1][1]
     notes = []

@@ -40,3 +40,19 @@ def optimized_ops(model: onnx.ModelProto | str | Path, folder: Path):
     options.log_severity_level = 4
     session = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     return session, Counter(n.op_type for n in onnx.load(folder / "optimized.onnx").graph.node)
+
+
+def assert_input_error(result, *keywords: str, status: int = 2, argparse: bool = False) -> None:
+    """The CLI's error contract: status, one line on stderr that names the problem, no traceback.
+
+    `argparse`: a usage error found by the argument parser; it also ends with "(see onnxcomp optimize --help)".
+    """
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert result.returncode == status, output
+    assert result.stderr.startswith("onnxcomp: error:"), output
+    if argparse:
+        assert "--help)" in result.stderr, output
+    assert result.stderr.endswith("\n") and result.stderr.count("\n") == 1, f"not one line: {result.stderr!r}"
+    for keyword in keywords:
+        assert keyword.lower() in result.stderr.lower(), f"{keyword!r} not in {result.stderr!r}"
