@@ -56,6 +56,8 @@ def model_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     """The real inputs of a model (graph inputs that are not initializers), which must be numeric tensors.
 
     `input_shapes` fixes free dimensions by input name, as given by the user; it may not contradict a fixed one.
+    Its first dimension is the batch of a run only where the model fixes the batch, or where an input without
+    a batch axis is shaped too: otherwise samples still run in batches.
     """
     initializers = {t.name for t in model.graph.initializer}
     specs = []
@@ -71,7 +73,14 @@ def model_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
                          "with inputs")
     input_shapes = input_shapes or {}
     _check_shape_names(input_shapes, specs)
-    return _mark_batched([_with_shape(spec, input_shapes.get(spec.name)) for spec in specs])
+    declared = _mark_batched(specs)
+    shaped = _mark_batched([_with_shape(spec, input_shapes.get(spec.name)) for spec in specs])
+    # A batch the model leaves free stays free, so that samples run in batches; unless an input without a batch
+    # axis (a recurrent state) was given a shape, which ties every run to the batch given with it.
+    if any(not spec.batched and spec.shape and spec.name in input_shapes for spec in shaped):
+        return shaped
+    return _mark_batched([InputSpec(s.name, s.dtype, (d.shape[0],) + s.shape[1:]) if d.batched and d.fixed_batch
+                          is None else s for s, d in zip(shaped, declared)])
 
 
 def _check_shape_names(input_shapes: dict, specs: list[InputSpec]) -> None:
