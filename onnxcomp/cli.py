@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from onnxcomp import api, inspection, model_io, recipe, registry
+from onnxcomp import api, inspection, model_io, progress, recipe, registry
 from onnxcomp.distillation import AUGMENTS, LOSSES, SCHEDULES, DistillConfig, distill, heal
 from onnxcomp.errors import InputError, OnnxcompError
 from onnxcomp.report import Report
@@ -27,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxcomp", description="Optimize ONNX models for ONNX Runtime and measure the cost.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars (they show only on a terminal)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     optimize = commands.add_parser("optimize", help="run passes over a model, save it, validate it")
@@ -129,6 +130,7 @@ def _add_validation_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    progress.QUIET["value"] = args.quiet
     try:
         return _COMMANDS[args.command](args)
     except OnnxcompError as exc:

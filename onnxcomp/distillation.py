@@ -41,6 +41,7 @@ from onnx import numpy_helper
 from onnxcomp import data as datasets
 from onnxcomp import encoding, model_io, runtime
 from onnxcomp.errors import InputError
+from onnxcomp.progress import bar
 
 LOSSES = ("kl", "mse")
 SCHEDULES = ("cosine", "constant")
@@ -246,12 +247,12 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
         else (lambda step: 1.0))
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    show = sys.stderr.isatty() if progress is None else progress
     for number in range(1, config.epochs + 1):
         started = time.perf_counter()
         module.train()
         shuffled = torch.from_numpy(train)[torch.randperm(len(train), generator=generator)]
         total, seen = 0.0, 0
+        shown = bar(len(shuffled), f"epoch {number}/{config.epochs}", show=progress, unit="sample")
         for first in range(0, len(shuffled), config.batch_size):
             index = shuffled[first:first + config.batch_size]
             label_batch = None if labels is None else torch.from_numpy(labels[index.numpy()])
@@ -273,14 +274,14 @@ def _train(module, order: list[str], transfer: _Transfer, config: DistillConfig,
             scheduler.step()
             total += loss.item() * len(index)
             seen += len(index)
-            if show:
-                print(f"\repoch {number}/{config.epochs}  {seen}/{len(shuffled)}  loss {total / seen:.4f}", end="",
-                      file=sys.stderr, flush=True)
+            shown.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
+            shown.update(len(index))
+        shown.close()
         agreement, accuracy = _evaluate(torch, module, inputs, transfer.targets, labels, transfer.held_out, device,
                                         config.batch_size)
         epoch = Epoch(number, total / max(seen, 1), agreement, accuracy, time.perf_counter() - started)
         report.epochs.append(epoch)
-        print(("\r" if show else "") + _epoch_line(epoch, config.epochs), file=sys.stderr, flush=True)
+        print(_epoch_line(epoch, config.epochs), file=sys.stderr, flush=True)
     module.eval().cpu()
 
 

@@ -17,13 +17,13 @@ Range methods, for a tensor quantized to `levels` steps:
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from onnxcomp.errors import InputError
+from onnxcomp.progress import bar
 
 BINS = 2048  # per side of zero
 HISTOGRAM_SAMPLES = 1 << 18  # values per tensor and batch that enter the histogram
@@ -186,20 +186,16 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int
             provider: str = "cpu", progress: bool | None = None) -> dict[str, TensorStats]:
     """Run `model` on up to `samples` samples of `dataset` and gather statistics of `tensors`, batch by batch."""
     stats = {name: TensorStats() for name in tensors}
-    show = sys.stderr.isatty() if progress is None else progress
     total = dataset.runs(samples, batch_size)[-1][1]
-    for done, values in run_batches(model, tensors, dataset, samples=samples, batch_size=batch_size,
-                                    provider=provider):
-        for name, value in values.items():
-            if not stats[name].update(value):
-                raise InputError(f"calibration: tensor '{name}' holds NaN or infinite values on "
-                                 f"{dataset.source}; check the calibration data (and the model) for them")
-        del values, value  # free this batch's activations before the next batch is computed
-        if show:
-            filled = int(30 * done / total)
-            print(f"\rcalibrating [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
-    if show:
-        print(file=sys.stderr)
+    with bar(total, "calibrating", show=progress, unit="sample") as shown:
+        for done, values in run_batches(model, tensors, dataset, samples=samples, batch_size=batch_size,
+                                        provider=provider):
+            for name, value in values.items():
+                if not stats[name].update(value):
+                    raise InputError(f"calibration: tensor '{name}' holds NaN or infinite values on "
+                                     f"{dataset.source}; check the calibration data (and the model) for them")
+            del values, value  # free this batch's activations before the next batch is computed
+            shown.update(done - shown.n)
     return stats
 
 

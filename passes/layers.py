@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxcomp import graph as graphs
 from onnxcomp.errors import InputError
+from onnxcomp.progress import bar
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Candidate dampings of H, one chosen per model on held-out calibration samples: large values trust the
@@ -323,8 +323,8 @@ def input_statistics(model: onnx.ModelProto, layers: list[WeightedLayer], datase
     rng = np.random.default_rng(seed)
     inputs = sorted({layer.node.inputs[0].name for layer in layers})
     result: dict[int, list] = {}
-    show = sys.stderr.isatty() if progress is None else progress
     total = dataset.runs(samples, batch_size)[-1][1]
+    shown = bar(total, "layer inputs", show=progress, unit="sample")
     runs = [calibrate.run_batches(m, inputs, dataset, samples=samples, batch_size=batch_size, provider=provider)
             for m in ([model] if reference is None else [model, reference])]
     done_before = 0
@@ -350,11 +350,8 @@ def input_statistics(model: onnx.ModelProto, layers: list[WeightedLayer], datase
             stats = result[id(layer)][1 if held_out else 0]
             stats.add(vectors[0], layer.diagonal, vectors[1] if reference is not None else None)
         done_before = done
-        if show:
-            filled = int(30 * done / total)
-            print(f"\rlayer inputs [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
-    if show:
-        print(file=sys.stderr)
+        shown.update(done - shown.n)
+    shown.close()
     return {key: (fit, check if held_out_batches else None) for key, (fit, check) in result.items()}
 
 

@@ -51,6 +51,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcomp import encoding
 from onnxcomp import graph as graphs
+from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.allocation import ModelOutputs, allocate, round_to_total
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics,
@@ -211,7 +212,8 @@ def _prune(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, 
     before it are pruned, next to the unpruned model's."""
     names = graphs.Names(graph)
     sequential = config.sequential and correction != "none"
-    for index, wave in enumerate(_waves(graph, plans) if sequential else [plans]):
+    waves = _waves(graph, plans) if sequential else [plans]
+    for index, wave in enumerate(progress.each(waves, "pruning", unit="wave")):
         if index > 0:
             model = gs.export_onnx(graph, do_type_check=False)
             statistics = input_statistics(model, [plan.layer for plan in wave], ctx.calibration_data,
@@ -318,7 +320,7 @@ def _output_gains(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContext, cor
     """
     outputs = ModelOutputs(graph, ctx, ctx.calibration_data, samples, batch_size)
     gains = np.ones(len(plans))
-    for index, plan in enumerate(plans):
+    for index, plan in enumerate(progress.each(plans, "sensitivity", unit="layer")):
         pruned, bias_shift, error = _prune_layer(plan, int(round(level * plan.layer.values.size)), correction)
         if error > 0:
             gains[index] = outputs.relative_error([(plan.layer, pruned, bias_shift)]) / error

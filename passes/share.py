@@ -62,6 +62,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcomp import encoding
 from onnxcomp import graph as graphs
+from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.kmeans import kmeans_slices
 from onnxcomp.passes.allocation import ModelOutputs, choose
@@ -261,7 +262,7 @@ def _allocate_bits(graph: gs.Graph, layers: list[WeightedLayer], statistics: dic
     probe = ModelOutputs(graph, ctx, ctx.calibration_data, min(PROBE_SAMPLES, config.samples,
                                                                 ctx.calibration_data.num_samples), config.batch_size)
     options, budget, gains = [], 0.0, []
-    for layer in layers:
+    for layer in progress.each(layers, "sensitivity", unit="layer"):
         stats = statistics[id(layer)]
         candidates = []  # (stored bytes, relative error, Choice)
         for bits in range(1, 9):
