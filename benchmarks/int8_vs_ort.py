@@ -77,6 +77,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxcomp.errors import first_line
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "int8.json"
 IMAGENET_PREPROCESS = "resize=256,crop=224,scale=1,mean=127|127|127,std=128|128|128,layout=NCHW"
@@ -266,7 +268,7 @@ def quantize_one(variant: str, model_path: str, calib_path: str, out_path: str, 
     except _Done:
         status = 3
     except Exception as exc:  # a failure is a result to report, not a crash of the benchmark
-        record.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        record.update(status="error", error=f"{type(exc).__name__}: {first_line(exc)}")
         status = 1
     record["wall_s"] = time.perf_counter() - started
     record["peak_rss_mb"], _ = _memory_mb()
@@ -430,7 +432,7 @@ def benchmark_model(key: str, assets: Path, args, workdir: Path) -> dict:
             try:
                 evaluate_variant(record, out, fp32_sess, fp32_pred, data, args.runs, args.threads)
             except Exception as exc:
-                record.update(status="error", error=f"onnxruntime: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                record.update(status="error", error=f"onnxruntime: {type(exc).__name__}: {first_line(exc)}")
         if record.get("status") == "ok":
             log(f"  top-1 {record['top1']:.2f} %, agreement {record['agreement']:.2f} %, latency ratio "
                 f"{record['latency']['ratio']:.2f}, {record['wall_s']:.1f} s, peak {record['peak_rss_mb']:.0f} MB")

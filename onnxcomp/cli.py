@@ -14,7 +14,7 @@ from pathlib import Path
 
 from onnxcomp import api, inspection, model_io, progress, recipe, registry
 from onnxcomp.distillation import AUGMENTS, LOSSES, SCHEDULES, DistillConfig, distill, heal
-from onnxcomp.errors import InputError, OnnxcompError
+from onnxcomp.errors import InputError, OnnxcompError, first_line
 from onnxcomp.report import Report
 from onnxcomp.validate import validate
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug must not look like "budget exceeded" (exit 1)
         if args.verbose:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc)
         print(f"onnxcomp: internal error: {type(exc).__name__}: {first} (rerun with -v for the traceback, "
               "and please report it)", file=sys.stderr)
         return 3

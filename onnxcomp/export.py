@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from onnxcomp import model_io
-from onnxcomp.errors import InputError
+from onnxcomp.errors import InputError, first_line
 
 
 def load_factory(text: str, what: str = "--student"):
@@ -81,13 +81,13 @@ def export(factory: str, input_shape: list[int], output: str | Path, *, weights:
         except FileNotFoundError:
             raise InputError(f"{weights}: weights file not found") from None
         except (RuntimeError, TypeError, ValueError, OSError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
+            first = first_line(exc)
             raise InputError(f"{weights}: not a state dict for this module ({first})") from None
     example = torch.zeros(*input_shape)
     try:
         model = to_onnx(module, (example,), [input_name], [output_name], opset=opset, keep_batchnorm=keep_batchnorm)
     except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc)
         raise InputError(f"export {factory}: torch could not export it with input shape {input_shape} ({first})") \
             from None
     model_io.save(model, output)

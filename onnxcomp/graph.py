@@ -10,9 +10,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
-from onnx_graphsurgeon.logger import G_LOGGER
 
-G_LOGGER.severity = G_LOGGER.ERROR  # graphsurgeon's warnings are about its own optional colour output
+from onnxcomp.errors import first_line
 
 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
@@ -97,7 +96,7 @@ def upgrade_opset(graph: gs.Graph, opset: int) -> None:
         from onnxcomp.pass_base import PreconditionError
 
         raise PreconditionError(f"cannot convert the model from opset {graph.opset} to {opset}: "
-                                f"{str(exc).strip().splitlines()[0]}") from None
+                                f"{first_line(exc)}") from None
     upgraded = gs.import_onnx(converted)
     graph.nodes, graph.inputs, graph.outputs = upgraded.nodes, upgraded.inputs, upgraded.outputs
     graph.opset = opset

@@ -9,6 +9,7 @@ import onnx
 
 from onnxcomp import graph as graphs
 from onnxcomp import model_io
+from onnxcomp.errors import InputError, first_line
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PostconditionError
 
 
@@ -38,10 +39,13 @@ class PassManager:
         ctx = ctx or PassContext()
         ctx.input_model = model
         # Check outputs only against a valid input: a pass is not to blame for a model the checker already rejects.
-        check = self.check and _check_error(model) is None
+        input_error = _check_error(model)
+        if input_error is not None:
+            _require_runnable(model, input_error)
+        check = self.check and input_error is None
         if self.check and not check:
             ctx.log.warning("the input model does not pass onnx.checker (%s); outputs are not checked either",
-                            _check_error(model))
+                            input_error)
         working = onnx.ModelProto()
         working.CopyFrom(model)
         ctx.unused_initializers = graphs.unused_initializer_count(working)
@@ -86,6 +90,18 @@ class PassManager:
         return PassRecord(current.name, result.modified, seconds, dict(result.stats), layers=list(result.layers))
 
 
+def _require_runnable(model: onnx.ModelProto, checker_error: str) -> None:
+    """A model the checker rejects is still a user's model if ONNX Runtime runs it; if neither takes it, it is
+    bad input, said in one line before any pass trips over it."""
+    from onnxcomp import runtime
+
+    try:
+        runtime.session(model, "cpu", optimization="disable")
+    except InputError as exc:  # each names some problems more plainly than the other: say both
+        raise InputError(f"the model is not valid ONNX: onnx.checker says {checker_error.rstrip('.')}; {exc}; "
+                         "fix or re-export it") from None
+
+
 def _check_error(model: onnx.ModelProto) -> str | None:
     """The first line of onnx.checker's complaint about `model`, or None when it is valid."""
     if model_io.tensor_bytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
@@ -93,5 +109,5 @@ def _check_error(model: onnx.ModelProto) -> str | None:
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        return str(exc).strip().splitlines()[0]
+        return first_line(exc)
     return None

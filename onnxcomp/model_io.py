@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxcomp.errors import InputError
+from onnxcomp.errors import InputError, first_line
 
 # Protobuf refuses to serialize messages of 2 GiB or more; stay clear of it with a margin for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -32,7 +32,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)}); is the file complete?") from None
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)}); is the file complete?") from None
     if not model.graph.node and not model.graph.output:
         # protobuf happily decodes many non-ONNX byte strings into an empty message
         raise InputError(f"{path}: not an ONNX model (no graph found); pass an .onnx file")
@@ -44,7 +44,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         try:
             onnx.load_external_data_for_model(model, str(base))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
+            raise InputError(f"{path}: cannot read its external data ({first_line(exc)})") from None
     return model
 
 
@@ -218,7 +218,3 @@ def _default_mode() -> int:
     os.umask(umask)
     return 0o666 & ~umask
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
-from onnxcomp.errors import InputError
+from onnxcomp.errors import InputError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = {
@@ -49,7 +49,7 @@ def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: s
     try:
         created = ort.InferenceSession(source, options, providers=[provider_name])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a model it rejects
-        raise InputError(f"onnxruntime cannot load the model on {provider}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"onnxruntime cannot load the model on {provider}: {first_line(exc)}") from None
     if created.get_providers()[0] != provider_name:
         raise InputError(f"onnxruntime could not start the {provider.upper()} execution provider (no GPU, or "
                          "CUDA / cuDNN libraries missing); see onnxruntime's CUDA requirements")

@@ -16,7 +16,7 @@ import onnx
 from onnxcomp import data as datasets
 from onnxcomp import model_io, runtime
 from onnxcomp.bench import Latency, interleaved_latency
-from onnxcomp.errors import InputError
+from onnxcomp.errors import InputError, first_line
 
 
 @dataclass
@@ -182,7 +182,7 @@ def _run(session, feed, which: str, provider: str) -> list[np.ndarray]:
         outputs = session.run(None, feed)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types for data the model rejects
         raise InputError(f"onnxruntime could not run the {which} model on {provider} with this data: "
-                         f"{str(exc).strip().splitlines()[0]}") from None
+                         f"{first_line(exc)}") from None
     for output in outputs:
         if not isinstance(output, np.ndarray):
             raise InputError(f"the {which} model has a non-tensor output ({type(output).__name__}); "

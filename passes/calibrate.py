@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxcomp.errors import InputError
+from onnxcomp.errors import InputError, first_line
 from onnxcomp.progress import bar
 
 BINS = 2048  # per side of zero
@@ -214,7 +214,7 @@ def run_batches(model: onnx.ModelProto, tensors: list[str], dataset, *, samples:
             outputs = session.run(tensors, feed)
         except Exception as exc:  # noqa: BLE001 - ORT's own error types
             raise InputError(f"calibration: onnxruntime could not run the model on {dataset.source}: "
-                             f"{str(exc).strip().splitlines()[0]}") from None
+                             f"{first_line(exc)}") from None
         values = dict(zip(tensors, outputs))
         del outputs
         yield stop, values

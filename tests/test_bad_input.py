@@ -559,3 +559,31 @@ def test_preprocess_std_zero_and_wrong_mean_length(work, digits_data):
     Image.new("RGB", (8, 8)).save(folder / "a.png")
     check_rejected(work, ["validate", work / "model.onnx", work / "model.onnx", "--data", folder,
                           "--preprocess", "channels=RGB,mean=0.5|0.5"], "mean has 2 values")
+
+
+def _invalid_models() -> dict[str, tuple[onnx.ModelProto, str]]:
+    """Models that onnx.checker and ONNX Runtime both reject, with a word the error must name."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    short = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.ones(16, np.float32).tobytes(), raw=True)
+    short.raw_data = short.raw_data[:20]
+    graphs = {
+        "short-raw-data": (helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [short]),
+                           "raw_data size"),
+        "cycle": (helper.make_graph([helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+                                     helper.make_node("Identity", ["a"], ["y"])], "g", [x], [y]), "acyclic"),
+        "missing-tensor": (helper.make_graph([helper.make_node("Add", ["x", "nothere"], ["y"])], "g", [x], [y]),
+                           "nothere"),
+        "unknown-op": (helper.make_graph([helper.make_node("FooBar", ["x"], ["y"])], "g", [x], [y]), "FooBar"),
+    }
+    return {name: (_make_model(graph), word) for name, (graph, word) in graphs.items()}
+
+
+@pytest.mark.parametrize("case", sorted(_invalid_models()))
+@pytest.mark.parametrize("passes", ["fold-constants,flush-denormals,fuse-bn,cleanup", "prune", "share"])
+def test_invalid_models_are_one_line_input_errors_before_any_pass(tmp_path, case, passes):
+    model, word = _invalid_models()[case]
+    path = tmp_path / f"{case}.onnx"
+    path.write_bytes(model.SerializeToString())
+    check_rejected(tmp_path, ["optimize", path, "-o", tmp_path / "out.onnx", "--passes", passes],
+                   "not valid ONNX", word)
