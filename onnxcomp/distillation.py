@@ -39,9 +39,10 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcomp import data as datasets
-from onnxcomp import encoding, model_io, runtime
+from onnxcomp import encoding, model_io
 from onnxcomp.errors import InputError
 from onnxcomp.progress import bar
+from onnxcomp.runner import Runner
 
 LOSSES = ("kl", "mse")
 SCHEDULES = ("cosine", "constant")
@@ -203,17 +204,15 @@ class _Transfer:
             if len(shapes) != 1 or len(next(iter(shapes.values()))) != 4:
                 raise InputError(f"augment={config.augment} alters images: it needs one (N, C, H, W) input, and "
                                  f"the data has {shapes}; use augment=mixup or none")
-        self.session = runtime.session(teacher_model, config.provider)
-        self.targets = np.concatenate([self.teacher_outputs(dataset.batch(start, stop))
-                                       for start, stop in dataset.runs(dataset.num_samples, 64)])
+        self.teacher = Runner(teacher_model, provider=config.provider, role="the teacher")
+        self.targets = self.teacher.stacked(dataset, batch_size=64).astype(np.float32)
         self.labels = dataset.labels
         self.held_out = _held_out_indices(dataset.num_samples, config.holdout)
         self.train = np.setdiff1d(np.arange(dataset.num_samples), self.held_out)
 
     def teacher_outputs(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """The teacher's first output on `feed`, float32 (N, …)."""
-        output = self.session.get_outputs()[0].name
-        return np.asarray(self.session.run([output], feed)[0], dtype=np.float32)
+        return np.asarray(self.teacher.run(feed)[self.teacher.outputs[0]], dtype=np.float32)
 
     def report(self, teacher, student) -> DistillReport:
         report = DistillReport(_label(teacher), _label(student), len(self.train), len(self.held_out))

@@ -16,7 +16,8 @@ import onnx
 from onnxcomp import data as datasets
 from onnxcomp import model_io, runtime
 from onnxcomp.bench import Latency, interleaved_latency
-from onnxcomp.errors import InputError, first_line
+from onnxcomp.errors import InputError
+from onnxcomp.runner import Runner
 
 
 @dataclass
@@ -141,17 +142,19 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
 def _compare_on(provider, reference, reference_model, candidate, candidate_model, dataset, runs,
                 latency_runs, warmup, optimization) -> ProviderResult:
     # The two sessions take turns; with spinning threads, each would slow the other one down.
-    ref_session = runtime.session(_source(reference, reference_model), provider, optimization, spinning=False)
-    cand_session = runtime.session(_source(candidate, candidate_model), provider, optimization, spinning=False)
-    output_names = [o.name for o in ref_session.get_outputs()]
+    ref_runner = Runner(_source(reference, reference_model), provider=provider, optimization=optimization,
+                        spinning=False, role="the reference model")
+    cand_runner = Runner(_source(candidate, candidate_model), provider=provider, optimization=optimization,
+                         spinning=False, role="the candidate model")
+    output_names = ref_runner.outputs
     errors = {name: _ErrorAccumulator() for name in output_names}
     scores = None  # the first [N, C] float output: top-1 against labels, and agreement
     ref_top1, cand_top1 = [], []
     usable = runs[-1][1]
     for start, stop in runs:
         feed = dataset.batch(start, stop)
-        ref_out = _run(ref_session, feed, "reference", provider)
-        cand_out = _run(cand_session, feed, "candidate", provider)
+        ref_out = list(ref_runner.run(feed).values())
+        cand_out = [cand_runner.run(feed, output_names)[name] for name in output_names]
         for name, r, c in zip(output_names, ref_out, cand_out):
             errors[name].add(r, c, stop - start)
         scores = scores if scores is not None else next(
@@ -172,22 +175,9 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
     ref_latency = cand_latency = None
     if latency_runs > 0:
         one = dataset.batch(0, dataset.fixed_batch or 1)  # batch 1, unless the model only takes its fixed batch
-        ref_latency, cand_latency = interleaved_latency([ref_session, cand_session], one,
+        ref_latency, cand_latency = interleaved_latency([ref_runner.session, cand_runner.session], one,
                                                         runs=latency_runs, warmup=warmup)
     return ProviderResult(provider, usable, ref_acc, cand_acc, agreement, results, ref_latency, cand_latency)
-
-
-def _run(session, feed, which: str, provider: str) -> list[np.ndarray]:
-    try:
-        outputs = session.run(None, feed)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own types for data the model rejects
-        raise InputError(f"onnxruntime could not run the {which} model on {provider} with this data: "
-                         f"{first_line(exc)}") from None
-    for output in outputs:
-        if not isinstance(output, np.ndarray):
-            raise InputError(f"the {which} model has a non-tensor output ({type(output).__name__}); "
-                             "validation compares tensor outputs only")
-    return outputs
 
 
 def _is_scores(output: np.ndarray, rows: int) -> bool:

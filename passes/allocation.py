@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcomp import graph as graphs
 from onnxcomp.passes.layers import WeightedLayer
+from onnxcomp.runner import Runner
 
 
 def allocate(curves: list[tuple[np.ndarray, np.ndarray]], target: float) -> np.ndarray:
@@ -120,8 +121,6 @@ class ModelOutputs:
 
     def run(self, changes: list[tuple[WeightedLayer, np.ndarray, np.ndarray | None]]) -> np.ndarray:
         """The outputs, flattened, with each (layer, weight, bias shift or None) of `changes` applied."""
-        from onnxcomp.passes import calibrate
-
         kept = [(layer.weight.values, list(layer.node.inputs)) for layer, _, _ in changes]
         scratch = graphs.Names(self.graph)
         for layer, values, bias_shift in changes:
@@ -133,8 +132,8 @@ class ModelOutputs:
             layer.weight.values = values
             layer.node.inputs.clear()
             layer.node.inputs.extend(inputs)
-        batches = calibrate.run_batches(model, self.names, self.data, samples=self.samples,
-                                        batch_size=self.batch_size, provider=self.ctx.provider)
+        batches = Runner(model, provider=self.ctx.provider, outputs=self.names,
+                         role="the model for a sensitivity probe").batches(self.data, self.samples, self.batch_size)
         return np.concatenate([np.concatenate([np.asarray(v, np.float64).ravel() for v in values.values()])
                                for _, values in batches])
 

@@ -24,6 +24,7 @@ import onnx
 
 from onnxcomp.errors import InputError, first_line
 from onnxcomp.progress import bar
+from onnxcomp.runner import Runner
 
 BINS = 2048  # per side of zero
 HISTOGRAM_SAMPLES = 1 << 18  # values per tensor and batch that enter the histogram
@@ -188,8 +189,8 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int
     stats = {name: TensorStats() for name in tensors}
     total = dataset.runs(samples, batch_size)[-1][1]
     with bar(total, "calibrating", show=progress, unit="sample") as shown:
-        for done, values in run_batches(model, tensors, dataset, samples=samples, batch_size=batch_size,
-                                        provider=provider):
+        runner = Runner(model, provider=provider, outputs=tensors, role="the model for calibration")
+        for done, values in runner.batches(dataset, samples, batch_size):
             for name, value in values.items():
                 if not stats[name].update(value):
                     raise InputError(f"calibration: tensor '{name}' holds NaN or infinite values on "
@@ -199,73 +200,16 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int
     return stats
 
 
-def run_batches(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int, batch_size: int,
-                provider: str = "cpu"):
-    """Yield (samples done, {tensor: value}) for consecutive batches of the first `samples` samples."""
-    from onnxcomp import runtime
-
-    augmented = _computing(model, tensors)
-    # Every observed tensor is a graph output here, and ONNX Runtime's optimizations keep graph outputs as
-    # they are, so the fastest level gives the same statistics.
-    session = runtime.session(augmented, provider, optimization="all")
-    for start, stop in dataset.runs(samples, batch_size):
-        feed = dataset.batch(start, stop)
-        try:
-            outputs = session.run(tensors, feed)
-        except Exception as exc:  # noqa: BLE001 - ORT's own error types
-            raise InputError(f"calibration: onnxruntime could not run the model on {dataset.source}: "
-                             f"{first_line(exc)}") from None
-        values = dict(zip(tensors, outputs))
-        del outputs
-        yield stop, values
-        del values  # the caller has dropped its reference too: memory stays at one batch
-
-
-def _computing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of `model` whose outputs are `tensors`, without the nodes they do not depend on."""
-    needed = set(tensors)
-    kept: set[int] = set()
-    grown = True
-    while grown:  # the nodes may not be in topological order: repeat until nothing is added
-        grown = False
-        for index, node in enumerate(model.graph.node):
-            if index not in kept and any(name in needed for name in node.output):
-                kept.add(index)
-                needed.update(node.input)
-                needed.update(_names_read_by_subgraphs(node))
-                grown = True
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    del augmented.graph.node[:]
-    augmented.graph.node.extend(node for index, node in enumerate(model.graph.node) if index in kept)
-    kept_initializers = [t for t in augmented.graph.initializer if t.name in needed]
-    del augmented.graph.initializer[:]
-    augmented.graph.initializer.extend(kept_initializers)
-    del augmented.graph.output[:]
-    augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(tensors))
-    return augmented
-
-
-def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
-    names = set()
-    for attribute in node.attribute:
-        for graph in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []):
-            for inner in graph.node:
-                names.update(inner.input)
-                names.update(_names_read_by_subgraphs(inner))
-    return names
-
-
 def activation_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: list[str], dataset, *,
                     samples: int = 8, provider: str = "cpu") -> dict[str, float]:
     """SQNR (dB) of each tensor of the quantized model against the float model, on the first samples."""
     signal = dict.fromkeys(tensors, 0.0)
     noise = dict.fromkeys(tensors, 0.0)
-    runs = [run_batches(m, tensors, dataset, samples=samples, batch_size=4, provider=provider)
-            for m in (reference, quantized)]
+    runs = [Runner(m, provider=provider, outputs=tensors, role=role).batches(dataset, samples, 4)
+            for m, role in ((reference, "the float model"), (quantized, "the quantized model"))]
     for (_, expected), (_, actual) in zip(*runs):
         for name in list(tensors):
-            e, a = expected[name].ravel(), actual[name].ravel()
+            e, a = expected[name].astype(np.float64).ravel(), actual[name].astype(np.float64).ravel()
             difference = e - a
             signal[name] += float(np.dot(e, e))
             noise[name] += float(np.dot(difference, difference))

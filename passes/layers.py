@@ -25,6 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnxcomp import graph as graphs
 from onnxcomp.errors import InputError
 from onnxcomp.progress import bar
+from onnxcomp.runner import Runner
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Candidate dampings of H, one chosen per model on held-out calibration samples: large values trust the
@@ -318,15 +319,13 @@ def input_statistics(model: onnx.ModelProto, layers: list[WeightedLayer], datase
     are enough to estimate H and keep the cost independent of the image size. With a `reference` model (the
     same graph with other weights), the same positions are also read from it, for cross statistics.
     """
-    from onnxcomp.passes import calibrate
-
     rng = np.random.default_rng(seed)
     inputs = sorted({layer.node.inputs[0].name for layer in layers})
     result: dict[int, list] = {}
     total = dataset.runs(samples, batch_size)[-1][1]
     shown = bar(total, "layer inputs", show=progress, unit="sample")
-    runs = [calibrate.run_batches(m, inputs, dataset, samples=samples, batch_size=batch_size, provider=provider)
-            for m in ([model] if reference is None else [model, reference])]
+    runs = [Runner(m, provider=provider, outputs=inputs, role="the model for layer statistics").batches(
+            dataset, samples, batch_size) for m in ([model] if reference is None else [model, reference])]
     done_before = 0
     held_out_batches = 0
     count = len(dataset.runs(samples, batch_size))

@@ -41,6 +41,7 @@ from onnxcomp.errors import InputError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes import calibrate
 from onnxcomp.registry import register
+from onnxcomp.runner import Runner
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 ELEMENTWISE = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
@@ -291,12 +292,7 @@ def _fit_budget(graph: gs.Graph, plan: Plan, config: Int8Config, stats, float_mo
 
 def _outputs(model, dataset, provider: str, optimization: str = "basic") -> np.ndarray:
     """The first output of `model` on every sample of `dataset`, stacked."""
-    from onnxcomp import runtime
-
-    session = runtime.session(model, provider, optimization)
-    name = session.get_outputs()[0].name
-    return np.concatenate([session.run([name], dataset.batch(start, stop))[0]
-                           for start, stop in dataset.runs(dataset.num_samples, 16)])
+    return Runner(model, provider=provider, optimization=optimization).stacked(dataset, batch_size=16)
 
 
 def _drop(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> float:
