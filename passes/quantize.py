@@ -56,7 +56,7 @@ SQNR_REPORTED = 5  # tensors with the lowest SQNR named in the stats, worst firs
 class Int8Config:
     method: str = "percentile"
     percentile: float = 99.999
-    activations: str = "uint8"
+    activations: str = "auto"         # uint8 | int8 (static, calibrated) | dynamic | auto (see _activations)
     weight_range: str = "safe"
     per_channel: bool = True
     samples: int = 200
@@ -73,8 +73,8 @@ class Int8Config:
     def __post_init__(self):
         if self.method not in calibrate.METHODS:
             raise ValueError(f"method must be one of {', '.join(calibrate.METHODS)}, not '{self.method}'")
-        if self.activations not in ("uint8", "int8"):
-            raise ValueError(f"activations must be uint8 or int8, not '{self.activations}'")
+        if self.activations not in ("auto", "uint8", "int8", "dynamic"):
+            raise ValueError(f"activations must be auto, uint8, int8 or dynamic, not '{self.activations}'")
         if self.weight_range not in ("safe", "full", "reduced"):
             raise ValueError(f"weight-range must be safe, full or reduced, not '{self.weight_range}'")
         if not 50.0 < self.percentile <= 100.0:
@@ -110,7 +110,7 @@ class QuantizeInt8(Pass):
     Config = Int8Config
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.calibration_data is None:
+        if ctx.calibration_data is None and _activations(graph, self.config) != "dynamic":
             raise PreconditionError("int8 needs calibration data: pass --calib-data (a data file or an image "
                                     "folder of typical inputs; 'random' only to try the pipeline)")
 
@@ -122,6 +122,14 @@ class QuantizeInt8(Pass):
         # weights computed from constants (Reshape of an initializer, in CNTK and Paddle exports) become
         # initializers, so that they can be quantized
         graph.fold_constants().cleanup()
+        config = replace(config, activations=_activations(graph, config))
+        if config.activations == "dynamic":
+            from onnxcomp.passes.quantize_dynamic import quantize_dynamic
+
+            stats = quantize_dynamic(graph, config.weight_range)
+            if upgraded_from < MIN_OPSET:
+                stats["opset"] = f"{upgraded_from}->{MIN_OPSET}"
+            return PassResult(True, stats)
         _infer_types(graph)
         plan = _plan(graph, config)
         if not plan.nodes:  # changed only if the opset had to be raised
@@ -150,12 +158,12 @@ class QuantizeInt8(Pass):
             if drop > budget:
                 stats_out["warning"] = (f"the budget of {budget} points was not met on the held-back samples even "
                                         f"with {len(kept)} layers in float")
-        weight_levels = _rewrite(graph, plan, _params(plan, stats, config), config, _means(stats))
+        levels = _rewrite(graph, plan, _params(plan, stats, config), config, _means(stats))
         counts = Counter(node.op for node in plan.nodes)
         stats_out.update({"quantized": len(plan.nodes), "tensors": len(plan.activations)})
-        if weight_levels:
-            stats_out["weight_levels_min"] = int(min(weight_levels))
-            stats_out["weight_levels_mean"] = round(float(np.mean(weight_levels)), 1)
+        if levels:
+            stats_out["weight_levels_min"] = int(min(levels))
+            stats_out["weight_levels_mean"] = round(float(np.mean(levels)), 1)
         stats_out.update({f"int8:{op}": n for op, n in sorted(counts.items())})
         stats_out.update({f"skipped:{reason}": n for reason, n in sorted(plan.skipped.items())})
         graph.cleanup()
@@ -166,6 +174,16 @@ class QuantizeInt8(Pass):
         if getattr(data, "is_random", False):
             stats_out["warning_data"] = "calibrated on random data: ranges do not reflect real inputs"
         return PassResult(True, stats_out)
+
+
+def _activations(graph: gs.Graph, config: Int8Config) -> str:
+    """`auto`: dynamic for transformers (their activation ranges vary per input and hold outlier channels that
+    one calibrated range cannot serve), static uint8 for the rest."""
+    if config.activations != "auto":
+        return config.activations
+    from onnxcomp.passes.quantize_dynamic import is_transformer
+
+    return "dynamic" if is_transformer(graph) else "uint8"
 
 
 HOLDOUT_LIMIT = 250  # held-back samples at most: enough to measure a drop, few enough to test many layers
@@ -215,19 +233,19 @@ def _rewrite(graph: gs.Graph, plan: Plan, params: dict[str, QuantParams], config
              means: dict[str, np.ndarray | None]) -> list[int]:
     """Fold activations, quantize weights and biases, insert Q/DQ; returns the weight levels per channel."""
     names = graphs.Names(graph)
-    weight_levels: list[int] = []
+    levels: list[int] = []
     for node in plan.nodes:
         _fold_activation(node, plan)
     for node in plan.nodes:  # before the Q/DQ: bias scales look up each input by its original name
         if node.op in WEIGHTED:
             input_means = means.get(node.inputs[0].name) if config.bias_correction else None
-            weight_levels += _quantize_weights(graph, node, params, config, names, input_means)
+            levels += _quantize_weights(graph, node, params, config, names, input_means)
     for tensor in plan.activations:
         _insert_qdq(graph, tensor, params[tensor.name], config.activations, names)
     for node in plan.nodes:
         if node.op in ("Add", "Mul"):
             _quantize_constant_operands(graph, node, config.activations, names)
-    return weight_levels
+    return levels
 
 
 def _quantize_constant_operands(graph: gs.Graph, node: gs.Node, dtype: str, names: graphs.Names) -> None:
@@ -446,7 +464,7 @@ def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantPar
         moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
     else:
         moved = weight.reshape(1, -1)
-    levels = _weight_levels(moved, config.weight_range, depthwise)
+    levels = weight_levels(moved, config.weight_range, depthwise)
     largest = np.abs(moved).max(axis=1)
     scale = np.where(largest > 0, largest / levels, 1.0)
     channels = weight.shape[axis]
@@ -532,7 +550,7 @@ def _bias(node: gs.Node, channels: int) -> np.ndarray | None:
     return np.broadcast_to(bias.reshape(-1), (channels,)).astype(np.float32)  # Gemm broadcasts C the same way
 
 
-def _weight_levels(rows: np.ndarray, weight_range: str, depthwise: bool) -> np.ndarray:
+def weight_levels(rows: np.ndarray, weight_range: str, depthwise: bool) -> np.ndarray:
     """Largest |integer| per output channel (row): 127, 63, or the largest that cannot saturate a u8s8 pair."""
     if weight_range == "full" or depthwise:
         return np.full(len(rows), 127)

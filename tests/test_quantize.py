@@ -15,7 +15,7 @@ from onnxcomp.errors import InputError
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import PassContext, PreconditionError
 from onnxcomp.passes.calibrate import TensorStats, choose_range
-from onnxcomp.passes.quantize import _weight_levels
+from onnxcomp.passes.quantize import weight_levels
 from onnxcomp.recipe import parse
 
 RNG = np.random.default_rng(0)
@@ -123,16 +123,16 @@ def test_exclusions_keep_layers_in_float():
 
 def test_saturation_safe_weight_levels():
     rows = RNG.normal(0, 1, (32, 72))
-    levels = _weight_levels(rows, "safe", depthwise=False)
+    levels = weight_levels(rows, "safe", depthwise=False)
     top_two = -np.sort(-np.abs(rows), axis=1)[:, :2]
     q = np.round(top_two / top_two[:, :1] * levels[:, None])
     assert (255 * q.sum(axis=1) <= 32767).all(), "no pair of weights can saturate a u8s8 pair sum"
     assert (levels >= 64).all() and (levels <= 127).all()
     one_large = np.zeros((1, 72))
     one_large[0, 0], one_large[0, 1] = 1.0, 0.01
-    assert _weight_levels(one_large, "safe", depthwise=False)[0] == 127
-    assert (_weight_levels(rows, "safe", depthwise=True) == 127).all()
-    assert (_weight_levels(rows, "reduced", depthwise=False) == 63).all()
+    assert weight_levels(one_large, "safe", depthwise=False)[0] == 127
+    assert (weight_levels(rows, "safe", depthwise=True) == 127).all()
+    assert (weight_levels(rows, "reduced", depthwise=False) == 63).all()
 
 
 def test_streaming_statistics_match_one_pass_and_stay_small():

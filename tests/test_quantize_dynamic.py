@@ -1,0 +1,87 @@
+"""int8 on transformers: dynamic activations for MatMul weights, int8 embedding rows, chosen from the graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxcomp
+from helpers import optimized_ops, run_cli, run_model
+from test_quantize import conv_net
+
+rng = np.random.default_rng(0)
+VOCABULARY, WIDTH, TOKENS = 300, 32, 6
+
+
+def attention_model() -> onnx.ModelProto:
+    """Embedding → one attention head (Q, K, V projections, softmax(QKᵀ)V) → output projection, with one hidden
+    channel 8× larger than the rest, as after a transformer's LayerNorm."""
+    table = rng.standard_normal((VOCABULARY, WIDTH)).astype(np.float32)
+    table[:, 3] *= 8
+    weights = {name: (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+               for name in ("wq", "wk", "wv", "wo")}
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["x"]),
+             helper.make_node("MatMul", ["x", "wq"], ["q"]),
+             helper.make_node("MatMul", ["x", "wk"], ["k"]),
+             helper.make_node("MatMul", ["x", "wv"], ["v"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+             helper.make_node("Mul", ["scores", "temperature"], ["scaled"]),
+             helper.make_node("Softmax", ["scaled"], ["attention"], axis=-1),
+             helper.make_node("MatMul", ["attention", "v"], ["mixed"]),
+             helper.make_node("MatMul", ["mixed", "wo"], ["y"])]
+    initializers = [numpy_helper.from_array(table, "table"),
+                    numpy_helper.from_array(np.float32(1 / np.sqrt(WIDTH)), "temperature")]
+    initializers += [numpy_helper.from_array(value, name) for name, value in weights.items()]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", WIDTH])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_transformers_get_dynamic_int8_without_calibration_data(tmp_path):
+    model = attention_model()
+    quantized, report = onnxcomp.optimize(model, "int8", validate_result=False)
+    stats = report.passes[0].stats
+    assert stats["activations"] == "dynamic" and stats["int8:MatMul"] == 4 and stats["int8:Gather"] == 1
+    ops = [node.op_type for node in quantized.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 2 and ops.count("MatMulInteger") == 4  # x for Q, K, V at once
+    assert ops.count("MatMul") == 2  # QKᵀ and attention × V stay in float
+    ids = rng.integers(0, VOCABULARY, (8, TOKENS))
+    (expected,), (actual,) = run_model(model, {"ids": ids}), run_model(quantized, {"ids": ids})
+    cosine = float((expected * actual).sum() / np.linalg.norm(expected) / np.linalg.norm(actual))
+    assert cosine > 0.995
+    assert quantized.ByteSize() < 0.35 * model.ByteSize()
+    _, counts = optimized_ops(quantized, tmp_path)
+    # ONNX Runtime runs fused int8 kernels: MatMulIntegerToFloat, or DynamicQuantizeMatMul where it quantizes too
+    assert counts["MatMulIntegerToFloat"] + counts["DynamicQuantizeMatMul"] == 4, counts
+    assert counts["DynamicQuantizeLinear"] + counts["DynamicQuantizeMatMul"] <= 2, counts  # x quantized once
+
+
+def test_dynamic_keeps_outlier_channels_that_static_int8_clips():
+    model = attention_model()
+    ids = rng.integers(0, VOCABULARY, (16, TOKENS))
+    calibration = {"ids": rng.integers(0, VOCABULARY, (32, TOKENS))}
+    errors = {}
+    for mode in ("dynamic", "uint8"):
+        quantized, _ = onnxcomp.optimize(model, f"int8:activations={mode}", calib_data=calibration,
+                                         validate_result=False)
+        (expected,), (actual,) = run_model(model, {"ids": ids}), run_model(quantized, {"ids": ids})
+        errors[mode] = float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+    assert errors["dynamic"] < 0.8 * errors["uint8"], errors
+
+
+def test_convolutional_networks_keep_static_int8():
+    model = conv_net()
+    calibration = {"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)}
+    quantized, report = onnxcomp.optimize(model, "int8", calib_data=calibration, validate_result=False)
+    assert "activations" not in report.passes[0].stats
+    assert "QuantizeLinear" in [node.op_type for node in quantized.graph.node]
+
+
+def test_cli_quantizes_a_transformer_with_no_calibration_data(tmp_path):
+    onnx.save(attention_model(), tmp_path / "m.onnx")
+    result = run_cli("optimize", tmp_path / "m.onnx", "--passes", "int8", "-o", tmp_path / "q.onnx",
+                     "--input-shape", "ids:1,5", "--runs", "2")
+    assert result.returncode == 0, result.stderr
+    assert "activations=dynamic" in result.stdout and "validation on random" in result.stdout
