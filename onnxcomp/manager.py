@@ -85,9 +85,14 @@ class PassManager:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         current.ensures(graph, ctx)
         seconds = time.perf_counter() - started
+        stats = dict(result.stats)
+        if not current.visits_subgraphs:
+            inside = sum(len(scope.nodes) for scope in graphs.scopes(graph)[1:])
+            if inside:
+                stats["skipped:inside-subgraphs"] = inside
         ctx.log.info("%s: %s in %.3f s %s", current.name, "modified" if result.modified else "no change",
-                     seconds, result.stats)
-        return PassRecord(current.name, result.modified, seconds, dict(result.stats), layers=list(result.layers))
+                     seconds, stats)
+        return PassRecord(current.name, result.modified, seconds, stats, layers=list(result.layers))
 
 
 def _require_runnable(model: onnx.ModelProto, checker_error: str) -> None:

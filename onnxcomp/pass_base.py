@@ -60,6 +60,9 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type] = NoOptions
+    # Whether the pass works inside subgraphs (If branches, Loop bodies); the manager reports the nodes left
+    # there by the passes that do not.
+    visits_subgraphs: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

@@ -25,6 +25,7 @@ from onnxcomp.registry import register
 class FlushDenormals(Pass):
     name = "flush-denormals"
     summary = "set denormal float weights to zero (exact; x86 computes denormals slowly)"
+    visits_subgraphs = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         flushed = tensors = 0

@@ -145,3 +145,11 @@ def _all_float_values(model: onnx.ModelProto) -> list[np.ndarray]:
                     values.append(numpy_helper.to_array(attribute.t))
                 pending += list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
     return [v for v in values if v.dtype.kind == "f"]
+
+
+def test_passes_that_do_not_enter_subgraphs_say_how_many_nodes_they_left_there():
+    model, _ = denormal_model()  # an If with 2 nodes in one branch and 1 in the other
+    _, report = onnxcomp.optimize(model, "fuse-bn,flush-denormals", validate_result=False)
+    fuse, flush = report.passes[:2]
+    assert fuse.stats["skipped:inside-subgraphs"] == 3
+    assert "skipped:inside-subgraphs" not in flush.stats
