@@ -117,12 +117,17 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
     reference_model = _as_model(reference)
     candidate_model = _as_model(candidate)
     _check_same_interface(reference_model, candidate_model)
+    if not tensor_outputs(reference_model):
+        raise InputError("the model has no tensor outputs (only sequences or maps), so there is nothing to compare")
     dataset = datasets.random_data(reference_model, input_shapes=input_shapes) if data is None else \
         datasets.open_data(data, reference_model, preprocess=preprocess, limit=limit, input_shapes=input_shapes,
                            tokenizer=tokenizer)
     runs = dataset.runs(dataset.num_samples, batch_size)
     usable = runs[-1][1]
     notes = []
+    others = [o.name for o in reference_model.graph.output if o.name not in tensor_outputs(reference_model)]
+    if others:
+        notes.append(f"output(s) {', '.join(others)} are sequences or maps, not tensors: not compared")
     if dataset.is_random:
         notes.append("no data given: random inputs were used, so accuracy was NOT measured; "
                      "agreement and error on random inputs only")
@@ -146,15 +151,15 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
                         spinning=False, role="the reference model")
     cand_runner = Runner(_source(candidate, candidate_model), provider=provider, optimization=optimization,
                          spinning=False, role="the candidate model")
-    output_names = ref_runner.outputs
+    output_names = tensor_outputs(reference_model)
     errors = {name: _ErrorAccumulator() for name in output_names}
     scores = None  # the first [N, C] float output: top-1 against labels, and agreement
     ref_top1, cand_top1 = [], []
     usable = runs[-1][1]
     for start, stop in runs:
         feed = dataset.batch(start, stop)
-        ref_out = list(ref_runner.run(feed).values())
-        cand_out = [cand_runner.run(feed, output_names)[name] for name in output_names]
+        ref_out = list(ref_runner.run(feed, output_names).values())
+        cand_out = list(cand_runner.run(feed, output_names).values())
         for name, r, c in zip(output_names, ref_out, cand_out):
             errors[name].add(r, c, stop - start)
         scores = scores if scores is not None else next(
@@ -215,9 +220,11 @@ class _ErrorAccumulator:
         if reference.shape != candidate.shape:
             raise InputError(f"output shapes differ: reference {list(reference.shape)}, candidate "
                              f"{list(candidate.shape)}")
-        self.integer = reference.dtype.kind in "biu"
+        self.integer = reference.dtype.kind in "biuOSU"  # strings (class labels) compare exactly too
         if self.integer:
             self.mismatches += int(np.count_nonzero(reference != candidate))
+        if reference.dtype.kind in "OSU":
+            return
         axis = _class_axis(reference, rows)
         if axis is not None:
             same = reference.argmax(axis=axis) == candidate.argmax(axis=axis)
@@ -252,6 +259,11 @@ class _ErrorAccumulator:
             sqnr = 10 * np.log10(self.sum_ref_sq / self.sum_diff_sq) if self.sum_ref_sq > 0 else float("-inf")
         return OutputError(name, self.max_abs, self.sum_abs / max(self.count, 1), self.max_ref, float(cosine),
                            float(sqnr), **exact)
+
+
+def tensor_outputs(model: onnx.ModelProto) -> list[str]:
+    """The outputs validation compares: tensors (sequences and maps, such as ZipMap's, are not compared)."""
+    return [o.name for o in model.graph.output if o.type.HasField("tensor_type")]
 
 
 def _check_same_interface(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:

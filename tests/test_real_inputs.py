@@ -174,3 +174,27 @@ def test_random_inputs_too_large_to_build_are_an_input_error(tmp_path):
                  tmp_path / "m.onnx")
     result = run_cli("validate", model, model)
     assert_input_error(result, "GiB")
+
+
+def test_classifier_with_string_labels_and_a_zipmap_output(tmp_path):
+    """An ai.onnx.ml classifier as skl2onnx writes them: string labels, and probabilities as a sequence of maps."""
+    classes = ["cat", "dog", "fish"]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1),
+             helper.make_node("ArgMax", ["probabilities"], ["index"], axis=1, keepdims=0),
+             helper.make_node("LabelEncoder", ["index"], ["label"], domain="ai.onnx.ml",
+                              keys_int64s=[0, 1, 2], values_strings=classes),
+             helper.make_node("ZipMap", ["probabilities"], ["per_class"], domain="ai.onnx.ml",
+                              classlabels_strings=classes)]
+    per_class = helper.make_map_type_proto(TensorProto.STRING, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    zipmap = helper.make_value_info("per_class", helper.make_sequence_type_proto(per_class))
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.linspace(-1, 1, 12).tolist())
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("label", TensorProto.STRING, ["N"]), zipmap], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 2)],
+                              ir_version=8)
+    path = save(model, tmp_path / "m.onnx")
+    result = run_cli("optimize", path, "-o", tmp_path / "out.onnx", "--runs", "2")
+    assert result.returncode == 0, result.stderr
+    assert "label" in result.stdout and "exact" in result.stdout
+    assert "per_class are sequences or maps, not tensors: not compared" in result.stdout
