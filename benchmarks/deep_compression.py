@@ -11,7 +11,7 @@ Rows per model, each through onnxcomp.optimize(fp32 model, RECIPE, validate_resu
 EfficientNet-Lite0 and 4 for ResNet-20 (the targets of the share pass):
 
   naive             "share:bits=B,granularity=tensor,min-size=0,allocation=uniform,importance=none,
-                    correction=false,feedback=false" without calibration data and without fuse-bn: one k-means
+                    correction=none,feedback=false" without calibration data and without fuse-bn: one k-means
                     codebook per weight tensor, linear initialisation, nothing else.
   share             "fuse-bn,share:bits=B" with calibration data: the pass's defaults (bits allocated across
                     layers within the bytes of B bits per weight, error feedback, unit restoration).
@@ -59,7 +59,7 @@ MODELS = {  # CLI name -> (report name, path relative to the assets, data loader
     "effnet": ("efficientnet_lite0", "models/efficientnet_lite0_imagenet.onnx", int8_vs_ort.effnet_data, 5),
     "resnet20": ("resnet20_cifar10", "models/resnet20_cifar10.onnx", int8_vs_ort.cifar_data, 4),
 }
-NAIVE = ("share:bits={b},granularity=tensor,min-size=0,allocation=uniform,importance=none,correction=false,"
+NAIVE = ("share:bits={b},granularity=tensor,min-size=0,allocation=uniform,importance=none,correction=none,"
          "feedback=false")
 
 fail, log = int8_vs_ort.fail, int8_vs_ort.log

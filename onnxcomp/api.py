@@ -108,19 +108,19 @@ def check_budgets(result: Validation, *, max_accuracy_drop: float | None = None,
     """Raise BudgetExceeded when the measured result breaks a limit the user set."""
     if max_accuracy_drop is not None:
         if result.random_data:
-            raise InputError("--max-accuracy-drop needs real data (--data); random inputs measure no accuracy")
+            raise InputError("max_accuracy_drop= needs real data (data=); random inputs measure no accuracy")
         drop = result.accuracy_drop
         if drop is None:
-            raise InputError("--max-accuracy-drop: the model's outputs are not class scores, so no accuracy "
+            raise InputError("max_accuracy_drop=: the model's outputs are not class scores, so no accuracy "
                              "or agreement could be measured")
         if drop > max_accuracy_drop:
             kind = "top-1 accuracy" if result.labelled else "agreement with the original"
             raise BudgetExceeded(f"{kind} dropped {drop:.2f} points, over the budget of {max_accuracy_drop} "
-                                 "(--max-accuracy-drop)")
+                                 "(max_accuracy_drop=)")
     if max_latency_ratio is not None:
         ratio = result.latency_ratio
         if ratio is None:
-            raise InputError("--max-latency-ratio: latency was not measured")
+            raise InputError("max_latency_ratio=: latency was not measured")
         if ratio > max_latency_ratio:
             raise BudgetExceeded(f"latency ratio {ratio:.2f} is over the budget of {max_latency_ratio} "
-                                 "(--max-latency-ratio)")
+                                 "(max_latency_ratio=)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except OnnxcompError as exc:
-        print(f"onnxcomp: error: {exc}", file=sys.stderr)
+        print(f"onnxcomp: error: {as_flags(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
@@ -146,6 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxcomp: internal error: {type(exc).__name__}: {first} (rerun with -v for the traceback, "
               "and please report it)", file=sys.stderr)
         return 3
+
+
+# The library's errors name its arguments as `name=`; on the command line the same words are these flags.
+ARGUMENT_FLAGS = {"calib_data": "--calib-data", "data": "--data", "input_shapes": "--input-shape",
+                  "input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_accuracy_drop": "--max-accuracy-drop",
+                  "max_latency_ratio": "--max-latency-ratio"}
+
+
+def as_flags(message: str) -> str:
+    """A library message in the CLI's words: `calib_data=` becomes `--calib-data`, and so on."""
+    return re.sub(r"\b(" + "|".join(ARGUMENT_FLAGS) + r")=", lambda match: ARGUMENT_FLAGS[match.group(1)], message)
 
 
 def _optimize(args) -> int:
@@ -169,6 +181,8 @@ def _validate(args) -> int:
 
 
 def _finish(report: Report, args) -> int:
+    if report.validation_skipped:
+        report.validation_skipped = as_flags(report.validation_skipped)
     print(report.render())
     if args.report:
         model_io.save_text(report.to_json(), args.report, protect=(report.model, report.output))

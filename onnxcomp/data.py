@@ -398,11 +398,11 @@ def random_data(model: onnx.ModelProto, *, samples: int = RANDOM_SAMPLES, seed: 
             raise RandomInputsUnavailable(
                 f"random inputs cannot guess the free dimension(s) {', '.join(spec.free_dims)} of input "
                 f"'{spec.name}' {_declared(spec)}; give data, or fix them with an input shape "
-                f"(--input-shape {spec.name}:{_example_dims(spec)})")
+                f"(input_shapes= {spec.name}:{_example_dims(spec)})")
         if not spec.shape and spec.dtype.kind in "iu" and spec.name not in ranges:
             raise RandomInputsUnavailable(
                 f"input '{spec.name}' is an integer scalar whose valid values cannot be read from the graph; "
-                "give data with a real value for it (--data or --calib-data)")
+                "give data with a real value for it (data= or calib_data=)")
     fixed = next((spec.fixed_batch for spec in inputs if spec.fixed_batch), None)
     samples = max(samples, fixed or 0)
     shapes = {spec.name: ((samples,) + tuple(spec.shape[1:]) if spec.batched else tuple(spec.shape))

@@ -72,7 +72,7 @@ def export(factory: str, input_shape: list[int], output: str | Path, *, weights:
 
     torch = require_torch()
     if not input_shape or any(d < 1 for d in input_shape):
-        raise InputError(f"--input-shape needs positive dimensions, e.g. 1,3,224,224; got {input_shape}")
+        raise InputError(f"input_shape= needs positive dimensions, e.g. 1,3,224,224; got {input_shape}")
     module = load_factory(factory, "export")
     if weights is not None:
         try:

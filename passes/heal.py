@@ -65,7 +65,7 @@ class Heal(Pass):
         from onnxcomp.distillation import require_torch
 
         if ctx.calibration_data is None:
-            raise PreconditionError("heal trains on calibration data: pass --calib-data (typical inputs; labels "
+            raise PreconditionError("heal trains on calibration data: give calib_data= (typical inputs; labels "
                                     "are used when present)")
         if ctx.input_model is None:
             raise PreconditionError("heal needs the model the pipeline started from as its teacher")

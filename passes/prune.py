@@ -70,7 +70,7 @@ PROBE_SAMPLES = 32  # calibration samples on which each layer's effect on the mo
 class PruneConfig:
     sparsity: float = 0.5
     allocation: str = "auto"        # uniform | global | sensitivity; auto: sensitivity with calibration data
-    correction: str = "auto"        # none | bias | reconstruct; auto: reconstruct with calibration data
+    correction: str = "auto"        # none | channel | reconstruct; auto: reconstruct with calibration data
     ops: tuple[str, ...] = WEIGHTED_OPS
     include: tuple[str, ...] = ()   # shell patterns over node and weight names; empty: every layer
     exclude: tuple[str, ...] = ()
@@ -80,7 +80,7 @@ class PruneConfig:
     samples: int = 128
     batch_size: int = 8
     sequential: bool = True         # measure each layer's inputs after the layers before it are pruned
-    encoding: str = "sparse"        # sparse | dense
+    encoding: str = "compact"       # compact | dense, as in share
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -92,8 +92,8 @@ class PruneConfig:
         unknown = [op for op in self.ops if op not in WEIGHTED_OPS]
         if unknown:
             raise ValueError(f"ops must be among {', '.join(WEIGHTED_OPS)}, not {', '.join(unknown)}")
-        if self.encoding not in ("sparse", "dense"):
-            raise ValueError(f"encoding must be sparse or dense, not '{self.encoding}'")
+        if self.encoding not in ("compact", "dense"):
+            raise ValueError(f"encoding must be compact or dense, not '{self.encoding}'")
         if not 0.0 < self.max_layer_sparsity < 1.0:
             raise ValueError("max-layer-sparsity must be in (0, 1)")
         if self.samples < 1 or self.batch_size < 1 or self.min_size < 0:
@@ -116,7 +116,7 @@ class LayerPlan:
 @register
 class Prune(Pass):
     name = "prune"
-    summary = "magnitude pruning with sensitivity allocation and reconstruction on --calib-data; compact storage"
+    summary = "magnitude pruning with sensitivity allocation and reconstruction on calibration data; compact storage"
     Config = PruneConfig
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
@@ -124,7 +124,7 @@ class Prune(Pass):
                                                           ("correction", self.config.correction))
                       if value in ("sensitivity", "channel", "reconstruct")]
         if wants_data and ctx.calibration_data is None:
-            raise PreconditionError(f"prune: {' and '.join(wants_data)} needs calibration data: pass --calib-data, "
+            raise PreconditionError(f"prune: {' and '.join(wants_data)} needs calibration data: give calib_data=, "
                                     "or use allocation=uniform and correction=none")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -133,7 +133,7 @@ class Prune(Pass):
         allocation = config.allocation if config.allocation != "auto" else ("sensitivity" if with_data else "uniform")
         correction = config.correction if config.correction != "auto" else ("reconstruct" if with_data else "none")
         layers, skipped, stats = prepare(graph, lambda: _select(graph, config), ctx, self.name,
-                                         config.encoding == "sparse")
+                                         config.encoding == "compact")
         if not layers or config.sparsity == 0.0:
             stats.update({"pruned": 0, **{f"skipped:{k}": v for k, v in sorted(skipped.items())}})
             return PassResult(False, stats)
@@ -237,7 +237,7 @@ def _store(graph: gs.Graph, plans: list[LayerPlan], layout: str) -> tuple[int, i
         values = plan.layer.values
         compact = encoding.sparse_bytes(values.size, int(np.count_nonzero(values)), values.itemsize)
         dense_bytes += values.nbytes
-        if layout == "sparse" and compact < values.nbytes:
+        if layout == "compact" and compact < values.nbytes:
             encoding.encode_sparse(graph, plan.layer.weight, names)
             stored_bytes += compact
         else:

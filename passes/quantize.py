@@ -106,12 +106,12 @@ class Plan:
 @register
 class QuantizeInt8(Pass):
     name = "int8"
-    summary = "static int8 quantization (QDQ) calibrated on --calib-data, for ONNX Runtime's int8 kernels"
+    summary = "static int8 quantization (QDQ) calibrated on calibration data, for ONNX Runtime's int8 kernels"
     Config = Int8Config
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calibration_data is None and _activations(graph, self.config) != "dynamic":
-            raise PreconditionError("int8 needs calibration data: pass --calib-data (a data file or an image "
+            raise PreconditionError("int8 needs calibration data: give calib_data= (a data file or an image "
                                     "folder of typical inputs; 'random' only to try the pipeline)")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

@@ -88,8 +88,10 @@ class ShareConfig:
     include: tuple[str, ...] = ()  # shell patterns over node and weight names; empty: every layer
     exclude: tuple[str, ...] = ()
     min_size: int = 1024           # weights; smaller tensors are left as they are
-    correction: bool | None = None  # restore each output unit's mean and spread; None: with calibration data
-    feedback: bool | None = None   # choose indices with error feedback (GPTQ-style); None: with calibration data
+    correction: str = "auto"      # auto | channel | none: restore each output unit's mean and spread, as prune's
+                                   # channel correction; auto: channel with calibration data
+    feedback: str = "auto"         # auto | true | false: choose indices with error feedback (GPTQ-style); auto:
+                                   # with calibration data
     samples: int = 128
     batch_size: int = 8
     encoding: str = "compact"      # compact | dense
@@ -115,6 +117,10 @@ class ShareConfig:
         unknown = [op for op in self.ops if op not in WEIGHTED_OPS]
         if unknown:
             raise ValueError(f"ops must be among {', '.join(WEIGHTED_OPS)}, not {', '.join(unknown)}")
+        if self.correction not in ("auto", "channel", "none"):
+            raise ValueError(f"correction must be auto, channel or none, not '{self.correction}'")
+        if self.feedback not in ("auto", "true", "false"):
+            raise ValueError(f"feedback must be auto, true or false, not '{self.feedback}'")
         if self.encoding not in ("compact", "dense"):
             raise ValueError(f"encoding must be compact or dense, not '{self.encoding}'")
         if self.samples < 1 or self.batch_size < 1 or self.min_size < 0:
@@ -145,17 +151,17 @@ class Share(Pass):
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         config = self.config
         wants = [name for name, wanted in (("importance=energy", config.importance == "energy"),
-                                           ("correction=true", config.correction),
-                                           ("feedback=true", config.feedback),
+                                           ("correction=channel", config.correction == "channel"),
+                                           ("feedback=true", config.feedback == "true"),
                                            ("allocation=sensitivity", config.allocation == "sensitivity"))
                  if wanted]
         if wants and ctx.calibration_data is None:
             raise PreconditionError(f"share: {' and '.join(wants)} need{'s' if len(wants) == 1 else ''} calibration "
-                                    "data: pass --calib-data, or use importance=none, correction=false, "
+                                    "data: give calib_data=, or use importance=none, correction=none, "
                                     "feedback=false and allocation=uniform")
         if isinstance(config.bits, float) and ctx.calibration_data is None:
             raise PreconditionError(f"share: bits={config.bits} is an average that the bit allocation spends over "
-                                    "the layers, measured on calibration data: pass --calib-data, or whole bits")
+                                    "the layers, measured on calibration data: give calib_data=, or whole bits")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
@@ -166,9 +172,9 @@ class Share(Pass):
             return PassResult(False, stats)
         with_data = ctx.calibration_data is not None
         importance = config.importance if config.importance != "auto" else ("energy" if with_data else "none")
-        correct = with_data if config.correction is None else config.correction
+        correct = with_data if config.correction == "auto" else config.correction == "channel"
         allocation = config.allocation if config.allocation != "auto" else ("sensitivity" if with_data else "uniform")
-        feedback = with_data if config.feedback is None else config.feedback
+        feedback = with_data if config.feedback == "auto" else config.feedback == "true"
         statistics, fits, held_out = _statistics(graph, layers, ctx, config) if with_data else ({}, {}, None)
         weights_of = _importances(layers, statistics) if importance == "energy" else {}
         fixed = _fixed_bits(layers, config)

@@ -155,7 +155,7 @@ def test_bad_options_are_usage_errors(tmp_path, option):
 
 def test_data_driven_modes_need_calibration_data():
     for option in ("allocation=sensitivity", "correction=reconstruct", "correction=channel"):
-        with pytest.raises(PreconditionError, match="--calib-data"):
+        with pytest.raises(PreconditionError, match="calib_data="):
             run(net(), f"prune:{option}")
 
 

@@ -164,7 +164,7 @@ def test_range_methods_on_a_known_distribution():
 
 
 def test_missing_calibration_data_is_a_precondition():
-    with pytest.raises(PreconditionError, match="--calib-data"):
+    with pytest.raises(PreconditionError, match="calib_data="):
         PassManager(parse("int8")).run(conv_net(), PassContext())
 
 

@@ -7,6 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import onnxcomp
 from helpers import assert_input_error, run_cli
 from onnxcomp import data as datasets
 from onnxcomp.validate import validate
@@ -198,3 +199,9 @@ def test_classifier_with_string_labels_and_a_zipmap_output(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "label" in result.stdout and "exact" in result.stdout
     assert "per_class are sequences or maps, not tensors: not compared" in result.stdout
+
+
+def test_the_library_names_arguments_where_the_cli_names_flags():
+    _, report = onnxcomp.optimize(image_model(), validate_result=True, latency_runs=0)
+    assert report.validation is None and "input_shapes= x:1,3,?,?" in report.validation_skipped
+    assert "--" not in report.validation_skipped

@@ -94,7 +94,7 @@ def test_unit_correction_reduces_the_error_on_new_data_and_keeps_the_sharing():
     calibration, evaluation = images(48, seed=1), images(48, seed=2)
     reference = run_model(net(), {"x": evaluation})[0]
     error = {}
-    for correction in ("false", "true"):
+    for correction in ("none", "channel"):
         shared, records = run(net(), f"share:bits=2,correction={correction},importance=none,allocation=uniform",
                               calibration)
         output = run_model(shared, {"x": evaluation})[0]
@@ -102,7 +102,7 @@ def test_unit_correction_reduces_the_error_on_new_data_and_keeps_the_sharing():
         w2 = weights(shared)["W2"]
         assert max(np.unique(row).size for row in w2.reshape(w2.shape[0], -1)) <= 4
     assert records[0].stats["corrected"] == 2
-    assert error["true"] < 0.7 * error["false"], error
+    assert error["channel"] < 0.7 * error["none"], error
     conv2 = next(n for n in shared.graph.node if n.name == "conv2")
     assert len(conv2.input) == 3  # the mean shift went into a new bias
 
@@ -110,8 +110,8 @@ def test_unit_correction_reduces_the_error_on_new_data_and_keeps_the_sharing():
 def test_data_driven_options_need_calibration_data():
     from onnxcomp.pass_base import PreconditionError
 
-    for option in ("importance=energy", "correction=true", "allocation=sensitivity"):
-        with pytest.raises(PreconditionError, match="--calib-data"):
+    for option in ("importance=energy", "correction=channel", "allocation=sensitivity"):
+        with pytest.raises(PreconditionError, match="calib_data="):
             run(net(), f"share:{option}")
 
 
@@ -203,7 +203,7 @@ def test_fractional_bits_are_an_average_the_allocation_keeps():
     from onnxcomp.errors import InputError
     from onnxcomp.pass_base import PreconditionError
 
-    with pytest.raises(PreconditionError, match="average.*--calib-data"):
+    with pytest.raises(PreconditionError, match="average.*calib_data="):
         run(model, "share:bits=2.5")
     with pytest.raises(InputError, match="needs allocation=sensitivity"):
         run(model, "share:bits=2.5,allocation=uniform", images(40, seed=1))
