@@ -41,6 +41,7 @@ from onnx import numpy_helper
 from onnxcomp import data as datasets
 from onnxcomp import encoding, model_io
 from onnxcomp.errors import InputError
+from onnxcomp.export import load_factory, require_torch, to_onnx
 from onnxcomp.progress import bar
 from onnxcomp.runner import Runner
 
@@ -116,23 +117,13 @@ class DistillReport:
         return "\n".join(lines)
 
 
-def require_torch():
-    try:
-        import torch
-    except ImportError:
-        raise InputError("distill needs PyTorch, which is not installed: pip install 'onnxcomp[torch]' "
-                         "(for the CPU build: pip install torch==2.13.0 --index-url "
-                         "https://download.pytorch.org/whl/cpu)") from None
-    return torch
-
-
 def distill(teacher, student, data, *, config: DistillConfig = DistillConfig(), preprocess=None,
             output: str | Path | None = None, progress: bool | None = None) -> tuple[onnx.ModelProto, DistillReport]:
     """Train `student` (an ONNX model or path, or 'module:factory') to reproduce `teacher` on `data`.
 
     Returns the trained student as an ONNX model (also written to `output` when given) and the report.
     """
-    torch = require_torch()
+    torch = require_torch("distill")
     _check_output(output, teacher, student)
     teacher_model = teacher if isinstance(teacher, onnx.ModelProto) else model_io.load(teacher)
     transfer = _Transfer(teacher_model, data, preprocess, config)
@@ -161,7 +152,7 @@ def heal(compressed, teacher, data, *, config: DistillConfig = DistillConfig(), 
     sum of its members' gradients, Deep Compression's trained quantization), and the result is stored in
     exactly the layout the input had: only the stored values, codebooks, scales and the dense tensors change.
     """
-    torch = require_torch()
+    torch = require_torch("heal")
     from onnxcomp.torch_graph import OnnxModule, with_weights
 
     _check_output(output, teacher, compressed)
@@ -407,7 +398,6 @@ def _student(student, names: list[str]):
             raise InputError(f"the student's inputs {', '.join(missing)} are not in the data, which gives "
                              f"{', '.join(names)}; give the student the teacher's input names")
         return module, model
-    from onnxcomp.export import load_factory
 
     if ":" not in str(student):
         raise InputError(f"--student {student}: give an .onnx file, or module:factory / file.py:factory")
@@ -491,7 +481,6 @@ def _transfer(teacher: onnx.ModelProto, module, student_model) -> list[dict]:
 
 
 def _export(torch, module, feed, names, teacher_model) -> onnx.ModelProto:
-    from onnxcomp.export import to_onnx
 
     example = tuple(torch.from_numpy(np.ascontiguousarray(feed[name][:1])) for name in names)
     opset = next((o.version for o in teacher_model.opset_import if o.domain in ("", "ai.onnx")), 13)

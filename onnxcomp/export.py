@@ -22,6 +22,16 @@ from onnxcomp import model_io
 from onnxcomp.errors import InputError, first_line
 
 
+def require_torch(purpose: str):
+    """torch, or an input error that says which command needs it and how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise InputError(f"{purpose} needs PyTorch, which is not installed: pip install 'onnxcomp[torch]' "
+                         "(the CPU build: pip install torch==2.13.0)") from None
+    return torch
+
+
 def load_factory(text: str, what: str = "--student"):
     """The torch.nn.Module that `module:factory` or `file.py:factory` builds."""
     where, colon, factory = str(text).rpartition(":")
@@ -68,9 +78,7 @@ def export(factory: str, input_shape: list[int], output: str | Path, *, weights:
            input_name: str = "input", output_name: str = "output", opset: int = 17,
            keep_batchnorm: bool = False) -> onnx.ModelProto:
     """Build the module, load `weights` (a state dict file) when given, export it and write `output`."""
-    from onnxcomp.distillation import require_torch
-
-    torch = require_torch()
+    torch = require_torch("export")
     if not input_shape or any(d < 1 for d in input_shape):
         raise InputError(f"input_shape= needs positive dimensions, e.g. 1,3,224,224; got {input_shape}")
     module = load_factory(factory, "export")

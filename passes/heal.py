@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 from onnxcomp import encoding
 from onnxcomp import graph as graphs
+from onnxcomp.export import require_torch
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.registry import register
 
@@ -62,8 +63,6 @@ class Heal(Pass):
     Config = HealConfig
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        from onnxcomp.distillation import require_torch
-
         if ctx.calibration_data is None:
             raise PreconditionError("heal trains on calibration data: give calib_data= (typical inputs; labels "
                                     "are used when present)")
@@ -72,7 +71,7 @@ class Heal(Pass):
         if not any(node.domain == encoding.DOMAIN for node in graph.nodes):
             raise PreconditionError("heal: no pruned or shared weights stored compactly; put heal after prune "
                                     "or share (with the default encoding=compact)")
-        require_torch()
+        require_torch("heal")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         from onnxcomp.distillation import heal

@@ -185,11 +185,11 @@ def test_bad_student_references_are_input_errors(tmp_path, digits_model, digits_
 
 
 def test_missing_torch_names_the_extra_to_install(monkeypatch):
-    from onnxcomp import distillation
+    from onnxcomp.export import require_torch
 
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(onnxcomp.InputError, match=r"onnxcomp\[torch\]"):
-        distillation.require_torch()
+    with pytest.raises(onnxcomp.InputError, match=r"export needs PyTorch.*onnxcomp\[torch\]"):
+        require_torch("export")
 
 
 def test_export_keeps_batchnorm_when_asked_and_matches_torch(tmp_path):
