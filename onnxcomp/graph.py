@@ -6,6 +6,8 @@ graphsurgeon names edges from the tensor's point of view: `tensor.inputs` are th
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -76,9 +78,7 @@ def _called_functions(graph: onnx.GraphProto, functions: list[onnx.FunctionProto
             if key in bodies and key not in called:
                 called.add(key)
                 pending.append(list(bodies[key].node))
-            for attribute in node.attribute:
-                subgraphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
-                pending.extend(list(subgraph.node) for subgraph in subgraphs)
+            pending.extend(list(subgraph.node) for subgraph in node_subgraphs(node))
     return called
 
 
@@ -103,18 +103,24 @@ def upgrade_opset(graph: gs.Graph, opset: int) -> None:
     graph.import_domains = upgraded.import_domains
 
 
+def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node's attributes hold: If branches, Loop and Scan bodies."""
+    return [g for a in node.attribute for g in list(a.graphs) + ([a.g] if a.HasField("g") else [])]
+
+
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of `graph`, then those of the subgraphs its nodes hold, nested ones included."""
+    for node in graph.node:
+        yield node
+        for subgraph in node_subgraphs(node):
+            yield from all_nodes(subgraph)
+
+
 def unused_initializer_count(model: onnx.ModelProto) -> int:
     """Initializers no node (in any subgraph) or graph output reads, leaving out overridable ones."""
     read = {value.name for value in model.graph.output}
-    pending = [model.graph]
-    while pending:
-        current = pending.pop()
-        for node in current.node:
-            read.update(node.input)
-            for attribute in node.attribute:
-                pending.extend(attribute.graphs)
-                if attribute.HasField("g"):
-                    pending.append(attribute.g)
+    for node in all_nodes(model.graph):
+        read.update(node.input)
     inputs = {value.name for value in model.graph.input}
     return sum(t.name not in read and t.name not in inputs for t in model.graph.initializer)
 

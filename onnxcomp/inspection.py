@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcomp import encoding
+from onnxcomp import graph as graphs
 from onnxcomp.data import value_dims, value_type
 
 
@@ -90,7 +91,7 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     readers: dict[str, str] = {}
     op_counts: Counter[str] = Counter()
     constants: list[tuple[onnx.TensorProto, str]] = []
-    for node in _all_nodes(graph):
+    for node in graphs.all_nodes(graph):
         op_counts[node.op_type] += 1
         for name in node.input:
             readers.setdefault(name, node.op_type)
@@ -119,14 +120,6 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         producer=" ".join(filter(None, [model.producer_name, model.producer_version])),
         inputs=inputs,
         outputs=outputs, op_counts=dict(op_counts), parameters_by_op=dict(by_op), weights=weights)
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            for subgraph in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []):
-                yield from _all_nodes(subgraph)
 
 
 def _info(name: str, op: str, values: np.ndarray, stored_bytes: int) -> WeightInfo:

@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
+from onnxcomp import graph as graphs
 from onnxcomp import runtime
 from onnxcomp.errors import InputError, first_line
 
@@ -67,7 +68,8 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
             if index not in kept and any(name in needed for name in node.output):
                 kept.add(index)
                 needed.update(node.input)
-                needed.update(_names_read_by_subgraphs(node))
+                needed.update(name for subgraph in graphs.node_subgraphs(node)
+                              for inner in graphs.all_nodes(subgraph) for name in inner.input)
                 grown = True
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
@@ -79,13 +81,3 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     del cut.graph.output[:]
     cut.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(tensors))
     return cut
-
-
-def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
-    names = set()
-    for attribute in node.attribute:
-        for graph in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []):
-            for inner in graph.node:
-                names.update(inner.input)
-                names.update(_names_read_by_subgraphs(inner))
-    return names
