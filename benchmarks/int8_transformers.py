@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 import onnxcomp
 from onnxcomp import data as datasets
-from onnxcomp.bench import interleaved_latency
+from onnxcomp.bench import interleaved_latency, working_directory
 from onnxcomp.runner import Runner
 
 
@@ -84,8 +84,9 @@ def quantize_variants(model: Path, calib: Path, tokenizer: Path, folder: Path) -
 
     out, prepared = folder / "ort_static.onnx", folder / "prepared.onnx"
     started = time.perf_counter()
-    quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    with working_directory(folder):
+        quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
     variants["ORT quantize_static"] = (out, time.perf_counter() - started)
     return variants
 

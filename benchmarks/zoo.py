@@ -42,6 +42,7 @@ import onnx
 
 import onnxcomp
 from onnxcomp import data as datasets
+from onnxcomp.bench import working_directory
 from onnxcomp.errors import OnnxcompError, first_line
 
 RECIPES = {"default": None, "int8": "int8", "prune": "prune:sparsity=0.3", "share": "share:bits=6"}
@@ -233,8 +234,9 @@ def run_ort_static(path: Path, calib: dict, evaluation: dict, shapes: dict, batc
     prepared, output = folder / f"{path.stem}.pre.onnx", folder / f"{path.stem}.ort_int8.onnx"
     started = time.perf_counter()
     try:
-        quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+        with working_directory(folder):
+            quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
     except Exception as exc:  # noqa: BLE001 - ORT's quantizer raises many types
         return {"status": "failed", "error": f"{type(exc).__name__}: {first_line(exc)}",
                 "seconds": time.perf_counter() - started}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,3 +47,15 @@ def _summary(milliseconds: list[float]) -> Latency:
     values = np.asarray(milliseconds)
     return Latency(float(np.median(values)), float(np.percentile(values, 90)), float(np.percentile(values, 99)),
                    len(values))
+
+
+@contextmanager
+def working_directory(folder):
+    """Run code (ORT's quantization tools) inside `folder`: quant_pre_process leaves its temporary model and
+    external-data files in the current directory when symbolic shape inference fails."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
