@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -36,8 +37,8 @@ class PassManager:
         self.check = check
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
-        ctx = ctx or PassContext()
-        ctx.input_model = model
+        # The run's own context: what the manager and the passes note in it stays out of the caller's object.
+        ctx = dataclasses.replace(ctx or PassContext(), input_model=model)
         # Check outputs only against a valid input: a pass is not to blame for a model the checker already rejects.
         input_error = _check_error(model)
         if input_error is not None:

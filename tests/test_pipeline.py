@@ -151,3 +151,19 @@ def test_model_level_fields_survive_a_modifying_pass():
     original.model_version, original.domain, original.doc_string = 7, "com.example", "doc"
     cleaned, _ = PassManager(parse("cleanup")).run(original)
     assert (cleaned.model_version, cleaned.domain, cleaned.doc_string) == (7, "com.example", "doc")
+
+
+def test_the_callers_context_is_not_written_to():
+    from onnx import TensorProto, helper
+
+    from onnxcomp.pass_base import PassContext
+
+    ctx = PassContext()
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("unused", TensorProto.FLOAT, [1], [1.0])]), opset_imports=[helper.make_opsetid("", 17)])
+    _, records = PassManager(parse("cleanup")).run(model, ctx)
+    assert records[0].stats["initializers_removed"] == 1
+    assert ctx.input_model is None and ctx.unused_initializers == 0
