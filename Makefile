@@ -28,6 +28,8 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/prune_vs_naive.py
 	$(BIN)/python benchmarks/deep_compression.py
 	$(BIN)/python benchmarks/distill_digits.py
+	$(BIN)/python benchmarks/zoo.py
+	$(BIN)/python benchmarks/int8_transformers.py
 
 # Retrain the demo model from scikit-learn's digits (deterministic; rewrites models/digits_*).
 model: $(INSTALLED)
