@@ -39,7 +39,7 @@ RECIPES = {
     # smaller files need retraining, or a model known to take them (ResNet-20: 40 % and 3 bits, −0.93, 10.14×).
     # min-size=0: the allocation gives the small first and last layers the bits they need (ResNet-20's go to
     # 5–6), instead of leaving them dense; short-names last, as the names are then most of what is left.
-    "deep-compression": "fuse-bn,prune:sparsity=0.3,share:bits=5,min-size=0,short-names",
+    "deep-compression": "fold-constants,fuse-bn,prune:sparsity=0.3,share:bits=5,min-size=0,short-names",
 }
 
 

@@ -226,7 +226,8 @@ def test_deep_compression_recipe_prunes_then_shares(tmp_path, digits_model):
                      "--calib-data", digits_model.parent / "digits_calib.npz", "--no-validate")
     assert result.returncode == 0, result.stderr
     assert [line.split()[0] for line in result.stdout.splitlines() if line.split()[:1] in
-            (["fuse-bn"], ["prune"], ["share"], ["short-names"])][:4] == ["fuse-bn", "prune", "share", "short-names"]
+            (["fold-constants"], ["fuse-bn"], ["prune"], ["share"], ["short-names"])][:5] == \
+        ["fold-constants", "fuse-bn", "prune", "share", "short-names"]
     assert out.stat().st_size < digits_model.stat().st_size / 3.5  # 16 k weights: decoding nodes weigh
     rejected = run_cli("optimize", digits_model, "--passes", "deep-compression,sparsity=0.3", "-o", out)
     assert rejected.returncode == 2 and "write its passes out" in rejected.stderr
