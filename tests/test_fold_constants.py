@@ -153,3 +153,20 @@ def test_passes_that_do_not_enter_subgraphs_say_how_many_nodes_they_left_there()
     fuse, flush = report.passes[:2]
     assert fuse.stats["skipped:inside-subgraphs"] == 3
     assert "skipped:inside-subgraphs" not in flush.stats
+
+
+def test_deep_compression_reaches_batchnorm_parameters_behind_identity_nodes():
+    """TorchScript exports without constant folding pass BN parameters through Identity nodes."""
+    channels = 4
+    params = {name: rng.uniform(0.5, 1.5, channels).astype(np.float32) for name in ("g", "b", "m", "v")}
+    nodes = [helper.make_node("Identity", [name], [f"{name}_id"]) for name in params]
+    nodes += [helper.make_node("Conv", ["x", "w"], ["c"]),
+              helper.make_node("BatchNormalization", ["c", "g_id", "b_id", "m_id", "v_id"], ["y"])]
+    initializers = [numpy_helper.from_array(value, name) for name, value in params.items()]
+    initializers.append(numpy_helper.from_array(rng.standard_normal((channels, 3, 1, 1)).astype(np.float32), "w"))
+    model = model_of(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, 4, 4])], initializers)
+    alone, _ = onnxcomp.optimize(model, "fuse-bn", validate_result=False)
+    assert "BatchNormalization" in [node.op_type for node in alone.graph.node]
+    optimized, _ = onnxcomp.optimize(model, "deep-compression", validate_result=False)
+    assert "BatchNormalization" not in [node.op_type for node in optimized.graph.node]
