@@ -93,7 +93,7 @@ def _check_shape_names(input_shapes: dict, specs: list[InputSpec]) -> None:
 def _with_shape(spec: InputSpec, shape: tuple[int, ...] | None) -> InputSpec:
     if shape is None:
         return spec
-    declared = "[" + ", ".join(str(d) if d else "?" for d in spec.shape) + "]"
+    declared = _declared(spec)
     if len(shape) != len(spec.shape):
         raise InputError(f"input shape {_dims(shape)} for '{spec.name}' has {len(shape)} dimension(s); the model's "
                          f"input is {declared}")
