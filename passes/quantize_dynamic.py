@@ -2,7 +2,7 @@
 
 Before:                                         After:
     x ─► MatMul(W: float [K, N]) ─► y              x ─► DynamicQuantizeLinear ─► MatMulInteger(W: int8) ─► Cast
-                                                     ─► Mul(x scale × W scale per column) ─► y
+    (or Gemm(W, C): the same, then Add(C))          ─► Mul(x scale × W scale per column) ─► y
     ids ─► Gather(E: float [V, D]) ─► e            ids ─► Gather(E: int8) ─► Cast ─► Mul(Gather(row scales)) ─► e
 
 Static int8 fixes each activation's range on calibration data. A transformer's activations have outlier
@@ -18,6 +18,8 @@ No calibration data is needed.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -37,27 +39,41 @@ def is_transformer(graph: gs.Graph) -> bool:
 def quantize_dynamic(graph: gs.Graph, weight_range: str) -> dict[str, int | float | str]:
     """Rewrite every MatMul with a constant 2-D float weight and every embedding Gather; return the stats."""
     names = graphs.Names(graph)
-    matmuls = [n for n in graph.nodes if _weight(n) is not None]
+    matmuls = [n for n in graph.nodes if _weight(n) is not None]  # MatMul, and Gemm as MatMul + bias
     gathers = [n for n in graph.nodes if _table(n) is not None]
     quantized_inputs: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
     levels = [_rewrite_matmul(graph, node, names, weight_range, quantized_inputs) for node in matmuls]
     for node in gathers:
         _rewrite_gather(graph, node, names)
-    stats: dict[str, int | float | str] = {"activations": "dynamic", "quantized": len(matmuls) + len(gathers),
-                                           "int8:MatMul": len(matmuls), "int8:Gather": len(gathers)}
+    stats: dict[str, int | float | str] = {"activations": "dynamic", "quantized": len(matmuls) + len(gathers)}
+    stats.update({f"int8:{op}": count for op, count in sorted(Counter(n.op for n in matmuls).items())})
+    stats["int8:Gather"] = len(gathers)
     if levels:
         stats["weight_levels_min"] = int(min(min(level) for level in levels))
     return stats
 
 
 def _weight(node: gs.Node) -> np.ndarray | None:
-    if node.op != "MatMul" or not graphs.is_standard(node) or len(node.inputs) != 2:
+    """The [K, N] float weight of a MatMul, or of a Gemm that is one plus a bias (no transA, alpha = beta = 1)."""
+    if node.op not in ("MatMul", "Gemm") or not graphs.is_standard(node) or len(node.inputs) < 2:
+        return None
+    if node.op == "MatMul" and len(node.inputs) != 2:
+        return None
+    if node.op == "Gemm" and (int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) != 1.0
+                              or (_bias(node) is None and len(node.inputs) > 2 and node.inputs[2].name)):
         return None
     weight = graphs.constant_value(node.inputs[1])
     activation = node.inputs[0]
     if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or graphs.constant_value(activation) is not None:
         return None
-    return weight
+    return weight.T if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else weight
+
+
+def _bias(node: gs.Node) -> np.ndarray | None:
+    """A Gemm's constant bias C when it adds as it is (beta = 1)."""
+    if len(node.inputs) < 3 or not node.inputs[2].name or float(node.attrs.get("beta", 1.0)) != 1.0:
+        return None
+    return graphs.constant_value(node.inputs[2])
 
 
 def _table(node: gs.Node) -> np.ndarray | None:
@@ -73,6 +89,7 @@ def _rewrite_matmul(graph: gs.Graph, node: gs.Node, names: graphs.Names, weight_
                     quantized_inputs: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]]) -> list[int]:
     """Replace the MatMul; an input read by several (Q, K and V projections) is quantized once."""
     weight = _weight(node)
+    bias = _bias(node) if node.op == "Gemm" else None
     columns = np.ascontiguousarray(weight.T)
     levels = weight_levels(columns, weight_range, depthwise=False)
     largest = np.abs(columns).max(axis=1)
@@ -80,6 +97,7 @@ def _rewrite_matmul(graph: gs.Graph, node: gs.Node, names: graphs.Names, weight_
     quantized = np.clip(np.round(weight / scale), -levels, levels).astype(np.int8)
     base = node.name or node.outputs[0].name
     x, y = node.inputs[0], node.outputs[0]
+    product_scaled = y if bias is None else gs.Variable(names.new(f"{base}_without_bias"), dtype=np.float32)
     if x.name not in quantized_inputs:
         quantized_inputs[x.name] = (gs.Variable(names.new(f"{x.name}_quantized"), dtype=np.uint8),
                                     gs.Variable(names.new(f"{x.name}_scale"), dtype=np.float32),
@@ -99,8 +117,11 @@ def _rewrite_matmul(graph: gs.Graph, node: gs.Node, names: graphs.Names, weight_
                 outputs=[product_float]),
         gs.Node("Mul", names.new(f"{base}_scales"), inputs=[x_scale, names.constant(f"{base}_weight_scale", scale)],
                 outputs=[step]),
-        gs.Node("Mul", names.new(f"{base}_dequantize"), inputs=[product_float, step], outputs=[y]),
+        gs.Node("Mul", names.new(f"{base}_dequantize"), inputs=[product_float, step], outputs=[product_scaled]),
     ])
+    if bias is not None:
+        graph.nodes.append(gs.Node("Add", names.new(f"{base}_bias"),
+                                   inputs=[product_scaled, names.constant(f"{base}_bias", bias)], outputs=[y]))
     return levels.tolist()
 
 

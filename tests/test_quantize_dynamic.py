@@ -85,3 +85,19 @@ def test_cli_quantizes_a_transformer_with_no_calibration_data(tmp_path):
                      "--input-shape", "ids:1,5", "--runs", "2")
     assert result.returncode == 0, result.stderr
     assert "activations=dynamic" in result.stdout and "validation on random" in result.stdout
+
+
+def test_gemm_with_a_bias_becomes_an_int8_matmul_plus_the_bias():
+    weight = rng.standard_normal((4, 8)).astype(np.float32)  # [N, K], transB=1 as torch's Linear exports it
+    bias = rng.standard_normal(4).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    quantized, report = onnxcomp.optimize(model, "int8:activations=dynamic", validate_result=False)
+    assert report.passes[0].stats["int8:Gemm"] == 1
+    assert [node.op_type for node in quantized.graph.node].count("MatMulInteger") == 1
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    (expected,), (actual,) = run_model(model, {"x": x}), run_model(quantized, {"x": x})
+    assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()
