@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # The library's errors name its arguments as `name=`; on the command line the same words are these flags.
 ARGUMENT_FLAGS = {"calib_data": "--calib-data", "data": "--data", "input_shapes": "--input-shape",
-                  "input_shape": "--input-shape", "tokenizer": "--tokenizer", "max_accuracy_drop": "--max-accuracy-drop",
-                  "max_latency_ratio": "--max-latency-ratio"}
+                  "input_shape": "--input-shape", "tokenizer": "--tokenizer",
+                  "max_accuracy_drop": "--max-accuracy-drop", "max_latency_ratio": "--max-latency-ratio"}
 
 
 def as_flags(message: str) -> str:

@@ -331,7 +331,8 @@ def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | 
     """Open `source` as samples for `model`.
 
     `source`: a path (.npz, .npy, image folder, or sentences in .txt / .tsv with a `tokenizer` file: see
-    onnxcomp.text), "random", a dict of arrays, a Dataset, or any iterable of feed dicts `{input name: batch}` — ONNX Runtime's CalibrationDataReader objects (`get_next()`) work too.
+    onnxcomp.text), "random", a dict of arrays, a Dataset, or any iterable of feed dicts `{input name: batch}` —
+    ONNX Runtime's CalibrationDataReader objects (`get_next()`) work too.
     Iterables are read once and held in memory; files and folders are read batch by batch. `input_shapes`
     fixes free input dimensions ({name: dims}).
     """

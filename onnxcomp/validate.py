@@ -108,8 +108,8 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
              input_shapes: dict[str, tuple[int, ...]] | None = None, tokenizer=None) -> Validation:
     """Compare `candidate` with `reference` on `data` (a path, arrays, Dataset, or None for random inputs).
 
-    `input_shapes` ({input: dims}) fixes free dimensions for the data; `tokenizer` reads sentence files. Every output is compared; integer
-    outputs exactly."""
+    `input_shapes` ({input: dims}) fixes free dimensions for the data; `tokenizer` reads sentence files. Every
+    tensor output is compared; integer and string outputs exactly."""
     providers = runtime.parse_providers(list(providers))
     runtime.require_available(providers)
     if isinstance(preprocess, str):
