@@ -131,7 +131,7 @@ def distill(teacher, student, data, *, config: DistillConfig = DistillConfig(), 
     torch.manual_seed(config.seed)
     module, student_model = _student(student, transfer.names)
     if config.init_from_teacher:
-        report.transferred = _transfer(teacher_model, module, student_model)
+        report.transferred, student_model = _transfer(teacher_model, module, student_model)
     _train(module, module.input_names if student_model is not None else transfer.names, transfer, config, report,
            progress)
     if student_model is not None:
@@ -456,13 +456,17 @@ def _check_shapes(module, inputs, teacher_out, device) -> None:
                          f"{list(teacher_out.shape[1:])}; the student must predict what the teacher does")
 
 
-def _transfer(teacher: onnx.ModelProto, module, student_model) -> list[dict]:
-    """Copy teacher initializers into the student's tensors of the same name and shape; one row per tensor."""
+def _transfer(teacher: onnx.ModelProto, module, student_model) -> tuple[list[dict], onnx.ModelProto | None]:
+    """Copy teacher initializers into the student's float tensors of the same name and shape, trained or fixed
+    (BatchNormalization statistics too); one row per tensor. An ONNX student's fixed tensors are not written
+    back from the module after training, so the returned student model holds the copies."""
     import torch
+
+    from onnxcomp.torch_graph import with_weights
 
     source = {t.name: numpy_helper.to_array(t) for t in teacher.graph.initializer}
     if student_model is not None:
-        named = {name: module.tensor(name) for name in module.trainable_names}
+        named = {name: module.tensor(name) for name in module.slots if module.tensor(name).is_floating_point()}
     else:
         named = dict(module.state_dict(keep_vars=True))
     rows = []
@@ -477,7 +481,11 @@ def _transfer(teacher: onnx.ModelProto, module, student_model) -> list[dict]:
                 tensor.copy_(torch.from_numpy(source[name].astype(np.float32)).to(tensor.dtype))
             row["copied"] = True
         rows.append(row)
-    return rows
+    if student_model is not None:
+        fixed = {row["name"]: source[row["name"]] for row in rows
+                 if row["copied"] and row["name"] not in module.trainable_names}
+        student_model = with_weights(student_model, fixed) if fixed else student_model
+    return rows, student_model
 
 
 def _export(torch, module, feed, names, teacher_model) -> onnx.ModelProto:

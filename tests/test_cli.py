@@ -43,6 +43,24 @@ def test_optimize_with_a_toml_recipe_and_no_data(tmp_path, digits_model):
     assert output.exists()
 
 
+def test_a_toml_recipe_runs_its_own_passes_not_the_default_ones(tmp_path, digits_model):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[[pass]]\nname = "prune"\nsparsity = 0.5\n')
+    result = run_cli("optimize", digits_model, "--recipe", recipe, "-o", tmp_path / "out.onnx", "--no-validate")
+    assert result.returncode == 0, result.stderr
+    ran = [line.split()[0] for line in result.stdout.splitlines()[3:] if line.strip()]
+    assert ran[0] == "prune" and "fuse-bn" not in ran and "sparsity=0.5" in result.stdout
+
+
+def test_an_accuracy_budget_that_is_exceeded_exits_1_after_writing(tmp_path, digits_model, digits_data):
+    output = tmp_path / "out.onnx"
+    result = run_cli("optimize", digits_model, "--passes", "fuse-bn,prune:sparsity=0.95,min-size=0", "-o", output,
+                     "--data", digits_data, "--runs", "2", "--max-accuracy-drop", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "top-1 accuracy dropped" in result.stderr and "--max-accuracy-drop" in result.stderr
+    assert output.exists()
+
+
 def test_validate_command_with_budgets(tmp_path, digits_model, digits_data):
     fused, _ = onnxcomp.optimize(digits_model, "fuse-bn", validate_result=False)
     candidate = tmp_path / "fused.onnx"

@@ -67,12 +67,26 @@ def test_onnx_student_keeps_its_graph_and_learns(tmp_path, digits_model, digits_
     assert report.epochs[-1].accuracy is not None and report.teacher_accuracy > 95
 
 
-def test_init_from_teacher_copies_matching_tensors(digits_model, digits_train):
-    _, report = onnxcomp.distill(str(digits_model), str(digits_model), str(digits_train / "train.npz"),
-                                 config=DistillConfig(epochs=1, init_from_teacher=True, learning_rate=1e-6),
+def test_init_from_teacher_copies_matching_tensors(digits_model, digits_train, tmp_path):
+    from onnx import numpy_helper
+
+    scrambled = onnx.load(digits_model)  # the teacher's graph with its float weights replaced by noise
+    rng = np.random.default_rng(0)
+    for tensor in scrambled.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == np.float32:
+            noise = rng.uniform(0.5, 1.5, values.shape).astype(np.float32)  # positive: BN variances stay valid
+            tensor.CopyFrom(numpy_helper.from_array(noise, tensor.name))
+    student = tmp_path / "student.onnx"
+    onnx.save(scrambled, student)
+    config = DistillConfig(epochs=1, init_from_teacher=True, learning_rate=1e-6)
+    _, report = onnxcomp.distill(str(digits_model), str(student), str(digits_train / "train.npz"), config=config,
                                  progress=False)
     assert report.transferred and all(row["copied"] for row in report.transferred)
-    assert report.epochs[0].agreement > 95  # the teacher's own weights
+    assert report.epochs[0].agreement > 95  # the teacher's weights came back
+    _, report = onnxcomp.distill(str(digits_model), str(student), str(digits_train / "train.npz"),
+                                 config=DistillConfig(epochs=1, learning_rate=1e-6), progress=False)
+    assert report.epochs[0].agreement < 50  # without copying, the noise stays
     _, report = onnxcomp.distill(str(digits_model), STUDENT, str(digits_train / "train.npz"),
                                  config=DistillConfig(epochs=1, init_from_teacher=True), progress=False)
     assert not any(row["copied"] for row in report.transferred)
