@@ -275,7 +275,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for name in args.models.split(","):
             path, arrays, shapes = model_and_inputs(name, assets, args.calib + args.eval)
-            batched = {spec.name for spec in datasets.model_inputs(onnx.load(path), shapes) if spec.batched}
+            batched = datasets.batched_names(datasets.model_inputs(onnx.load(path), shapes))
             calib = split(arrays, batched, 0, args.calib)
             evaluation = split(arrays, batched, args.calib, args.calib + args.eval)
             for recipe in args.recipes.split(","):

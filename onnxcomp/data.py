@@ -129,6 +129,11 @@ def parse_input_shapes(items: list[str] | tuple[str, ...]) -> dict[str, tuple[in
     return shapes
 
 
+def batched_names(inputs: list[InputSpec]) -> set[str]:
+    """The inputs that carry samples along their first axis; the others are fed whole."""
+    return {spec.name for spec in inputs if spec.batched}
+
+
 def _mark_batched(specs: list[InputSpec]) -> list[InputSpec]:
     """The first input with a first axis sets the batch; others whose first axis differs from it are fed whole."""
     ranked = [spec for spec in specs if spec.shape]
@@ -305,7 +310,7 @@ class Dataset:
             parts = [take(int(i), int(i) + 1) for i in indices[start:stop]]
             if not parts:
                 return {}
-            batched = {spec.name for spec in self.inputs if spec.batched}
+            batched = batched_names(self.inputs)
             return {name: np.concatenate([p[name] for p in parts]) if name in batched else value
                     for name, value in parts[0].items()}
 
@@ -336,6 +341,8 @@ def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | 
     Iterables are read once and held in memory; files and folders are read batch by batch. `input_shapes`
     fixes free input dimensions ({name: dims}).
     """
+    if tokenizer is not None and not isinstance(source, (str, Path)):
+        raise InputError("a tokenizer turns sentences into token ids; give the sentences as a .txt/.tsv file")
     inputs = model_inputs(model, input_shapes)
     if isinstance(preprocess, str) or preprocess is None:
         preprocess = Preprocess.parse(preprocess) if preprocess else None
@@ -366,8 +373,6 @@ def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | 
         else:
             raise InputError(f"{path}: unknown data format; use .npz, .npy, a folder of images, or sentences "
                              "(.txt/.tsv)")
-    if tokenizer is not None and not isinstance(source, (str, Path)):
-        raise InputError("a tokenizer turns sentences into token ids; give the sentences as a .txt/.tsv file")
     if dataset.num_samples == 0:
         raise InputError(f"{dataset.source}: holds no samples")
     if limit is not None and limit < dataset.num_samples:
@@ -498,7 +503,8 @@ def _from_arrays(source: str, arrays: dict[str, np.ndarray], inputs: list[InputS
         if preprocess is not None and spec.batched and array.ndim in (3, 4) and len(spec.shape) == 4:
             array = preprocess.apply(array)
         feeds[spec.name] = _check_array(source, spec, array)
-    batched = {name: array for name, array in feeds.items() if name in {s.name for s in inputs if s.batched}}
+    sample_axis = batched_names(inputs)
+    batched = {name: array for name, array in feeds.items() if name in sample_axis}
     counts = {len(a) for a in batched.values()}
     if len(counts) > 1:
         raise InputError(f"{source}: input arrays have different numbers of samples: "
@@ -513,7 +519,7 @@ def _gather_feeds(source, limit: int | None, inputs: list[InputSpec]) -> dict[st
     """Concatenate the feed dicts an iterable (or a CalibrationDataReader) yields, up to `limit` samples; an
     input without a batch axis keeps the first feed's value."""
     feeds = iter(source.get_next, None) if hasattr(source, "get_next") else iter(source)
-    whole = {spec.name for spec in inputs if not spec.batched}
+    whole = {spec.name for spec in inputs} - batched_names(inputs)
     parts: dict[str, list[np.ndarray]] = {}
     count = 0
     for feed in feeds:

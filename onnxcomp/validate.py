@@ -117,7 +117,8 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
     reference_model = _as_model(reference)
     candidate_model = _as_model(candidate)
     _check_same_interface(reference_model, candidate_model)
-    if not tensor_outputs(reference_model):
+    compared = tensor_outputs(reference_model)
+    if not compared:
         raise InputError("the model has no tensor outputs (only sequences or maps), so there is nothing to compare")
     dataset = datasets.random_data(reference_model, input_shapes=input_shapes) if data is None else \
         datasets.open_data(data, reference_model, preprocess=preprocess, limit=limit, input_shapes=input_shapes,
@@ -125,7 +126,7 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
     runs = dataset.runs(dataset.num_samples, batch_size)
     usable = runs[-1][1]
     notes = []
-    others = [o.name for o in reference_model.graph.output if o.name not in tensor_outputs(reference_model)]
+    others = [o.name for o in reference_model.graph.output if o.name not in compared]
     if others:
         notes.append(f"output(s) {', '.join(others)} are sequences or maps, not tensors: not compared")
     if dataset.is_random:
@@ -171,9 +172,9 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
     ref_acc = cand_acc = None
     agreement = min((o.agreement for o in results if o.agreement is not None), default=None)
     if ref_top1 and sum(map(len, ref_top1)) == usable:
-        ref_classes, cand_classes = np.concatenate(ref_top1), np.concatenate(cand_top1)
-        agreement = 100.0 * float(np.mean(ref_classes == cand_classes))
+        agreement = results[scores].agreement  # the scores output's top-1 agreement, per sample
         if dataset.labels is not None:
+            ref_classes, cand_classes = np.concatenate(ref_top1), np.concatenate(cand_top1)
             labels = dataset.labels[:usable]
             ref_acc = 100.0 * float(np.mean(ref_classes == labels))
             cand_acc = 100.0 * float(np.mean(cand_classes == labels))
@@ -187,7 +188,7 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
 
 def _is_scores(output: np.ndarray, rows: int) -> bool:
     """Class scores: a float matrix with one row per sample and more than one class."""
-    return output.ndim == 2 and output.shape[0] == rows and output.shape[1] > 1 and output.dtype.kind == "f"
+    return output.ndim == 2 and _class_axis(output, rows) is not None
 
 
 def _class_axis(output: np.ndarray, rows: int) -> int | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxcomp.errors import InputError, first_line
+from onnxcomp.errors import InputError
 from onnxcomp.progress import bar
 from onnxcomp.runner import Runner
 
