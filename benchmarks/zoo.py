@@ -146,15 +146,11 @@ def file_bytes(assets: Path, count: int) -> dict:
 
 
 def sentences(assets: Path, count: int) -> dict:
-    from tokenizers import Tokenizer
+    from onnxcomp import text
 
-    tokenizer = Tokenizer.from_file(str(assets / "zoo/bert_uncased_tokenizer.json"))
-    encodings = tokenizer.encode_batch(phrases(assets, count, offset=10000))
-    length = min(64, max(len(e.ids) for e in encodings))
-    ids = np.zeros((count, length), np.int64)
-    for row, encoding in enumerate(encodings):
-        ids[row, :min(length, len(encoding.ids))] = encoding.ids[:length]
-    return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+    model = onnx.load(assets / "zoo/paraphrase_minilm_l3.onnx", load_external_data=False)
+    return text.encode(phrases(assets, count, offset=10000), assets / "zoo/bert_uncased_tokenizer.json",
+                       datasets.model_inputs(model), max_length=64)
 
 
 def cifar(assets: Path, count: int) -> dict:

@@ -68,14 +68,25 @@ def load_tokenizer(path: str | Path):
 def token_arrays(path: Path, tokenizer_path, inputs: "list[InputSpec]", max_length: int = MAX_LENGTH,
                  ) -> dict[str, np.ndarray]:
     """{input name: [N, T] array} (and 'labels' when the file has them) for the sentences in `path`."""
-    roles = _roles(path, inputs)
+    _roles(path, inputs)  # a model without token inputs is the first thing to say
     if tokenizer_path is None:
         raise InputError(f"{path}: text data needs a tokenizer to turn sentences into token ids; give a "
                          "tokenizer.json")
-    tokenizer = load_tokenizer(tokenizer_path)
     sentences, labels = read_sentences(path)
     if not sentences:
         raise InputError(f"{path}: holds no sentences")
+    arrays = encode(sentences, tokenizer_path, inputs, max_length, source=str(path))
+    if labels is not None:
+        arrays["labels"] = labels
+    return arrays
+
+
+def encode(sentences: list[str], tokenizer_path, inputs: "list[InputSpec]", max_length: int = MAX_LENGTH,
+           source: str = "sentences") -> dict[str, np.ndarray]:
+    """{input name: [N, T] array} for `sentences`, padded to the longest (at most `max_length`, or the sequence
+    length the model fixes); `source` names them in errors."""
+    roles = _roles(source, inputs)
+    tokenizer = load_tokenizer(tokenizer_path)
     fixed = {spec.shape[1] for spec in inputs if spec.name in roles and isinstance(spec.shape[1], int)}
     limit = fixed.pop() if len(fixed) == 1 else max_length
     encodings = tokenizer.encode_batch(sentences)
@@ -87,13 +98,10 @@ def token_arrays(path: Path, tokenizer_path, inputs: "list[InputSpec]", max_leng
         ids[row, :len(tokens)] = tokens
         mask[row, :len(tokens)] = 1
     values = {"ids": ids, "mask": mask, "type": np.zeros_like(ids)}
-    arrays = {spec.name: values[roles[spec.name]].astype(spec.dtype) for spec in inputs if spec.name in roles}
-    if labels is not None:
-        arrays["labels"] = labels
-    return arrays
+    return {spec.name: values[roles[spec.name]].astype(spec.dtype) for spec in inputs if spec.name in roles}
 
 
-def _roles(path: Path, inputs: "list[InputSpec]") -> dict[str, str]:
+def _roles(source, inputs: "list[InputSpec]") -> dict[str, str]:
     """What each token input holds: ids, mask or type; an error when the model takes no token ids."""
     roles = {}
     for spec in inputs:
@@ -103,9 +111,9 @@ def _roles(path: Path, inputs: "list[InputSpec]") -> dict[str, str]:
         roles[spec.name] = "mask" if "mask" in name else "type" if ("type" in name or "segment" in name) else "ids"
     if "ids" not in roles.values():
         described = ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in inputs)
-        raise InputError(f"{path}: text data feeds models with token id inputs (integer [batch, sequence]); this "
+        raise InputError(f"{source}: text data feeds models with token id inputs (integer [batch, sequence]); this "
                          f"model's inputs are {described}")
     missing = [spec.name for spec in inputs if spec.name not in roles]
     if missing:
-        raise InputError(f"{path}: text data fills token inputs only; the model also needs {', '.join(missing)}")
+        raise InputError(f"{source}: text data fills token inputs only; the model also needs {', '.join(missing)}")
     return roles
