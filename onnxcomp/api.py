@@ -13,6 +13,7 @@ from onnxcomp.errors import BudgetExceeded, InputError
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import Pass, PassContext
 from onnxcomp.report import Report
+from onnxcomp.text import is_text
 from onnxcomp.validate import Validation, validate
 
 DEFAULT_PASSES = "fold-constants,flush-denormals,fuse-bn,cleanup"
@@ -98,8 +99,6 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
 
 def _text_only(source, tokenizer):
     """The tokenizer for a source of sentences; one tokenizer serves both data sets, whichever are text."""
-    from onnxcomp.text import is_text
-
     return tokenizer if is_text(source) else None
 
 
