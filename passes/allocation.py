@@ -11,6 +11,8 @@ measures that by running the model with changed weights.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -110,17 +112,40 @@ def round_to_total(targets: np.ndarray, total: int) -> np.ndarray:
     return floors
 
 
-class ModelOutputs:
-    """The model's outputs on some samples, with some layers' weights (and biases) changed for the run."""
+PROBE_SECONDS = 15.0  # what a pass's layer-by-layer probes may take together before they use fewer samples
+MIN_PROBE_SAMPLES = 8
 
-    def __init__(self, graph: gs.Graph, ctx, data, samples: int, batch_size: int):
+
+class ModelOutputs:
+    """The model's outputs on some samples, with some layers' weights (and biases) changed for the run.
+
+    `probes`: how many runs the caller will make. Where that many runs over `samples` would take more than
+    PROBE_SECONDS (a large model, timed on its reference run), fewer samples are used, down to
+    MIN_PROBE_SAMPLES in whole batches: a layer's gain is a ratio of errors, stable over a few samples, while
+    the probes of a 70-layer detector at 320×320 took a minute on 32.
+    """
+
+    def __init__(self, graph: gs.Graph, ctx, data, samples: int, batch_size: int, probes: int = 1):
         self.graph, self.ctx, self.data, self.samples, self.batch_size = graph, ctx, data, samples, batch_size
         self.names = [t.name for t in graph.outputs]
-        self.reference = self.run([])
+        started = time.perf_counter()
+        batches = self._batches([])
+        overhead = time.perf_counter() - started - sum(seconds for _, _, seconds in batches)  # export, session
+        done = [stop for stop, _, _ in batches]
+        per_sample = sum(seconds for _, _, seconds in batches) / max(done[-1], 1)
+        affordable = (PROBE_SECONDS / probes - overhead) / max(per_sample, 1e-9)
+        wanted = max(affordable, MIN_PROBE_SAMPLES)
+        kept = next((index + 1 for index, stop in enumerate(done) if stop >= wanted), len(done))
+        self.samples = done[kept - 1]
+        self.reference = np.concatenate([values for _, values, _ in batches[:kept]])
         self.signal = max(float(np.dot(self.reference, self.reference)), 1e-30)
 
     def run(self, changes: list[tuple[WeightedLayer, np.ndarray, np.ndarray | None]]) -> np.ndarray:
         """The outputs, flattened, with each (layer, weight, bias shift or None) of `changes` applied."""
+        return np.concatenate([values for _, values, _ in self._batches(changes)])
+
+    def _batches(self, changes) -> list[tuple[int, np.ndarray, float]]:
+        """(samples done, the batch's outputs flattened, seconds its run took) per batch, with `changes` applied."""
         kept = [(layer.weight.values, list(layer.node.inputs)) for layer, _, _ in changes]
         scratch = graphs.Names(self.graph)
         for layer, values, bias_shift in changes:
@@ -132,10 +157,13 @@ class ModelOutputs:
             layer.weight.values = values
             layer.node.inputs.clear()
             layer.node.inputs.extend(inputs)
-        batches = Runner(model, provider=self.ctx.provider, outputs=self.names,
-                         role="the model for a sensitivity probe").batches(self.data, self.samples, self.batch_size)
-        return np.concatenate([np.concatenate([np.asarray(v, np.float64).ravel() for v in values.values()])
-                               for _, values in batches])
+        runner = Runner(model, provider=self.ctx.provider, outputs=self.names, role="the model for a sensitivity probe")
+        batches, started = [], time.perf_counter()
+        for stop, values in runner.batches(self.data, self.samples, self.batch_size):
+            flat = np.concatenate([np.asarray(v, np.float64).ravel() for v in values.values()])
+            batches.append((stop, flat, time.perf_counter() - started))
+            started = time.perf_counter()
+        return batches
 
     def relative_error(self, changes) -> float:
         """‖outputs with `changes` − outputs‖² / ‖outputs‖²."""

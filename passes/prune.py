@@ -318,7 +318,7 @@ def _output_gains(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContext, cor
     by its skip connection, the convolution that opens a stage is not. Weighting each layer's error curve by
     this gain makes the allocation minimise the error of the outputs, not of the layers.
     """
-    outputs = ModelOutputs(graph, ctx, ctx.calibration_data, samples, batch_size)
+    outputs = ModelOutputs(graph, ctx, ctx.calibration_data, samples, batch_size, probes=len(plans))
     gains = np.ones(len(plans))
     for index, plan in enumerate(progress.each(plans, "sensitivity", unit="layer")):
         pruned, bias_shift, error = _prune_layer(plan, int(round(level * plan.layer.values.size)), correction)

@@ -266,7 +266,8 @@ def _allocate_bits(graph: gs.Graph, layers: list[WeightedLayer], statistics: dic
         return {}
     granularities = ("row", "scaled", "tensor") if config.granularity == "auto" else (config.granularity,)
     probe = ModelOutputs(graph, ctx, ctx.calibration_data, min(PROBE_SAMPLES, config.samples,
-                                                                ctx.calibration_data.num_samples), config.batch_size)
+                                                                ctx.calibration_data.num_samples), config.batch_size,
+                         probes=len(layers))
     options, budget, gains = [], 0.0, []
     for layer in progress.each(layers, "sensitivity", unit="layer"):
         stats = statistics[id(layer)]

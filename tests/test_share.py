@@ -232,3 +232,20 @@ def test_deep_compression_recipe_prunes_then_shares(tmp_path, digits_model):
     rejected = run_cli("optimize", digits_model, "--passes", "deep-compression,sparsity=0.3", "-o", out)
     assert rejected.returncode == 2 and "write its passes out" in rejected.stderr
     assert "deep-compression" in run_cli("passes").stdout
+
+
+def test_probes_use_fewer_samples_where_all_of_them_would_take_too_long(monkeypatch):
+    """Layer-by-layer probes of a large model are budgeted in time: past it, whole batches down to 8 samples."""
+    import onnx_graphsurgeon as gs
+
+    from onnxcomp import data as datasets
+    from onnxcomp.pass_base import PassContext
+    from onnxcomp.passes import allocation
+
+    model = loud_and_quiet(channels=16)
+    data = datasets.open_data({"x": images(32, seed=1)}, model)
+    graph = gs.import_onnx(model)
+    assert allocation.ModelOutputs(graph, PassContext(), data, 32, 4, probes=1).samples == 32
+    monkeypatch.setattr(allocation, "PROBE_SECONDS", 1e-9)
+    cheap = allocation.ModelOutputs(graph, PassContext(), data, 32, 4, probes=70)
+    assert cheap.samples == allocation.MIN_PROBE_SAMPLES and cheap.run([]).size == cheap.reference.size
