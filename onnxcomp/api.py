@@ -28,11 +28,11 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
 
 
 def resolve_passes(passes: str | list[Pass] | None = None, recipe_file: str | os.PathLike | None = None) -> list[Pass]:
-    """A pass list from a recipe string, a TOML recipe file, or configured Pass objects."""
+    """A pass list from a recipe string, a recipe (a TOML file or a named recipe), or configured Pass objects."""
     if passes is not None and recipe_file is not None:
         raise InputError("give either passes or a recipe file, not both")
     if recipe_file is not None:
-        return recipe.load_toml(recipe_file)
+        return recipe.load(recipe_file)
     if passes is None:
         return recipe.parse(DEFAULT_PASSES)
     if isinstance(passes, str):

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     which = optimize.add_mutually_exclusive_group()
     which.add_argument("--passes", help=f"comma-separated passes with options, e.g. "
                                         f"'fuse-bn,cleanup' (default: {api.DEFAULT_PASSES}); see `onnxcomp passes`")
-    which.add_argument("--recipe", help="TOML recipe file with [[pass]] tables")
+    which.add_argument("--recipe", help=f"a named recipe ({', '.join(recipe.RECIPES)}) or a TOML recipe file "
+                                        "with [[pass]] tables")
     optimize.add_argument("-o", "--output", help="output model (default: MODEL.opt.onnx beside the input)")
     optimize.add_argument("--calib-data", help="calibration data for the passes that need it "
                                                "(.npz, .npy, image folder, or 'random')")

@@ -5,7 +5,12 @@ unless the next item is `key=value`, which adds an option to the pass before it.
 items with `|`.
 
 A named recipe stands for its passes (see RECIPES): `deep-compression,int8` is the Deep Compression pipeline
-followed by int8. A named recipe takes no options; to change one, write its passes out.
+followed by int8. A named recipe takes no options; to change one, write its passes out. `--recipe NAME` takes a
+named recipe as well as a TOML file.
+
+A pass's strength (STRENGTHS: prune's sparsity, share's bits) is free when the user did not write it: the pass
+is named alone, or comes from a named recipe, whose strengths are defaults. An accuracy budget searches the free
+strengths (onnxcomp/search.py); `free_strengths` says which they are.
 
 In a TOML file, a list of tables:
 
@@ -43,16 +48,47 @@ RECIPES = {
 }
 
 
+# The option that sets how much a pass compresses; a budget search chooses it when the user left it free.
+STRENGTHS = {"prune": "sparsity", "share": "bits"}
+
+
 def parse(text: str) -> list[Pass]:
     """Turn `name[:key=value[,key=value]][,name...]` into configured passes."""
     specs = _specs(text)
     if not specs:
         raise InputError("the recipe names no pass; see `onnxcomp passes` for the list")
-    return [registry.get(name).from_options(options) for name, options in specs]
+    return [registry.get(name).from_options(options) for name, options, _ in specs]
 
 
-def _specs(text: str) -> list[tuple[str, dict[str, str]]]:
-    specs: list[tuple[str, dict[str, str]]] = []
+def load(recipe: str | Path) -> list[Pass]:
+    """A named recipe (RECIPES) or a TOML recipe file."""
+    return parse(str(recipe)) if _is_named(recipe) else load_toml(recipe)
+
+
+def _is_named(recipe: str | Path) -> bool:
+    """A recipe name, unless a file of that name lies in the working folder (then the file is meant)."""
+    return str(recipe) in RECIPES and not Path(recipe).is_file()
+
+
+def free_strengths(text: str | None = None, recipe: str | Path | None = None) -> dict[int, str]:
+    """{position in the pipeline: option} of the passes whose strength (STRENGTHS) the user left free, for a
+    recipe string, or a recipe (name or TOML file) as `load` reads it."""
+    if recipe is not None and not _is_named(recipe):
+        entries = [(entry["name"], entry, False) for entry in _toml_entries(Path(recipe))]
+    else:
+        entries = _specs(str(recipe) if recipe is not None else text or "")
+    return {position: STRENGTHS[name] for position, (name, options, from_recipe) in enumerate(entries)
+            if name in STRENGTHS and (from_recipe or _option(options, STRENGTHS[name]) is None)}
+
+
+def _option(options: dict, key: str):
+    """An option's value whichever way it was spelled (`min-size` or `min_size`)."""
+    return next((value for name, value in options.items() if name.replace("-", "_") == key), None)
+
+
+def _specs(text: str) -> list[tuple[str, dict[str, str], bool]]:
+    """(pass name, options, whether a named recipe gave it) for each pass of a recipe string."""
+    specs: list[tuple[str, dict[str, str], bool]] = []
     after_recipe = None  # the named recipe the previous item expanded, which takes no options
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -70,7 +106,7 @@ def _specs(text: str) -> list[tuple[str, dict[str, str]]]:
         if name in RECIPES:
             if first_option:
                 raise _recipe_options(name)
-            specs.extend(_specs(RECIPES[name]))
+            specs.extend((inner, options, True) for inner, options, _ in _specs(RECIPES[name]))
             after_recipe = name
             continue
         after_recipe = None
@@ -80,7 +116,7 @@ def _specs(text: str) -> list[tuple[str, dict[str, str]]]:
             if not equals:
                 raise InputError(f"recipe '{text}': option '{first_option}' of '{name}' needs the form key=value")
             options[key.strip()] = value.strip()
-        specs.append((name, options))
+        specs.append((name, options, False))
     return specs
 
 
@@ -91,10 +127,20 @@ def _recipe_options(name: str) -> InputError:
 def load_toml(path: str | Path) -> list[Pass]:
     """Read a TOML recipe file (see the module docstring)."""
     path = Path(path)
+    passes = []
+    for entry in _toml_entries(path):
+        options = dict(entry)
+        passes.append(registry.get(options.pop("name")).from_options(options))
+    return passes
+
+
+def _toml_entries(path: Path) -> list[dict]:
+    """The [[pass]] tables of a TOML recipe file, each with a name."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{path}: recipe file not found") from None
+        raise InputError(f"{path}: recipe file not found; give a TOML file or a named recipe "
+                         f"({', '.join(RECIPES)})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the recipe ({exc.strerror or exc}); give a TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -102,13 +148,9 @@ def load_toml(path: str | Path) -> list[Pass]:
     entries = document.get("pass")
     if not isinstance(entries, list) or not entries:
         raise InputError(f"{path}: a recipe needs one or more [[pass]] tables, each with a name")
-    passes = []
     for position, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict):
             raise InputError(f"{path}: a recipe needs one or more [[pass]] tables, each with a name")
-        options = dict(entry)
-        name = options.pop("name", None)
-        if not isinstance(name, str):
+        if not isinstance(entry.get("name"), str):
             raise InputError(f"{path}: [[pass]] number {position} has no name")
-        passes.append(registry.get(name).from_options(options))
-    return passes
+    return entries
