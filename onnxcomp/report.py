@@ -17,6 +17,10 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     validation: Validation | None = None
     validation_skipped: str | None = None  # why the model could not be validated (no inputs could be made)
+    # The candidates a search or a budget tried, one dict each: "recipe" (str), "bytes" (int),
+    # "latency_ms" (float or None), "accuracy" (float or None, percent), "drop" (float or None, points),
+    # "chosen" (bool). The HTML report plots them as the size/accuracy Pareto front.
+    candidates: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -25,6 +29,7 @@ class Report:
             "passes": [asdict(record) for record in self.passes],
             "validation": self.validation.to_dict() if self.validation else None,
             "validation_skipped": self.validation_skipped,
+            "candidates": [dict(candidate) for candidate in self.candidates],
         }
 
     def to_json(self) -> str:
