@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -17,6 +17,7 @@ class Latency:
     p90_ms: float
     p99_ms: float
     runs: int
+    timings_ms: list[float] = field(default_factory=list)  # each timed run, in order: the distribution's plot
 
 
 def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *,
@@ -46,7 +47,7 @@ def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np
 def _summary(milliseconds: list[float]) -> Latency:
     values = np.asarray(milliseconds)
     return Latency(float(np.median(values)), float(np.percentile(values, 90)), float(np.percentile(values, 99)),
-                   len(values))
+                   len(values), [float(v) for v in values])
 
 
 @contextmanager

@@ -13,9 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-from onnxcomp import api, inspection, model_io, progress, recipe, registry
+from onnxcomp import api, html_report, inspection, model_io, progress, recipe, registry, search
 from onnxcomp.distillation import AUGMENTS, LOSSES, SCHEDULES, DistillConfig, distill, heal
-from onnxcomp.errors import InputError, OnnxcompError, first_line
+from onnxcomp.errors import BudgetExceeded, InputError, OnnxcompError, first_line
 from onnxcomp.report import Report
 from onnxcomp.validate import validate
 
@@ -42,7 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--calib-data", help="calibration data for the passes that need it "
                                                "(.npz, .npy, image folder, or 'random')")
     optimize.add_argument("--no-validate", action="store_true", help="skip validation against the original")
+    optimize.add_argument("--optimize-for", choices=search.OBJECTIVES, default="size",
+                          help="with --max-accuracy-drop, the free strengths of prune and share (not written in "
+                               "the recipe) are searched for the smallest (default) or the fastest model within "
+                               "the budget on --data")
     _add_validation_options(optimize)
+
+    grid = commands.add_parser("search", help="optimize a grid of recipes in parallel, print the Pareto front "
+                                              "(size, latency, accuracy) and write the best within the budget")
+    grid.add_argument("model", help="input .onnx model (never modified)")
+    grid.add_argument("--data", required=True, help="labelled evaluation data (or unlabelled: agreement); "
+                                                    "without --calib-data, its first samples calibrate")
+    grid.add_argument("--calib-data", help="calibration data for the passes that need it")
+    grid.add_argument("--max-accuracy-drop", type=float, required=True, help="the budget, in points")
+    grid.add_argument("--grid", help="TOML file of [[candidate]] tables, each with recipe = \"...\" "
+                                     "(default: a built-in set; see README)")
+    grid.add_argument("--preprocess", help="image preprocessing, as for optimize")
+    grid.add_argument("--optimize-for", choices=search.OBJECTIVES, default="size",
+                      help="the best within the budget: smallest (default) or fastest")
+    grid.add_argument("--workers", type=int, help="local worker processes (default: min(CPUs, 2))")
+    grid.add_argument("--ray", metavar="ADDRESS", help="run the candidates on the Ray cluster at HOST:PORT "
+                                                       "(needs onnxcomp[ray]); paths must be readable there")
+    grid.add_argument("--cache", help="cache folder (default: ~/.cache/onnxcomp/search)")
+    grid.add_argument("--runs", type=int, default=50, help="timed runs for latency at batch 1 (default 50)")
+    grid.add_argument("-o", "--output", help="write the chosen model here")
+    grid.add_argument("--report", help="write the candidates as JSON to this file")
 
     check = commands.add_parser("validate", help="compare a candidate model with a reference model")
     check.add_argument("reference", help="the original model")
@@ -122,7 +146,8 @@ def _add_validation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed runs for latency at batch 1 (default 50)")
     parser.add_argument("--ort-opt", default="all", choices=["disable", "basic", "extended", "all"],
                         help="ONNX Runtime graph optimization level for validation (default all)")
-    parser.add_argument("--report", help="write the report as JSON to this file")
+    parser.add_argument("--report", help="write the report to this file: .json, or .html (one page with plots; "
+                                         "needs onnxcomp[report])")
     parser.add_argument("--max-accuracy-drop", type=float,
                         help="exit 1 when top-1 (or agreement, without labels) drops more points than this")
     parser.add_argument("--max-latency-ratio", type=float,
@@ -153,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 # The library's errors name its arguments as `name=`; on the command line the same words are these flags.
 ARGUMENT_FLAGS = {"calib_data": "--calib-data", "data": "--data", "input_shapes": "--input-shape",
                   "input_shape": "--input-shape", "tokenizer": "--tokenizer",
-                  "max_accuracy_drop": "--max-accuracy-drop", "max_latency_ratio": "--max-latency-ratio"}
+                  "max_accuracy_drop": "--max-accuracy-drop", "max_latency_ratio": "--max-latency-ratio",
+                  "optimize_for": "--optimize-for", "ray_address": "--ray", "workers": "--workers"}
 
 
 def as_flags(message: str) -> str:
@@ -169,8 +195,28 @@ def _optimize(args) -> int:
                              validate_result=not args.no_validate, providers=_providers(args), limit=args.limit,
                              latency_runs=args.runs, optimization=args.ort_opt,
                              max_accuracy_drop=args.max_accuracy_drop, max_latency_ratio=args.max_latency_ratio,
-                             input_shapes=_input_shapes(args), tokenizer=args.tokenizer)
+                             input_shapes=_input_shapes(args), tokenizer=args.tokenizer,
+                             optimize_for=args.optimize_for)
     return _finish(report, args)
+
+
+def _search(args) -> int:
+    if args.runs < 0:
+        raise InputError("--runs must be 0 (no latency) or more")
+    result = search.search_recipes(args.model, args.data, calib_data=args.calib_data,
+                                   max_accuracy_drop=args.max_accuracy_drop, grid=args.grid,
+                                   preprocess=args.preprocess, workers=args.workers, ray_address=args.ray,
+                                   cache=args.cache, output=args.output, optimize_for=args.optimize_for,
+                                   latency_runs=args.runs)
+    print(result.render())
+    if args.report:
+        report = Report(model=args.model, output=args.output,
+                        candidates=[candidate.report_row() for candidate in result.candidates])
+        model_io.save_text(report.to_json(), args.report, protect=(args.model, args.output))
+    if not result.chosen.within_budget:
+        raise BudgetExceeded(f"no candidate is within the budget: the least drop was {result.chosen.drop:.2f} "
+                             f"points, over {args.max_accuracy_drop} (--max-accuracy-drop)")
+    return 0
 
 
 def _validate(args) -> int:
@@ -186,7 +232,8 @@ def _finish(report: Report, args) -> int:
         report.validation_skipped = as_flags(report.validation_skipped)
     print(report.render())
     if args.report:
-        model_io.save_text(report.to_json(), args.report, protect=(report.model, report.output))
+        text = html_report.render(report) if html_report.is_html(args.report) else report.to_json()
+        model_io.save_text(text, args.report, protect=(report.model, report.output))
     if report.validation is not None:
         api.check_budgets(report.validation, max_accuracy_drop=args.max_accuracy_drop,
                           max_latency_ratio=args.max_latency_ratio)
@@ -232,6 +279,8 @@ def _input_shapes(args) -> dict[str, tuple[int, ...]]:
 def _check_validation_args(args, models: tuple[str, ...]) -> None:
     if args.report and any(Path(args.report).resolve() == Path(m).resolve() for m in models):
         raise InputError(f"--report {args.report} would overwrite a model of this run; choose another file")
+    if args.report:
+        _check_report_path(args.report)
     if args.limit is not None and args.limit < 1:
         raise InputError("--limit must be at least 1")
     if args.runs < 0:
@@ -243,6 +292,15 @@ def _check_validation_args(args, models: tuple[str, ...]) -> None:
         raise InputError("--max-latency-ratio needs latency runs; drop --runs 0")
     if args.max_accuracy_drop is not None and (args.data is None or args.data == "random"):
         raise InputError("--max-accuracy-drop needs real data (--data); random inputs measure no accuracy")
+
+
+def _check_report_path(path: str) -> None:
+    """Before any work: a report format we write, and for HTML the library that draws its plots. A device or a
+    pipe (/dev/stdout) takes JSON."""
+    if html_report.is_html(path):
+        html_report.require_matplotlib()
+    elif Path(path).suffix.lower() != ".json" and not (Path(path).exists() and not Path(path).is_file()):
+        raise InputError(f"--report {path}: give a .json or an .html file name")
 
 
 def _default_output(model: Path) -> Path:
@@ -285,7 +343,7 @@ def _export(args) -> int:
 
 
 _COMMANDS = {"optimize": _optimize, "validate": _validate, "inspect": _inspect, "passes": _passes,
-             "distill": _distill, "export": _export}
+             "distill": _distill, "export": _export, "search": _search}
 
 if __name__ == "__main__":
     sys.exit(main())
