@@ -1,0 +1,337 @@
+"""int4: weight-only block-wise quantization of MatMul / Gemm weights and embedding tables (ONNX Runtime's
+com.microsoft MatMulNBits and GatherBlockQuantized).
+
+Before:                                          After:
+    x [..., K] ─► MatMul(W: float [K, N]) ─► y       x ─► MatMulNBits(B: uint8 [N, K/block, block·bits/8],
+    x [M, K] ─► Gemm(W, C; transB) ─► y                            scales [N, K/block], zero points?, bias C?) ─► y
+    ids ─► Gather(E: float [V, D]) ─► e              ids ─► GatherBlockQuantized(E: uint8 [V, D·bits/8],
+                                                                              scales [V, D/block], zero points?) ─► e
+
+Each column of W (each row of E) is cut along K (along D) into blocks of `block` values; each block gets its own
+float scale (and, unless `symmetric`, its own zero point) and its values become `bits`-bit codes, packed low bits
+first, `8 / bits` codes a byte. Activations stay float: ONNX Runtime decodes the weights inside its kernels, so
+the file holds about bits/32 of the float weights' bytes plus one scale per block. A transformer's weights are
+most of its file (paraphrase-MiniLM-L3: the 30522 × 384 word-embedding table alone is 47 of its 66 MB), so the
+tables are quantized too and decoded only at the gathered rows.
+
+`method=rtn` rounds each weight to its nearest code. `method=gptq` (Frantar et al. 2023) rounds W's rows of K
+one after another and spreads each rounding error over the rows not yet rounded, through the inverse of
+H = E[x xᵀ] measured on calibration data, so that x·W on that data is kept rather than W itself; the block
+scales are fixed from W before the sweep. Tables have no input vectors and are always rounded to nearest.
+
+Sensitive layers may keep 8 bits: `keep_first` / `keep_last` (the first / last MatMul or Gemm in graph order;
+the last is a language model's lm_head). ONNX Runtime 1.32's CPU kernels run 2, 4 and 8 bits.
+Only float32 weights are rewritten; Gemm only as a MatMul plus bias (transA = 0, alpha = beta = 1).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp import graph as graphs
+from onnxcomp import progress
+from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
+from onnxcomp.passes.layers import WeightedLayer, input_statistics, obs_sweep, relative_error, select_layers, snr_db
+from onnxcomp.passes.layers import solved
+from onnxcomp.passes.quantize_dynamic import _bias as gemm_bias
+from onnxcomp.passes.quantize_dynamic import _table as embedding_table
+from onnxcomp.passes.quantize_dynamic import _weight as matmul_weight
+from onnxcomp.registry import register
+
+RUNNABLE_BITS = (2, 4, 8)  # what MatMulNBits runs in ONNX Runtime 1.32 (its CPU kernel refuses the others)
+SENSITIVE_BITS = 8
+METHODS = ("rtn", "gptq")
+DAMPING = 0.01  # share of H's mean diagonal added to it, as GPTQ does, so that its inverse is well-posed
+MICROSOFT = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    bits: int = 4
+    block: int = 32                   # weights per scale, along K (a power of two, 16 or more)
+    symmetric: bool = True            # no zero points: codes centred on 2^(bits-1)
+    method: str = "rtn"               # rtn | gptq (needs calibration data)
+    tables: bool = True               # embedding tables (Gather on a constant 2-D table) too
+    keep_first: bool = False          # the first MatMul / Gemm at 8 bits
+    keep_last: bool = False           # the last MatMul / Gemm (lm_head) at 8 bits
+    exclude: tuple[str, ...] = ()     # shell patterns over node and weight names: left in float
+    samples: int = 128
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be 2 to 8, not {self.bits}")
+        if self.bits not in RUNNABLE_BITS:
+            raise ValueError(f"bits={self.bits}: ONNX Runtime's MatMulNBits runs only "
+                             f"{', '.join(map(str, RUNNABLE_BITS))} bits; choose one of them")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two of 16 or more (16, 32, 64, ...), not {self.block}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'")
+        if self.samples < 1 or self.batch_size < 1:
+            raise ValueError("samples and batch-size must be at least 1")
+
+
+@dataclass
+class Blocked:
+    """A weight as `bits`-bit codes (units, blocks, block) with a scale and a zero point per block."""
+
+    codes: np.ndarray   # uint8 (units, blocks, block)
+    scales: np.ndarray  # float32 (units, blocks)
+    zeros: np.ndarray   # uint8 (units, blocks)
+    bits: int
+
+    def decoded(self, length: int) -> np.ndarray:
+        """The float values (units, length) the codes stand for."""
+        values = (self.codes.astype(np.float32) - self.zeros[:, :, None]) * self.scales[:, :, None]
+        return values.reshape(values.shape[0], -1)[:, :length]
+
+    def packed_codes(self) -> np.ndarray:
+        """(units, blocks, block · bits / 8) bytes, the first code of each byte in its low bits."""
+        return pack(self.codes, self.bits)
+
+    def packed_zeros(self) -> np.ndarray:
+        """(units, ⌈blocks · bits / 8⌉) bytes, as MatMulNBits and GatherBlockQuantized read uint8 zero points."""
+        per_byte = 8 // self.bits
+        units, blocks = self.zeros.shape
+        padded = np.full((units, -(-blocks // per_byte) * per_byte), 1 << (self.bits - 1), np.uint8)
+        padded[:, :blocks] = self.zeros
+        return pack(padded, self.bits)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes along the last axis, `8 / bits` a byte, low bits first."""
+    per_byte = 8 // bits
+    grouped = codes.astype(np.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
+
+
+def block_grid(units: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scales, zero points) per block of `units` (units, length), and the length padded to whole blocks.
+
+    Symmetric: the block's largest magnitude, with its sign, lands on the lowest code (−2^(bits−1) steps from the
+    centre), so that side uses every level, as ONNX Runtime's own quantizer does. Asymmetric: [min, max] (0
+    included) spread over all 2^bits levels."""
+    padded = _padded(units, block)
+    blocks = padded.reshape(padded.shape[0], -1, block)
+    half, top = 1 << (bits - 1), (1 << bits) - 1
+    if symmetric:
+        high, low = blocks.max(axis=2), blocks.min(axis=2)
+        scales = (np.where(np.abs(high) >= np.abs(low), high, low) / -half).astype(np.float32)
+        zeros = np.full(scales.shape, half, np.uint8)
+    else:
+        low, high = np.minimum(blocks.min(axis=2), 0), np.maximum(blocks.max(axis=2), 0)
+        scales = ((high - low) / top).astype(np.float32)
+        zeros = np.clip(np.round(-low / np.where(scales == 0, 1, scales)), 0, top).astype(np.uint8)
+    return scales, zeros, padded.shape[1]
+
+
+def round_to_grid(values: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int) -> np.ndarray:
+    """The codes nearest to `values` on the grid of `scales` and `zeros` (same shapes, or broadcastable)."""
+    safe = np.where(scales == 0, 1, scales)
+    return np.clip(np.round(values / safe) + zeros, 0, (1 << bits) - 1).astype(np.uint8)
+
+
+def quantize_rtn(units: np.ndarray, bits: int, block: int, symmetric: bool) -> Blocked:
+    """`units` (units, length) rounded to the nearest code of their block."""
+    scales, zeros, length = block_grid(units, bits, block, symmetric)
+    blocks = _padded(units, block).reshape(units.shape[0], -1, block)
+    return Blocked(round_to_grid(blocks, scales[:, :, None], zeros[:, :, None], bits), scales, zeros, bits)
+
+
+def quantize_gptq(layer: WeightedLayer, units: np.ndarray, stats, bits: int, block: int,
+                  symmetric: bool) -> Blocked:
+    """`units` (N, K), the layer's weight columns, rounded along K with GPTQ's error feedback on `stats`."""
+    scales, zeros, _ = block_grid(units, bits, block, symmetric)
+    rows = units[None].astype(np.float64)
+    moment = stats.moment(centered=False)
+    _, upper = solved(layer, rows, stats, False, DAMPING, moment, moment)
+    codes = np.zeros((units.shape[0], scales.shape[1] * block), np.uint8)
+    codes[:] = zeros.repeat(block, axis=1)  # the padding past K decodes to 0
+    visited = 0
+
+    def nearest(columns: np.ndarray, _diagonal: np.ndarray):
+        nonlocal visited
+        first, visited = visited, visited + columns.shape[-1]
+
+        def round_column(values: np.ndarray, column: int) -> np.ndarray:
+            index = first + column
+            scale, zero = scales[:, index // block], zeros[:, index // block]
+            codes[:, index] = round_to_grid(values[0], scale, zero, bits)
+            return ((codes[:, index].astype(np.float32) - zero) * scale)[None]
+        return round_column
+
+    obs_sweep(rows, upper, nearest)
+    return Blocked(codes.reshape(units.shape[0], -1, block), scales, zeros, bits)
+
+
+def _padded(units: np.ndarray, block: int) -> np.ndarray:
+    length = units.shape[1]
+    padded = np.zeros((units.shape[0], -(-length // block) * block), np.float32)
+    padded[:, :length] = units
+    return padded
+
+
+@dataclass(eq=False)
+class Target:
+    """One MatMul / Gemm to rewrite, with the bits it gets."""
+
+    layer: WeightedLayer
+    bits: int
+
+
+@register
+class Int4(Pass):
+    name = "int4"
+    summary = "weight-only block-wise int4 (2/4/8-bit) MatMul, Gemm and embedding tables, as ORT's MatMulNBits"
+    Config = Int4Config
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if self.config.method == "gptq" and ctx.calibration_data is None:
+            raise PreconditionError("int4:method=gptq needs calibration data: give calib_data= (typical inputs), "
+                                    "or use method=rtn")
+        layers, _ = _layers(graph, Int4Config(exclude=self.config.exclude))
+        if not layers and not (self.config.tables and _tables(graph, self.config.exclude, self.config.bits)):
+            raise PreconditionError("int4 found no MatMul or Gemm with a constant float32 weight"
+                                    + (" and no embedding table" if self.config.tables else "")
+                                    + " to quantize; it changes only such weights")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        config = self.config
+        graph.toposort()
+        layers, skipped = _layers(graph, config)
+        targets = [Target(layer, SENSITIVE_BITS if (config.keep_first and index == 0) or
+                          (config.keep_last and index == len(layers) - 1) else config.bits)
+                   for index, layer in enumerate(layers)]
+        statistics = _statistics(graph, targets, ctx, config) if config.method == "gptq" else {}
+        names = graphs.Names(graph)
+        rows = []
+        for target in progress.each(targets, f"int4 {config.method}", unit="layer"):
+            rows.append(_rewrite_matmul(graph, target, statistics.get(id(target.layer)), config, names))
+        tables = _tables(graph, config.exclude, config.bits) if config.tables else []
+        rows.extend(_rewrite_gather(graph, node, config, names) for node in tables)
+        stats: dict[str, int | float | str] = {"bits": config.bits, "block": config.block, "method": config.method,
+                                               "symmetric": str(config.symmetric).lower()}
+        stats.update({f"int4:{op}": n for op, n in sorted(Counter(row["op"] for row in rows).items())})
+        if any(target.bits != config.bits for target in targets):
+            stats["kept_8_bits"] = "|".join(t.layer.name for t in targets if t.bits != config.bits)
+        if rows:
+            stats["weight_snr_db_min"] = min(row["weight_snr_db"] for row in rows)
+            stats["float_mb"] = round(sum(row["float_bytes"] for row in rows) / 1e6, 2)
+            stats["stored_mb"] = round(sum(row["stored_bytes"] for row in rows) / 1e6, 2)
+        if statistics:
+            stats["samples"] = min(config.samples, ctx.calibration_data.num_samples)
+        stats.update({f"skipped:{reason}": n for reason, n in sorted(skipped.items())})
+        return PassResult(bool(rows), stats, rows)
+
+
+def _layers(graph: gs.Graph, config: Int4Config) -> tuple[list[WeightedLayer], Counter]:
+    """The MatMul / Gemm layers MatMulNBits can take, in graph order, and why others were passed over."""
+    layers, skipped, _ = select_layers(graph, ("MatMul", "Gemm"), exclude=config.exclude)
+    kept = []
+    for layer in layers:
+        weight = matmul_weight(layer.node)
+        bias = gemm_bias(layer.node) if layer.node.op == "Gemm" else None
+        if weight is None:
+            skipped["not-float32-matmul" if layer.node.op == "MatMul" else "gemm-not-matmul-plus-bias"] += 1
+        elif bias is not None and bias.size not in (1, weight.shape[1]):
+            skipped["gemm-bias-not-per-column"] += 1  # MatMulNBits adds one bias value per output column
+        else:
+            kept.append(layer)
+    return kept, skipped
+
+
+def _tables(graph: gs.Graph, exclude: tuple[str, ...], bits: int) -> list[gs.Node]:
+    """Gathers from a constant float32 2-D table that no other node reads, whose rows fill whole bytes."""
+    found = []
+    for node in graph.nodes:
+        table = embedding_table(node)
+        if table is None or len(graphs.consumers(node.inputs[0])) > 1 or table.shape[1] * bits % 8:
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for name in (node.name, node.inputs[0].name) if name
+               for pattern in exclude):
+            continue
+        found.append(node)
+    return found
+
+
+def _statistics(graph: gs.Graph, targets: list[Target], ctx: PassContext, config: Int4Config) -> dict:
+    """E[x xᵀ] of each layer's input on calibration data, keyed by id(layer)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    layers = [target.layer for target in targets]
+    found = input_statistics(model, layers, ctx.calibration_data,
+                             samples=min(config.samples, ctx.calibration_data.num_samples),
+                             batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed)
+    return {key: fit for key, (fit, _) in found.items()}
+
+
+def _rewrite_matmul(graph: gs.Graph, target: Target, stats, config: Int4Config, names: graphs.Names) -> dict:
+    """Replace the MatMul (or Gemm) by a MatMulNBits; the layer's report row."""
+    node, bits = target.layer.node, target.bits
+    weight = matmul_weight(node)  # [K, N]
+    units = np.ascontiguousarray(weight.T)
+    if stats is None:
+        blocked = quantize_rtn(units, bits, config.block, config.symmetric)
+    else:
+        blocked = quantize_gptq(target.layer, units, stats, bits, config.block, config.symmetric)
+    k, n = weight.shape
+    base = node.name or node.outputs[0].name
+    inputs = [node.inputs[0], names.constant(f"{base}_weight_q{bits}", blocked.packed_codes()),
+              names.constant(f"{base}_weight_scales", blocked.scales)]
+    if not config.symmetric:
+        inputs.append(names.constant(f"{base}_weight_zero_points", blocked.packed_zeros()))
+    bias = gemm_bias(node) if node.op == "Gemm" else None
+    if bias is not None:
+        vector = np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float32)
+        inputs += [gs.Variable.empty()] * (5 - len(inputs)) + [names.constant(f"{base}_bias", vector)]
+    output = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.append(gs.Node("MatMulNBits", names.new(f"{base}_Q{bits}"), domain=MICROSOFT,
+                               attrs={"K": k, "N": n, "bits": bits, "block_size": config.block},
+                               inputs=inputs, outputs=[output]))
+    row = _row(target.layer.name, node.op, units, blocked, bits, _stored_bytes(inputs[1:]))
+    if stats is not None:
+        error = relative_error(target.layer, units[None].astype(np.float64),
+                               blocked.decoded(k)[None].astype(np.float64), stats, use_bias=False)
+        row["output_snr_db"] = round(float(snr_db(error)), 1)
+    return row
+
+
+def _rewrite_gather(graph: gs.Graph, node: gs.Node, config: Int4Config, names: graphs.Names) -> dict:
+    """Replace the Gather by a GatherBlockQuantized over the table's rows; the table's report row."""
+    table = embedding_table(node)  # [V, D]
+    blocked = quantize_rtn(table, config.bits, config.block, config.symmetric)
+    base = node.name or node.outputs[0].name
+    packed = blocked.packed_codes().reshape(table.shape[0], -1)[:, :table.shape[1] * config.bits // 8]
+    inputs = [names.constant(f"{base}_table_q{config.bits}", packed), node.inputs[1],
+              names.constant(f"{base}_table_scales", blocked.scales)]
+    if not config.symmetric:
+        inputs.append(names.constant(f"{base}_table_zero_points", blocked.packed_zeros()))
+    output = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.append(gs.Node("GatherBlockQuantized", names.new(f"{base}_Q{config.bits}"), domain=MICROSOFT,
+                               attrs={"gather_axis": 0, "quantize_axis": 1, "block_size": config.block,
+                                      "bits": config.bits},
+                               inputs=inputs, outputs=[output]))
+    return _row(node.name or inputs[0].name, "Gather", table, blocked, config.bits, _stored_bytes(inputs[2:])
+                + packed.nbytes)
+
+
+def _stored_bytes(tensors: list) -> int:
+    return sum(t.values.nbytes for t in tensors if isinstance(t, gs.Constant))
+
+
+def _row(name: str, op: str, units: np.ndarray, blocked: Blocked, bits: int, stored: int) -> dict:
+    error = blocked.decoded(units.shape[1]) - units
+    noise = float((error.astype(np.float64) ** 2).sum()) / max(float((units.astype(np.float64) ** 2).sum()), 1e-30)
+    return {"layer": name, "op": op, "weights": int(units.size), "bits": bits,
+            "weight_snr_db": round(float(snr_db(noise)), 1), "float_bytes": int(units.nbytes),
+            "stored_bytes": int(stored)}
