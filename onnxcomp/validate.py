@@ -153,7 +153,8 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
     cand_runner = Runner(_source(candidate, candidate_model), provider=provider, optimization=optimization,
                          spinning=False, role="the candidate model")
     output_names = tensor_outputs(reference_model)
-    errors = {name: _ErrorAccumulator() for name in output_names}
+    producers = output_producers(reference_model)
+    errors = {name: _ErrorAccumulator(producers.get(name)) for name in output_names}
     scores = None  # the first [N, C] float output: top-1 against labels, and agreement
     ref_top1, cand_top1 = [], []
     usable = runs[-1][1]
@@ -191,17 +192,52 @@ def _is_scores(output: np.ndarray, rows: int) -> bool:
     return output.ndim == 2 and _class_axis(output, rows) is not None
 
 
-def _class_axis(output: np.ndarray, rows: int) -> int | None:
+def _class_axis(output: np.ndarray, rows: int, producer: tuple[str, int | None] | None = None) -> int | None:
     """The axis whose argmax is a prediction: classes of [N, C], the last axis of [N, T, C] sequences, the
-    channels of [N, C, H, W] maps; None where there is no such axis (one channel, other ranks)."""
+    channels of [N, C, H, W] maps; None where there is no such axis (one channel, other ranks).
+
+    `producer` (op type, softmax axis) is the op that computes the output, where known (see `output_producers`):
+    a softmax's axis is the class axis; a map or sequence that a Concat or a Sigmoid computes has none: a
+    detector's [N, 4 + classes, anchors] Concat of boxes and scores, or independent per-element probabilities,
+    where argmax over any axis means nothing."""
     if output.dtype.kind != "f" or not output.shape or output.shape[0] != rows:
         return None
     axis = {2: 1, 3: 2, 4: 1}.get(output.ndim)
+    if producer is not None and output.ndim > 2:
+        op, softmax_axis = producer
+        if softmax_axis is not None:
+            axis = softmax_axis % output.ndim
+        elif op in NOT_CLASS_SCORES:
+            return None
     return axis if axis is not None and output.shape[axis] > 1 else None
 
 
+NOT_CLASS_SCORES = {"Concat", "Sigmoid", "HardSigmoid"}
+_SOFTMAX_OPS = {"Softmax", "LogSoftmax", "Hardmax"}
+
+
+def output_producers(model: onnx.ModelProto) -> dict[str, tuple[str, int | None]]:
+    """{output name: (op type of the node computing it, the softmax axis where that op is one)}, through
+    Identity and Cast."""
+    producer_of = {name: node for node in model.graph.node for name in node.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    producers = {}
+    for output in model.graph.output:
+        node = producer_of.get(output.name)
+        while node is not None and node.op_type in ("Identity", "Cast") and node.input:
+            node = producer_of.get(node.input[0])
+        if node is None:
+            continue
+        axis = None
+        if node.op_type in _SOFTMAX_OPS:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+        producers[output.name] = (node.op_type, axis)
+    return producers
+
+
 class _ErrorAccumulator:
-    def __init__(self):
+    def __init__(self, producer: tuple[str, int | None] | None = None):
+        self.producer = producer
         self.count = 0
         self.max_abs = 0.0
         self.max_ref = 0.0
@@ -226,7 +262,7 @@ class _ErrorAccumulator:
             self.mismatches += int(np.count_nonzero(reference != candidate))
         if reference.dtype.kind in "OSU":
             return
-        axis = _class_axis(reference, rows)
+        axis = _class_axis(reference, rows, self.producer)
         if axis is not None:
             same = reference.argmax(axis=axis) == candidate.argmax(axis=axis)
             self.positions += same.size

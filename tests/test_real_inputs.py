@@ -205,3 +205,24 @@ def test_the_library_names_arguments_where_the_cli_names_flags():
     _, report = onnxcomp.optimize(image_model(), validate_result=True, latency_runs=0)
     assert report.validation is None and "input_shapes= x:1,3,?,?" in report.validation_skipped
     assert "--" not in report.validation_skipped
+
+
+@pytest.mark.parametrize("op, attributes, axis_agreement", [
+    ("Concat", {"axis": 1}, None),  # a detector's [N, 4 + classes, anchors]: no class axis
+    ("Softmax", {"axis": 1}, 50.0),  # the softmax's own axis, not the last one
+])
+def test_argmax_agreement_follows_the_op_that_computes_the_output(op, attributes, axis_agreement):
+    inputs = ["x", "x"] if op == "Concat" else ["x"]
+    channels = 6 if op == "Concat" else 3
+    base = helper.make_graph([helper.make_node("Mul", ["x0", "s"], ["x"]), helper.make_node(op, inputs, ["y"],
+                                                                                           **attributes)], "g",
+                             [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", 3, 4])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, 4])],
+                             [helper.make_tensor("s", TensorProto.FLOAT, [4], [1.0] * 4)])
+    reference = helper.make_model(base, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(reference)
+    candidate.graph.initializer[0].CopyFrom(helper.make_tensor("s", TensorProto.FLOAT, [4], [1, 1, -1, -1]))
+    x = np.array([[[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]], dtype=np.float32)  # class 2 at every position
+    output = validate(reference, candidate, {"x0": x}, latency_runs=0).providers[0].outputs[0]
+    assert output.agreement == axis_agreement
