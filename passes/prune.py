@@ -38,6 +38,11 @@ What is done about the error (`correction`):
   the error of the layers before. It costs one more pair of calibration runs per wave.
 
 `encoding=dense` keeps the dense layout for runtimes that do not fold constants.
+
+`structure=channel` removes whole channels instead, to `flops=F` (share of the MACs to keep) or `latency=R`
+(ORT latency ratio at `batch`, timed by the pass): the model gets faster, not only smaller. See
+passes/prune_channels.py (allocation, re-solved readers, latency search) and passes/channels.py (dependency
+groups and graph surgery).
 """
 
 from __future__ import annotations
@@ -57,9 +62,11 @@ from onnxcomp.passes.allocation import ModelOutputs, allocate, round_to_total
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics,
                                     WeightedLayer, expand_diagonal, held_out_samples, input_statistics, obs_sweep,
                                     prepare, relative_error, select_layers, snr_db, solved, unit_energy)
+from onnxcomp.passes.prune_channels import prune_channels
 from onnxcomp.registry import register
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
+STRUCTURES = ("element", "channel")
 CORRECTIONS = ("none", "channel", "reconstruct")
 LEVELS = np.round(np.arange(0.0, 0.91, 0.1), 2)  # sparsities at which each layer's sensitivity is measured
 DAMPING = 0.01  # share of the mean diagonal added to H, as in OBS / SparseGPT: keeps the inverse well-posed
@@ -81,8 +88,26 @@ class PruneConfig:
     batch_size: int = 8
     sequential: bool = True         # measure each layer's inputs after the layers before it are pruned
     encoding: str = "compact"       # compact | dense, as in share
+    structure: str = "element"      # element: single weights zeroed; channel: whole channels removed
+    flops: float | None = None      # structure=channel: share of the MACs to keep, in (0, 1]
+    latency: float | None = None    # structure=channel: ORT latency ratio to reach, measured at `batch`
+    batch: int = 1                  # batch size at which latency is measured
+    multiple: int = 8               # kept channel counts are multiples of this in groups wider than it
 
     def __post_init__(self):
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be {' or '.join(STRUCTURES)}, not '{self.structure}'")
+        for key in ("flops", "latency"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{key} must be in (0, 1], not {value}")
+        if self.structure == "element" and (self.flops is not None or self.latency is not None):
+            raise ValueError("flops and latency need structure=channel (element pruning takes sparsity)")
+        if self.structure == "channel" and (self.flops is None) == (self.latency is None):
+            raise ValueError("structure=channel needs one of flops (share of FLOPs to keep) or latency "
+                             "(latency ratio to reach)")
+        if self.batch < 1 or self.multiple < 1:
+            raise ValueError("batch and multiple must be at least 1")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), not {self.sparsity}")
         if self.allocation not in ("auto",) + ALLOCATIONS:
@@ -120,6 +145,9 @@ class Prune(Pass):
     Config = PruneConfig
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if self.config.structure == "channel" and ctx.calibration_data is None:
+            raise PreconditionError("prune: structure=channel needs calibration data (calib_data=) to choose the "
+                                    "channels and re-solve the weights that read them")
         wants_data = [f"{key}={value}" for key, value in (("allocation", self.config.allocation),
                                                           ("correction", self.config.correction))
                       if value in ("sensitivity", "channel", "reconstruct")]
@@ -129,6 +157,9 @@ class Prune(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
+        if config.structure == "channel":
+            result = prune_channels(graph, ctx, config)
+            return PassResult(result.modified, result.stats, result.layers)
         with_data = ctx.calibration_data is not None
         allocation = config.allocation if config.allocation != "auto" else ("sensitivity" if with_data else "uniform")
         correction = config.correction if config.correction != "auto" else ("reconstruct" if with_data else "none")

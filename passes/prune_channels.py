@@ -1,0 +1,515 @@
+"""prune:structure=channel — whole channels removed from the graph, to a FLOPs share or a measured latency ratio.
+
+Before (flops=0.5):
+    x ─► Conv(W1: 64×32×3×3) ─► Relu ─► Conv(W2: 64×64×3×3) ─► …
+After:
+    x ─► Conv(W1: 32×32×3×3) ─► Relu ─► Conv(W2': 64×32×3×3, re-solved) ─► …
+
+The channels that must go together come from passes/channels.py (dependency groups). On calibration data:
+- each layer that reads a group's channels gives the input statistics H = E[x xᵀ] (centred where its bias
+  takes the mean), and each channel's importance is the output energy it carries into its readers, w H wᵀ over
+  its columns, relative to each reader's output energy;
+- each group's error curve is the readers' relative output error after their kept weights are re-solved by
+  ridge least squares, W' = W H[:, K] (H[K, K] + λ)⁻¹ (the bias absorbs the mean shift), at each allowed count;
+  and the group's gain is the model's relative output error, measured with half the group removed, over that
+  predicted error (as `prune` weights its layers);
+- counts stay on multiples of `multiple` (8: the AVX2 kernels' block) in groups wider than it;
+- the allocation removes, step by step, the group step with the least gain-weighted error per MAC saved,
+  until the MACs of Conv/ConvTranspose/Gemm/MatMul are at most `flops` of the original's;
+- with `latency=R`, pruned candidates are built and timed against the unpruned graph with ONNX Runtime
+  (onnxcomp.bench.interleaved_latency at batch `batch`), searching the FLOPs share that reaches R; a target that
+  the smallest candidate does not reach leaves the model at the best ratio measured and says so
+  (`unreached`, which the CLI turns into exit status 1, like a budget).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcomp import graph as graphs
+from onnxcomp import progress, runtime
+from onnxcomp.runner import Runner
+from onnxcomp.bench import interleaved_latency
+from onnxcomp.passes.allocation import ModelOutputs
+from onnxcomp.passes.channels import ChannelGraph, ChannelGroup
+from onnxcomp.passes.layers import InputStatistics, WeightedLayer, input_statistics, regularized, relative_error
+
+VECTORS_PER_SAMPLE = 128  # input vectors per sample and layer in the statistics
+RESOLVE_VECTORS_PER_SAMPLE = 48  # the same for the re-solve after removal, once per wave
+WAVES = 20            # at most this many rounds of re-solving, in graph order, after the removal
+RIDGE = 0.01          # share of the mean diagonal of H[K, K] added before the re-solve
+CURVE_POINTS = 12     # error evaluations per group; counts in between are interpolated
+PROBE_SAMPLES = 32    # calibration samples on which each group's effect on the outputs is measured
+LATENCY_RUNS = 40     # timed runs per candidate and model
+LATENCY_PROBES = 7    # candidates timed in the search for a latency target
+
+
+@dataclass(eq=False)
+class Reader:
+    """A layer reading a group's channels: its weight as rows, the columns of each channel it reads."""
+
+    layer: WeightedLayer
+    tensor: str           # the followed tensor it reads
+    per_channel: int      # weight columns per channel (kernel size, or Flatten block)
+    stats: InputStatistics | None = None
+
+    @property
+    def use_bias(self) -> bool:
+        return self.layer.can_take_bias
+
+    def columns(self, channels: np.ndarray) -> np.ndarray:
+        return (channels[:, None] * self.per_channel + np.arange(self.per_channel)[None, :]).ravel()
+
+    def refit(self, dropped: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """(new weight with the dropped channels' columns zero, bias shift or None, relative output error)."""
+        rows = self.layer.rows().astype(np.float64)
+        weights = rows[0]
+        columns = self.columns(dropped)
+        kept = np.setdiff1d(np.arange(weights.shape[1]), columns)
+        moment = self.stats.moment(centered=self.use_bias)[0]
+        sub = regularized(moment[np.ix_(kept, kept)][None], self.stats.count, RIDGE)[0]
+        new = np.zeros_like(weights)
+        new[:, kept] = np.linalg.solve(sub, (weights @ moment[:, kept]).T).T
+        new_rows = new[None]
+        error = relative_error(self.layer, rows, new_rows, self.stats, self.use_bias)
+        shift = None
+        if self.use_bias:
+            mean = self.stats.mean[0]
+            shift = weights @ mean - new @ mean
+        return self.layer.from_rows(new_rows), shift, error
+
+
+@dataclass(eq=False)
+class GroupPlan:
+    group: ChannelGroup
+    order: np.ndarray                     # components, most important first
+    counts: list[int]                     # allowed kept counts, descending (the first is all)
+    errors: np.ndarray = field(default_factory=lambda: np.zeros(0))  # predicted error at each count
+    gain: float = 1.0
+    readers: list[tuple[Reader, dict[int, np.ndarray]]] = field(default_factory=list)  # component → channels
+
+
+@dataclass
+class ChannelResult:
+    stats: dict
+    layers: list[dict]
+    modified: bool
+
+
+def prune_channels(graph: gs.Graph, ctx, config) -> ChannelResult:
+    """Remove channels from `graph` in place to `config.flops` or `config.latency` (see the module docstring)."""
+    _name_layers(graph)
+    channels = ChannelGraph(graph)
+    groups = channels.groups()
+    stats: dict = {"structure": "channel", "groups": len(groups)}
+    stats.update({f"fixed:{k}": v for k, v in sorted(channels.fixed_reasons.items())})
+    plans = [_plan(channels, group, config.multiple) for group in groups]
+    plans = [plan for plan in plans if len(plan.counts) > 1]
+    if not plans:
+        stats["note"] = "no channel group can lose channels (see fixed:… for what holds them): model unchanged"
+        return ChannelResult(stats, [], False)
+    unpruned = gs.export_onnx(graph, do_type_check=False)
+    readers = _readers(channels, plans)
+    samples = min(config.samples, ctx.calibration_data.num_samples)
+    measured = input_statistics(unpruned, [r.layer for r in readers], ctx.calibration_data, samples=samples,
+                                batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
+                                vectors_per_sample=VECTORS_PER_SAMPLE)
+    for reader in readers:
+        reader.stats = measured[id(reader.layer)][0]
+    for plan in progress.each(plans, "channel importance", unit="group"):
+        _score(plan)
+    _gains(graph, ctx, plans, config.batch_size, samples)
+    macs = Macs(channels, plans)
+    if config.latency is not None:
+        choice, search = _latency_search(graph, ctx, plans, macs, config)
+        stats.update(search)
+    else:
+        choice = allocate(plans, macs, config.flops)
+    if not any(choice):
+        stats.update({"flops_ratio": 1.0, "note": "the target keeps every channel: model unchanged"})
+        return ChannelResult(stats, [], False)
+    kept = _apply(channels, plans, choice)
+    if config.sequential:
+        stats["resolved"] = resolve_sequentially(graph, unpruned, channels, kept, ctx, config, samples)
+    share = macs.ratio(choice)
+    stats.update({"samples": samples, "flops_ratio": round(share, 4), "macs": int(macs.total),
+                  "channels_removed": int(sum(len(p.group.components) - p.counts[i] for p, i in zip(plans, choice)))})
+    pruned = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
+    for batch in dict.fromkeys((1, config.batch)):
+        ratio = latency_ratio(unpruned, pruned, ctx.calibration_data, batch, ctx.provider)
+        stats["latency_ratio" if batch == 1 else f"latency_ratio_batch{batch}"] = round(ratio, 3)
+    if config.flops is not None:
+        stats["flops_target"] = config.flops
+        if share > config.flops + 1e-9:
+            stats["note"] = (f"the FLOPs share could not go below {share:.3f}: every group is at its smallest "
+                             "allowed count")
+    return ChannelResult(stats, [_row(plan, index) for plan, index in zip(plans, choice)], True)
+
+
+def _name_layers(graph: gs.Graph) -> None:
+    """Unique names for the weighted nodes: the re-solve finds each in the unpruned model by name."""
+    names, seen = graphs.Names(graph), set()
+    for node in graph.nodes:
+        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if not node.name or node.name in seen:
+                node.name = names.new(f"{node.op}_{node.outputs[0].name}")
+            seen.add(node.name)
+
+
+def _plan(channels: ChannelGraph, group: ChannelGroup, multiple: int) -> GroupPlan:
+    size = len(group.components)
+    counts = [size] + ([k for k in range(size - size % multiple or size - multiple, 0, -multiple)]
+                       if size > multiple else [])
+    counts = [k for k in dict.fromkeys(counts) if k > 0]
+    return GroupPlan(group, np.array(group.components), counts)
+
+
+def _readers(channels: ChannelGraph, plans: list[GroupPlan]) -> list[Reader]:
+    """The layers reading the groups' channels (Conv, Gemm, MatMul), each linked to its plans."""
+    wanted = {}
+    for plan in plans:
+        members = set(plan.group.components)
+        for layer in channels.layers:
+            if layer.reads is None or layer.depthwise or layer.reads.name not in plan.group.tensors:
+                continue
+            if layer.node.op == "ConvTranspose":
+                continue  # its statistics are per channel only: its weights are sliced, not re-solved
+            components = channels.components(layer.reads)
+            by_component = {c: np.flatnonzero(components == c) for c in members}
+            key = id(layer.node)
+            if key not in wanted:
+                weighted = WeightedLayer(layer.node, layer.node.inputs[1])
+                per = weighted.rows().shape[2] // layer.reads.size
+                wanted[key] = Reader(weighted, layer.reads.name, per)
+            plan.readers.append((wanted[key], by_component))
+    return list(wanted.values())
+
+
+def _score(plan: GroupPlan) -> None:
+    """Order the group's components by the relative output energy they carry, and fill its error curve."""
+    importance = np.zeros(len(plan.order))
+    for reader, by_component in plan.readers:
+        weights = reader.layer.rows().astype(np.float64)[0]
+        moment = reader.stats.moment(centered=reader.use_bias)[0]
+        total = max(float(((weights @ moment) * weights).sum()), 1e-30)
+        for index, component in enumerate(plan.order):
+            cols = reader.columns(by_component[int(component)])
+            block = weights[:, cols]
+            importance[index] += float(((block @ moment[np.ix_(cols, cols)]) * block).sum()) / total
+    plan.order = plan.order[np.argsort(-importance, kind="stable")]
+    points = _curve_points(len(plan.counts))
+    errors = {}
+    for index in points:
+        errors[index] = _group_error(plan, index)
+    known = sorted(errors)
+    plan.errors = np.interp(np.arange(len(plan.counts)), known, [errors[i] for i in known])
+    plan.errors = np.maximum.accumulate(plan.errors)  # fewer channels never cost less
+
+
+def _curve_points(count: int) -> list[int]:
+    if count <= CURVE_POINTS:
+        return list(range(count))
+    return sorted(set(np.round(np.linspace(0, count - 1, CURVE_POINTS)).astype(int).tolist()))
+
+
+def _changes(plan: GroupPlan, index: int) -> list[tuple[WeightedLayer, np.ndarray, np.ndarray | None, float]]:
+    removed = plan.order[plan.counts[index]:]
+    changes = []
+    for reader, by_component in plan.readers:
+        dropped = np.concatenate([by_component[int(c)] for c in removed]) if len(removed) else np.zeros(0, int)
+        weight, shift, error = reader.refit(dropped)
+        changes.append((reader.layer, weight, shift, error))
+    return changes
+
+
+def _group_error(plan: GroupPlan, index: int) -> float:
+    if index == 0:
+        return 0.0
+    return float(sum(error for *_, error in _changes(plan, index)))
+
+
+def _gains(graph: gs.Graph, ctx, plans: list[GroupPlan], batch_size: int, samples: int) -> None:
+    """Each group's measured relative error of the model's outputs per unit of its predicted error."""
+    outputs = ModelOutputs(graph, ctx, ctx.calibration_data, min(PROBE_SAMPLES, samples), batch_size)
+    for plan in progress.each(plans, "group sensitivity", unit="group"):
+        index = len(plan.counts) // 2
+        predicted = plan.errors[index]
+        if predicted <= 0:
+            continue
+        changes = [(layer, weight, shift) for layer, weight, shift, _ in _changes(plan, index)]
+        plan.gain = max(outputs.relative_error(changes) / predicted, 1e-6)
+
+
+class Macs:
+    """Multiply-accumulates of the weighted layers as the groups' kept counts change."""
+
+    def __init__(self, channels: ChannelGraph, plans: list[GroupPlan]):
+        names = list(channels.followed)
+        self.index = {name: i for i, name in enumerate(names)}
+        self.size = np.array([channels.followed[n].size for n in names], dtype=np.float64)
+        self.base = self.size.copy()  # channels not in any plan
+        self.cumulative = []          # per plan: (tensor indices, kept channels of those tensors per count)
+        for plan in plans:
+            position = {int(c): rank for rank, c in enumerate(plan.order)}
+            touched, table = [], []
+            for name in plan.group.tensors:
+                ranks = [position[int(c)] for c in channels.components(channels.followed[name]) if int(c) in position]
+                ranks = np.array(ranks)
+                self.base[self.index[name]] -= len(ranks)
+                touched.append(self.index[name])
+                table.append([int(np.count_nonzero(ranks < k)) for k in plan.counts])
+            self.cumulative.append((np.array(touched), np.array(table, dtype=np.float64)))
+        self.layers = []  # (MACs, out tensor index or -1, in tensor index or -1)
+        for layer in channels.layers:
+            macs = _layer_macs(channels, layer.node)
+            out = self.index.get(layer.out.name, -1) if layer.out is not None else -1
+            read = self.index.get(layer.reads.name, -1) if layer.reads is not None and not layer.depthwise else -1
+            self.layers.append((macs, out, read))
+        self.fixed_macs = _unfollowed_macs(channels)
+        self.total = self.macs([0] * len(plans))
+
+    def kept(self, choice: list[int]) -> np.ndarray:
+        kept = self.base.copy()
+        for (touched, table), index in zip(self.cumulative, choice):
+            kept[touched] += table[:, index]
+        return kept
+
+    def macs(self, choice: list[int]) -> float:
+        ratio = np.append(self.kept(choice) / self.size, 1.0)  # index -1: not followed
+        return self.fixed_macs + sum(m * ratio[o] * ratio[r] for m, o, r in self.layers)
+
+    def ratio(self, choice: list[int]) -> float:
+        return self.macs(choice) / self.total
+
+
+def _layer_macs(channels: ChannelGraph, node: gs.Node) -> float:
+    weight = graphs.constant_value(node.inputs[1])
+    shape = channels.shapes.get(node.outputs[0].name)
+    if weight is None or shape is None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        return 0.0
+    if node.op == "ConvTranspose":
+        shape = channels.shapes.get(node.inputs[0].name)
+        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            return 0.0
+        return float(np.prod(shape[1:])) * float(np.prod(weight.shape[1:]))
+    units = weight.shape[0] if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) \
+        else weight.shape[-1]
+    return float(np.prod(shape[1:])) * weight.size / units
+
+
+def _unfollowed_macs(channels: ChannelGraph) -> float:
+    seen = {id(layer.node) for layer in channels.layers}
+    return sum(_layer_macs(channels, node) for node in channels.graph.nodes
+               if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and id(node) not in seen
+               and len(node.inputs) > 1)
+
+
+def allocate(plans: list[GroupPlan], macs: Macs, flops: float) -> list[int]:
+    """Kept-count indices per plan: cheapest gain-weighted error per MAC saved first, until MACs ≤ flops share."""
+    choice = [0] * len(plans)
+    target = flops * macs.total
+    current = macs.macs(choice)
+    while current > target * (1 + 1e-9):
+        best, best_cost, best_macs = None, math.inf, current
+        for i, plan in enumerate(plans):
+            if choice[i] + 1 >= len(plan.counts):
+                continue
+            trial = choice.copy()
+            trial[i] += 1
+            after = macs.macs(trial)
+            saved = current - after
+            if saved <= 0:
+                continue
+            cost = plan.gain * (plan.errors[choice[i] + 1] - plan.errors[choice[i]]) / saved
+            if cost < best_cost:
+                best, best_cost, best_macs = i, cost, after
+        if best is None:
+            break
+        choice[best] += 1
+        current = best_macs
+    return choice
+
+
+def _apply(channels: ChannelGraph, plans: list[GroupPlan], choice: list[int]) -> dict[str, np.ndarray]:
+    """Re-solve the readers' kept weights for everything removed, then remove the channels; the channels kept
+    of each followed tensor."""
+    removed: set[int] = set()
+    dropped: dict[int, list[np.ndarray]] = {}
+    readers: dict[int, object] = {}
+    for plan, index in zip(plans, choice):
+        gone = plan.order[plan.counts[index]:]
+        removed.update(int(c) for c in gone)
+        for reader, by_component in plan.readers:
+            readers[id(reader)] = reader
+            dropped.setdefault(id(reader), []).extend(by_component[int(c)] for c in gone)
+    names = graphs.Names(channels.graph)
+    for key, reader in readers.items():
+        if not dropped[key]:
+            continue
+        weight, shift, _ = reader.refit(np.concatenate(dropped[key]))
+        reader.layer.weight.values = weight.astype(reader.layer.values.dtype)
+        if shift is not None:
+            reader.layer.shift_bias(shift, names)
+    channels.remove(removed)
+    return channels.kept(removed)
+
+
+def resolve_sequentially(graph: gs.Graph, unpruned: onnx.ModelProto, channels: ChannelGraph,
+                         kept: dict[str, np.ndarray], ctx, config, samples: int) -> int:
+    """Re-solve every Conv, Gemm and MatMul after the removal, in waves in graph order, so that each gives the
+    unpruned model's outputs (of its kept units) from the inputs it now gets: W' = W C(x_ref, x) C(x, x)⁻¹,
+    the bias taking the mean shift. This also undoes the error of the layers before. Returns the count."""
+    reference_nodes = {node.name: node for node in gs.import_onnx(unpruned).nodes}
+    layers = [layer for layer in channels.layers if not layer.depthwise and layer.node.op != "ConvTranspose"
+              and layer.node.name in reference_nodes and isinstance(layer.node.inputs[1], gs.Constant)
+              and layer.node.inputs[0].inputs]  # a layer reading a graph input sees what it always saw
+    if not layers:
+        return 0
+    waves = np.array_split(np.arange(len(layers)), min(WAVES, len(layers)))
+    names = graphs.Names(graph)
+    for wave in progress.each(waves, "re-solving", unit="wave"):
+        chosen = [layers[i] for i in wave]
+        model = gs.export_onnx(graph, do_type_check=False)
+        pairs = [(WeightedLayer(layer.node, layer.node.inputs[1]),
+                  WeightedLayer(reference_nodes[layer.node.name], reference_nodes[layer.node.name].inputs[1]))
+                 for layer in chosen]
+        statistics = _paired_statistics(model, unpruned, pairs, ctx, config, samples)
+        for layer, (now, before), stats in zip(chosen, pairs, statistics):
+            units = kept[layer.out.name] if layer.out is not None else np.arange(now.rows().shape[1])
+            _resolve(now, before, units, stats, names)
+    return len(layers)
+
+
+def _paired_statistics(model: onnx.ModelProto, reference: onnx.ModelProto, pairs, ctx, config,
+                       samples: int) -> list[InputStatistics]:
+    """For each (layer now, layer in the reference), statistics of its inputs here and in the reference at
+    the same positions: Σ x xᵀ, Σ x x_refᵀ and the sums."""
+    inputs = sorted({now.node.inputs[0].name for now, _ in pairs})
+    runs = [Runner(m, provider=ctx.provider, outputs=inputs, role="the model for layer statistics").batches(
+            ctx.calibration_data, samples, config.batch_size) for m in (model, reference)]
+    rng = np.random.default_rng(ctx.seed)
+    result: list[InputStatistics | None] = [None] * len(pairs)
+    done_before = 0
+    for (done, values), (_, reference_values) in zip(*runs):
+        limit = RESOLVE_VECTORS_PER_SAMPLE * (done - done_before)
+        for index, (now, before) in enumerate(pairs):
+            picks = rng.integers(2 ** 63)  # the same positions in both models
+            name = now.node.inputs[0].name
+            x = now.input_vectors(values[name], limit, np.random.default_rng(picks))[:, 0].astype(np.float64)
+            x_ref = before.input_vectors(reference_values[name], limit,
+                                         np.random.default_rng(picks))[:, 0].astype(np.float64)
+            if result[index] is None:
+                result[index] = InputStatistics(np.zeros((1, x.shape[1], x.shape[1])), np.zeros((1, x.shape[1])), 0,
+                                                InputStatistics(np.zeros(0), np.zeros((1, x_ref.shape[1]))),
+                                                np.zeros((1, x.shape[1], x_ref.shape[1])))
+            stats = result[index]
+            stats.second[0] += x.T @ x
+            stats.cross[0] += x.T @ x_ref
+            stats.total[0] += x.sum(axis=0)
+            stats.reference.total[0] += x_ref.sum(axis=0)
+            stats.count += x.shape[0]
+            stats.reference.count += x.shape[0]
+        done_before = done
+    return result
+
+
+def _resolve(now: WeightedLayer, before: WeightedLayer, kept_units: np.ndarray, stats: InputStatistics,
+             names: graphs.Names) -> None:
+    """Set `now`'s weights (and bias) to reproduce `before`'s kept output units from its present inputs."""
+    rows_before = before.rows().astype(np.float64)[0]
+    units = now.rows().shape[1]
+    weights = rows_before[kept_units]
+    use_bias = now.can_take_bias and before.can_take_bias
+    own = regularized(stats.moment(centered=use_bias), stats.count, RIDGE)[0]
+    cross = stats.cross_moment(centered=use_bias)[0]          # E[x x_refᵀ] (D_now, D_before)
+    new = np.linalg.solve(own, cross @ weights.T).T           # (units, D_now)
+    now.weight.values = now.from_rows(new[None]).astype(now.values.dtype)
+    if use_bias:
+        bias_before = _bias(before, rows_before.shape[0])[kept_units]
+        bias_now = _bias(now, units)
+        shift = bias_before + weights @ stats.reference.mean[0] - new @ stats.mean[0] - bias_now
+        now.shift_bias(shift, names)
+
+
+def _bias(layer: WeightedLayer, units: int) -> np.ndarray:
+    node = layer.node
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return np.zeros(units)
+    bias = graphs.constant_value(node.inputs[2]).astype(np.float64).reshape(-1)
+    if node.op == "Gemm":
+        bias = bias * float(node.attrs.get("beta", 1.0)) / float(node.attrs.get("alpha", 1.0))
+    return np.broadcast_to(bias, (units,)).copy()
+
+
+def pruned_copy(graph: gs.Graph, plans: list[GroupPlan], choice: list[int]) -> onnx.ModelProto:
+    """The model with `choice` applied, leaving `graph` as it is (for timing candidates). Weights are not
+    re-solved: the time does not depend on their values. The copy's channel ids are the graph's: the same
+    nodes in the same order give the same numbering."""
+    copy = gs.import_onnx(gs.export_onnx(graph, do_type_check=False))
+    removed = {int(c) for plan, index in zip(plans, choice) for c in plan.order[plan.counts[index]:]}
+    ChannelGraph(copy).remove(removed)
+    return gs.export_onnx(copy.cleanup().toposort(), do_type_check=False)
+
+
+def _latency_search(graph: gs.Graph, ctx, plans: list[GroupPlan], macs: Macs, config) -> tuple[list[int], dict]:
+    """The allocation with the largest FLOPs share whose measured latency ratio is at most `config.latency`:
+    a search over the FLOPs share, each candidate built and timed against the unpruned graph."""
+    target = config.latency
+    feed = _feed(ctx.calibration_data, config.batch)
+    reference = runtime.session(gs.export_onnx(graph, do_type_check=False), ctx.provider, spinning=False)
+    floor = macs.ratio([len(plan.counts) - 1 for plan in plans])
+    tried: dict[float, tuple[float, list[int]]] = {}
+    feasible, infeasible = None, None  # largest FLOPs share that reached the target, smallest that did not
+    flops = max(target, floor)
+    for _ in progress.each(range(LATENCY_PROBES), "latency search", unit="candidate"):
+        choice = allocate(plans, macs, flops)
+        candidate = runtime.session(pruned_copy(graph, plans, choice), ctx.provider, spinning=False)
+        base, new = interleaved_latency([reference, candidate], feed, runs=LATENCY_RUNS)
+        ratio = new.median_ms / base.median_ms
+        tried[flops] = (ratio, choice)
+        ctx.log.info("prune: FLOPs share %.3f → latency ratio %.3f", flops, ratio)
+        if ratio <= target:
+            feasible = max(flops, feasible or 0.0)
+        else:
+            infeasible = min(flops, infeasible or 1.0)
+        if feasible is None:
+            if flops <= floor:
+                break
+            flops = max(floor, flops * (target / ratio) ** 2)
+        else:
+            flops = (feasible + (infeasible if infeasible is not None else 1.0)) / 2
+        if infeasible is not None and feasible is not None and infeasible - feasible < 0.02:
+            break
+    stats: dict = {"latency_target": target, "latency_batch": config.batch, "latency_candidates": len(tried)}
+    if feasible is not None:
+        ratio, choice = tried[feasible]
+    else:
+        ratio, choice = min(tried.values(), key=lambda item: item[0])
+        stats["unreached"] = (f"latency ratio {ratio:.3f} at batch {config.batch} is the lowest reached "
+                              f"(FLOPs share {macs.ratio(choice):.3f}); the target was {target}")
+    return choice, stats
+
+
+def latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, data, batch: int, provider: str) -> float:
+    """Median latency of `after` over `before` at `batch`, timed in turns."""
+    sessions = [runtime.session(m, provider, spinning=False) for m in (before, after)]
+    base, new = interleaved_latency(sessions, _feed(data, batch), runs=LATENCY_RUNS)
+    return new.median_ms / base.median_ms
+
+
+def _feed(data, batch: int) -> dict[str, np.ndarray]:
+    """`batch` calibration samples (repeated when there are fewer) as one feed."""
+    sample = data.batch(0, min(batch, data.num_samples))
+    return {name: np.concatenate([value] * math.ceil(batch / value.shape[0]))[:batch]
+            for name, value in sample.items()}
+
+
+def _row(plan: GroupPlan, index: int) -> dict:
+    return {"layer": plan.group.tensors[0], "op": "channels", "channels": len(plan.group.components),
+            "kept": plan.counts[index], "tensors": len(plan.group.tensors),
+            "predicted_error": round(float(plan.errors[index]), 5), "output_gain": round(plan.gain, 3)}

@@ -1,0 +1,427 @@
+"""prune:structure=channel: dependency groups and graph surgery on the smallest graphs, checked through ONNX Runtime;
+FLOPs and latency targets, bad options, and models with nothing to remove."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import run_cli, run_model
+from onnxcomp import data as datasets
+from onnxcomp import graph as graphs
+from onnxcomp.errors import InputError
+from onnxcomp.manager import PassManager
+from onnxcomp.pass_base import PassContext
+from onnxcomp.passes.channels import ChannelGraph
+from onnxcomp.recipe import parse
+
+
+class Builder:
+    """A small model built node by node, with random weights."""
+
+    def __init__(self, seed: int = 0):
+        self.nodes, self.inits, self.rng = [], [], np.random.default_rng(seed)
+
+    def constant(self, name: str, value) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def weight(self, name: str, shape) -> str:
+        return self.constant(name, self.rng.normal(0, 0.5, shape).astype(np.float32))
+
+    def node(self, op: str, inputs: list[str], output: str | list[str], **attrs) -> str | list[str]:
+        outputs = [output] if isinstance(output, str) else output
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{outputs[0]}", **attrs))
+        return output
+
+    def conv(self, x: str, cin: int, cout: int, name: str, k: int = 1, group: int = 1, **attrs) -> str:
+        weight = self.weight(f"{name}.w", (cout, cin // group, k, k))
+        bias = self.weight(f"{name}.b", (cout,))
+        return self.node("Conv", [x, weight, bias], name, pads=[k // 2] * 4, group=group, **attrs)
+
+    def model(self, inputs: dict[str, list], outputs: list[str], opset: int = 17) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "net", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs], initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.output}
+        for output in model.graph.output:  # declared with their inferred shapes, as exporters write them
+            output.CopyFrom(inferred[output.name])
+        return model
+
+
+def feed_for(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {i.name: rng.normal(size=[d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+            for i in model.graph.input}
+
+
+def remove_exactly(model: onnx.ModelProto, share: float = 0.5) -> tuple[ChannelGraph, onnx.ModelProto]:
+    """Remove `share` of each group's components after zeroing what they carry into their readers, so that
+    the model's outputs must not change; returns the channel graph and the pruned model, checked."""
+    graph = graphs.import_model(_copy(model))
+    channels = ChannelGraph(graph)
+    removed = set()
+    for group in channels.groups():
+        count = min(len(group.components) - 1, max(1, int(len(group.components) * share)))
+        removed.update(group.components[:count])
+    assert removed, "the test graph should have removable channels"
+    _zero_readers(channels, removed)
+    zeroed = graphs.export_model(graph.copy(), model)
+    before = run_model(zeroed, feed_for(model))
+    weights_before = _weight_count(zeroed)
+    channels.remove(removed)
+    pruned = graphs.export_model(graph.cleanup().toposort(), model)
+    onnx.checker.check_model(pruned, full_check=True)  # strict shape inference: shapes consistent
+    after = run_model(pruned, feed_for(model))
+    for b, a in zip(before, after):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert _weight_count(pruned) < weights_before
+    return channels, pruned
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _weight_count(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def _zero_readers(channels: ChannelGraph, removed: set[int]) -> None:
+    """Zero the weight columns by which layers read the channels to be removed."""
+    for layer in channels.layers:
+        if layer.reads is None or layer.depthwise:
+            continue
+        chosen = np.flatnonzero(np.isin(channels.components(layer.reads), list(removed)))
+        weight = np.array(layer.node.inputs[1].values)
+        node = layer.node
+        if node.op in ("Conv", "ConvTranspose"):
+            axis = 1 if node.op == "Conv" else 0
+            index = [slice(None)] * weight.ndim
+            index[axis] = chosen
+            weight[tuple(index)] = 0
+        else:
+            block = layer.reads.block
+            columns = (chosen[:, None] * block + np.arange(block)).ravel()
+            if node.op == "Gemm" and node.attrs.get("transB", 0):
+                weight[:, columns] = 0
+            else:
+                weight[columns, :] = 0
+        node.inputs[1].values = weight
+
+
+def unchanged_when_nothing_removed(model: onnx.ModelProto) -> None:
+    graph = graphs.import_model(_copy(model))
+    ChannelGraph(graph).remove(set())
+    same = graphs.export_model(graph, model)
+    for a, b in zip(run_model(model, feed_for(model)), run_model(same, feed_for(model))):
+        np.testing.assert_array_equal(a, b)
+
+
+def group_tensors(channels: ChannelGraph) -> list[set[str]]:
+    return [set(group.tensors) for group in channels.groups()]
+
+
+# ---- dependency patterns ---------------------------------------------------------------------------------
+
+
+def test_conv_bn_activation_conv():
+    b = Builder()
+    c = b.conv("x", 4, 16, "c1", k=3)
+    bn = b.node("BatchNormalization", [c, b.weight("s", (16,)), b.weight("o", (16,)), b.weight("m", (16,)),
+                                       b.constant("v", np.full(16, 2.0, np.float32))], "bn")
+    r = b.node("Relu", [bn], "r")
+    b.conv(r, 16, 4, "c2", k=3)
+    model = b.model({"x": [2, 4, 8, 8]}, ["c2"])
+    unchanged_when_nothing_removed(model)
+    channels, pruned = remove_exactly(model)
+    assert {"c1", "bn", "r"} in group_tensors(channels)
+    assert [t.dims for t in pruned.graph.initializer if t.name.startswith(("s", "o", "m", "v"))] == [[8]] * 4
+
+
+def test_residual_add_ties_channels():
+    b = Builder()
+    s = b.node("Relu", [b.conv("x", 4, 16, "stem", k=3)], "s")
+    inner = b.node("Relu", [b.conv(s, 16, 8, "c1", k=3)], "inner")
+    branch = b.conv(inner, 8, 16, "c2", k=3)
+    t = b.node("Add", [s, branch], "t")
+    b.conv(t, 16, 4, "head")
+    model = b.model({"x": [2, 4, 8, 8]}, ["head"])
+    unchanged_when_nothing_removed(model)
+    channels, _ = remove_exactly(model)
+    groups = group_tensors(channels)
+    assert {"stem", "s", "c2", "t"} in groups  # both inputs of the Add and its output: one group
+    assert {"c1", "inner"} in groups
+
+
+def test_concat_maps_offsets_and_fixes_inputs_it_does_not_follow():
+    b = Builder()
+    a = b.conv("x", 4, 8, "a", k=3)
+    c = b.conv("x", 4, 8, "c", k=3)
+    joined = b.node("Concat", [a, c, "x"], "joined", axis=1)  # the graph input's 4 channels stay
+    b.conv(joined, 20, 4, "head")
+    model = b.model({"x": [2, 4, 8, 8]}, ["head"])
+    unchanged_when_nothing_removed(model)
+    channels, pruned = remove_exactly(model)
+    assert {"a", "joined"} in group_tensors(channels) and {"c", "joined"} in group_tensors(channels)
+    assert channels.fixed_reasons["concat-input-not-followed"] == 1
+    head = next(t for t in pruned.graph.initializer if t.name.startswith("head.w"))
+    assert head.dims[1] == 4 + 4 + 4  # half of each conv's channels, all of x's
+
+
+def test_depthwise_conv_carries_channels_and_grouped_conv_is_left_whole():
+    b = Builder()
+    e = b.node("Relu", [b.conv("x", 4, 16, "expand")], "e")
+    d = b.node("Clip", [b.conv(e, 16, 16, "dw", k=3, group=16), b.constant("lo", np.float32(0)),
+                        b.constant("hi", np.float32(6))], "d")
+    p = b.conv(d, 16, 8, "project")
+    g = b.conv(p, 8, 8, "grouped", k=3, group=2)
+    b.conv(g, 8, 4, "head")
+    model = b.model({"x": [2, 4, 8, 8]}, ["head"])
+    unchanged_when_nothing_removed(model)
+    channels, pruned = remove_exactly(model)
+    assert {"expand", "e", "dw", "d"} in group_tensors(channels)
+    assert channels.fixed_reasons["grouped-conv"] >= 1
+    assert not any("project" in tensors for tensors in group_tensors(channels))  # read by the grouped conv
+    dw = next(n for n in pruned.graph.node if n.name == "Conv_dw")
+    assert next(a.i for a in dw.attribute if a.name == "group") == 8
+
+
+def test_per_channel_constants_are_sliced():
+    b = Builder()
+    c = b.conv("x", 4, 16, "c1", k=3)
+    m = b.node("Mul", [c, b.weight("scale", (1, 16, 1, 1))], "m")
+    d = b.node("Div", [m, b.constant("div", np.abs(np.random.default_rng(0).normal(size=(16, 1, 1))).astype(
+        np.float32) + 1)], "d")
+    a = b.node("Add", [b.weight("shift", (1, 16, 1, 1)), d], "a")
+    s = b.node("Sub", [a, b.constant("one", np.float32(1))], "s")
+    b.conv(s, 16, 4, "c2")
+    model = b.model({"x": [2, 4, 8, 8]}, ["c2"])
+    unchanged_when_nothing_removed(model)
+    channels, _ = remove_exactly(model)
+    assert {"c1", "m", "d", "a", "s"} in group_tensors(channels)
+
+
+def test_resize_by_scales_and_by_sizes():
+    b = Builder()
+    c = b.conv("x", 4, 16, "c1", k=3)
+    up = b.node("Resize", [c, "", b.constant("scales", np.array([1, 1, 2, 2], np.float32))], "up", mode="nearest")
+    c2 = b.conv(up, 16, 16, "c2", k=3)
+    sized = b.node("Resize", [c2, "", "", b.constant("sizes", np.array([2, 16, 8, 8], np.int64))], "sized",
+                   mode="linear")
+    b.conv(sized, 16, 4, "c3")
+    model = b.model({"x": [2, 4, 8, 8]}, ["c3"])
+    unchanged_when_nothing_removed(model)
+    channels, pruned = remove_exactly(model)
+    assert {"c1", "up"} in group_tensors(channels) and {"c2", "sized"} in group_tensors(channels)
+    sizes = next(t for t in pruned.graph.initializer if t.name.startswith("sizes"))
+    assert numpy_helper.to_array(sizes).tolist() == [2, 8, 8, 8]
+
+
+@pytest.mark.parametrize("opset", [11, 18])
+def test_split_rewrites_sizes(opset):
+    b = Builder()
+    c = b.conv("x", 4, 16, "c1", k=3)
+    if opset < 13:
+        parts = b.node("Split", [c], ["p0", "p1"], axis=1, split=[8, 8])
+    else:
+        parts = b.node("Split", [c, b.constant("split", np.array([8, 8], np.int64))], ["p0", "p1"], axis=1)
+    h0, h1 = b.conv(parts[0], 8, 4, "h0"), b.conv(parts[1], 8, 4, "h1")
+    b.node("Add", [h0, h1], "out")
+    model = b.model({"x": [2, 4, 8, 8]}, ["out"], opset=opset)
+    unchanged_when_nothing_removed(model)
+    channels, pruned = remove_exactly(model)
+    assert {"c1", "p0"} in group_tensors(channels) and {"c1", "p1"} in group_tensors(channels)
+    split = next(n for n in pruned.graph.node if n.op_type == "Split")
+    sizes = (next(a.ints for a in split.attribute if a.name == "split") if opset < 13 else
+             numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == split.input[1])))
+    assert list(sizes) == [4, 4]
+
+
+@pytest.mark.parametrize("flatten", ["Flatten", "Reshape"])
+def test_flatten_or_reshape_before_gemm(flatten):
+    b = Builder()
+    r = b.node("Relu", [b.conv("x", 4, 16, "c1", k=3)], "r")
+    pooled = b.node("MaxPool", [r], "pooled", kernel_shape=[2, 2], strides=[2, 2])
+    if flatten == "Flatten":
+        f = b.node("Flatten", [pooled], "f")
+    else:
+        f = b.node("Reshape", [pooled, b.constant("shape", np.array([2, 16 * 16], np.int64))], "f")
+    b.node("Gemm", [f, b.weight("fc.w", (10, 256)), b.weight("fc.b", (10,))], "logits", transB=1)
+    model = b.model({"x": [2, 4, 8, 8]}, ["logits"])
+    unchanged_when_nothing_removed(model)
+    channels, pruned = remove_exactly(model)
+    assert {"c1", "r", "pooled", "f"} in group_tensors(channels)
+    fc = next(t for t in pruned.graph.initializer if t.name.startswith("fc.w"))
+    assert fc.dims == [10, 8 * 16]
+
+
+def test_matmul_and_gemm_chains():
+    b = Builder()
+    h = b.node("MatMul", ["x", b.weight("w1", (6, 16))], "h")
+    hb = b.node("Add", [h, b.weight("b1", (16,))], "hb")
+    r = b.node("Relu", [hb], "r")
+    o = b.node("MatMul", [r, b.weight("w2", (16, 12))], "o")
+    flat = b.node("Reshape", [o, b.constant("shape", np.array([-1, 12], np.int64))], "flat")
+    g = b.node("Gemm", [flat, b.weight("w3", (12, 8)), b.weight("b3", (8,))], "g")  # transB=0
+    b.node("Gemm", [g, b.weight("w4", (3, 8))], "out", transB=1)
+    model = b.model({"x": [2, 5, 6]}, ["out"])
+    unchanged_when_nothing_removed(model)
+    channels, _ = remove_exactly(model)
+    assert {"h", "hb", "r"} in group_tensors(channels)
+    assert {"g"} in group_tensors(channels)
+    assert channels.fixed_reasons["op:Reshape"] == 1  # a Reshape of a 3-D tensor: its channels are left whole
+
+
+def test_option_a_shortcut_slice_and_channel_pad():
+    """ResNet (CIFAR) shortcut: the input subsampled by a Slice and padded with zero channels."""
+    b = Builder()
+    s = b.node("Relu", [b.conv("x", 4, 8, "stem", k=3)], "s")
+    sub = b.node("Slice", [s, b.constant("st", np.array([0, 0], np.int64)), b.constant("en", np.array([99, 99],
+                 np.int64)), b.constant("ax", np.array([2, 3], np.int64)), b.constant("sp", np.array([2, 2],
+                 np.int64))], "sub")
+    padded = b.node("Pad", [sub, b.constant("pads", np.array([0, 4, 0, 0, 0, 4, 0, 0], np.int64))], "padded")
+    main = b.conv(s, 8, 16, "down", k=3, strides=[2, 2])
+    t = b.node("Add", [main, padded], "t")
+    b.conv(t, 16, 4, "head")
+    model = b.model({"x": [2, 4, 8, 8]}, ["head"])
+    unchanged_when_nothing_removed(model)
+    channels, pruned = remove_exactly(model)
+    groups = group_tensors(channels)
+    assert {"stem", "s", "sub", "padded", "down", "t"} in groups  # the stem's channels sit inside the pad
+    assert {"padded", "down", "t"} in groups  # the padded channels: the down conv's alone
+    pads = next(numpy_helper.to_array(t) for t in pruned.graph.initializer if t.name.startswith("pads"))
+    assert pads[[0, 2, 3, 4, 6, 7]].tolist() == [0] * 6 and pads[1] + pads[5] == 4  # half the 8 padded ones
+
+
+def test_conv_transpose_reads_and_writes_channels():
+    b = Builder()
+    c = b.node("Relu", [b.conv("x", 4, 16, "c1", k=3)], "c")
+    up = b.node("ConvTranspose", [c, b.weight("up.w", (16, 8, 2, 2)), b.weight("up.b", (8,))], "up",
+                strides=[2, 2])
+    b.conv(up, 8, 4, "head")
+    model = b.model({"x": [2, 4, 8, 8]}, ["head"])
+    unchanged_when_nothing_removed(model)
+    channels, _ = remove_exactly(model)
+    assert {"c1", "c"} in group_tensors(channels) and {"up"} in group_tensors(channels)
+
+
+def test_graph_outputs_and_unknown_ops_leave_channels_whole():
+    b = Builder()
+    c = b.conv("x", 4, 16, "c1", k=3)
+    t = b.node("Transpose", [c], "t", perm=[0, 2, 3, 1])
+    b.conv("x", 4, 8, "c2", k=3)
+    model = b.model({"x": [2, 4, 8, 8]}, ["t", "c2"])
+    channels = ChannelGraph(graphs.import_model(_copy(model)))
+    assert channels.groups() == []
+    assert channels.fixed_reasons["op:Transpose"] == 1 and channels.fixed_reasons["graph-output"] == 1
+
+
+# ---- the pass --------------------------------------------------------------------------------------------
+
+
+def small_net(width: int = 32) -> onnx.ModelProto:
+    """A residual CNN with a classifier: stem, two blocks, pool, Gemm."""
+    b = Builder(3)
+    s = b.node("Relu", [b.conv("x", 3, width, "stem", k=3)], "s")
+    for i in range(2):
+        inner = b.node("Relu", [b.conv(s, width, width, f"b{i}.c1", k=3)], f"b{i}.r")
+        s = b.node("Relu", [b.node("Add", [s, b.conv(inner, width, width, f"b{i}.c2", k=3)], f"b{i}.add")],
+                   f"b{i}.out")
+    pooled = b.node("GlobalAveragePool", [s], "pooled")
+    flat = b.node("Flatten", [pooled], "flat")
+    b.node("Gemm", [flat, b.weight("fc.w", (10, width)), b.weight("fc.b", (10,))], "logits", transB=1)
+    model = b.model({"x": ["N", 3, 12, 12]}, ["logits"])
+    for init in model.graph.initializer:  # smaller weights: the activations stay in a sane range
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 0.4, init.name))
+    return model
+
+
+def calibration(model: onnx.ModelProto, count: int = 64) -> datasets.Dataset:
+    rng = np.random.default_rng(5)
+    smooth = rng.normal(size=(count, 3, 4, 4)).repeat(3, axis=2).repeat(3, axis=3)
+    return datasets.open_data({"x": (smooth + 0.1 * rng.normal(size=(count, 3, 12, 12))).astype(np.float32)}, model)
+
+
+def run_pass(model: onnx.ModelProto, options: str):
+    ctx = PassContext(calibration_data=calibration(model))
+    return PassManager(parse(f"prune:{options}")).run(model, ctx)
+
+
+def test_flops_target_is_reached_with_valid_model_and_bounded_error():
+    model = small_net()
+    pruned, records = run_pass(model, "structure=channel,flops=0.5,samples=32")
+    stats = records[0].stats
+    assert records[0].modified and 0.3 < stats["flops_ratio"] <= 0.5
+    assert "latency_ratio" in stats
+    onnx.checker.check_model(pruned, full_check=True)
+    assert _weight_count(pruned) < 0.6 * _weight_count(model)
+    for init in pruned.graph.initializer:  # every kept count is a multiple of 8 (groups of 32 channels)
+        if init.name.startswith(("stem.w", "b0.c1.w", "b1.c1.w")):
+            assert init.dims[0] % 8 == 0
+    feed = {"x": calibration(model, 64).batch(0, 64)["x"]}
+    reference, = run_model(model, feed)
+    output, = run_model(pruned, feed)
+    error = np.sum((output - reference) ** 2) / np.sum((reference - reference.mean()) ** 2)
+    assert error < 0.5, error  # the re-solved readers keep the outputs close on calibration-like data
+
+
+def test_flops_one_keeps_the_model():
+    model = small_net()
+    pruned, records = run_pass(model, "structure=channel,flops=1.0,samples=16")
+    assert not records[0].modified and "unchanged" in records[0].stats["note"]
+    assert pruned.SerializeToString() == model.SerializeToString()
+
+
+def test_model_without_prunable_channels_is_reported_and_unchanged():
+    b = Builder()
+    b.conv("x", 3, 8, "only", k=3)  # its channels are the graph output
+    model = b.model({"x": ["N", 3, 12, 12]}, ["only"])
+    pruned, records = run_pass(model, "structure=channel,flops=0.5,samples=8")
+    assert not records[0].modified
+    assert "no channel group" in records[0].stats["note"] and records[0].stats["fixed:graph-output"] == 1
+    assert pruned.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize("options, words", [
+    ("structure=channel,flops=0", "flops must be in (0, 1]"),
+    ("structure=channel,flops=1.5", "flops must be in (0, 1]"),
+    ("structure=channel,latency=-0.5", "latency must be in (0, 1]"),
+    ("structure=channel,latency=2", "latency must be in (0, 1]"),
+    ("structure=channel", "needs one of flops"),
+    ("structure=channel,flops=0.5,latency=0.5", "needs one of flops"),
+    ("flops=0.5", "need structure=channel"),
+    ("structure=block,flops=0.5", "structure must be element or channel"),
+])
+def test_bad_options_are_input_errors(options, words):
+    with pytest.raises(InputError, match=None) as caught:
+        parse(f"prune:{options}")
+    assert words in str(caught.value)
+
+
+def test_cli_bad_option_exits_2_and_unreachable_latency_exits_1(tmp_path):
+    model_path, calib = tmp_path / "net.onnx", tmp_path / "calib.npz"
+    onnx.save(small_net(16), model_path)
+    np.savez(calib, x=calibration(small_net(16), 16).batch(0, 16)["x"])
+    bad = run_cli("optimize", model_path, "-o", tmp_path / "bad.onnx", "--passes",
+                  "prune:structure=channel,flops=1.5", "--calib-data", calib, "--no-validate")
+    assert bad.returncode == 2 and "flops must be in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.onnx").exists()
+    out = tmp_path / "fast.onnx"
+    result = run_cli("optimize", model_path, "-o", out, "--passes",
+                     "prune:structure=channel,latency=0.01,samples=16", "--calib-data", calib, "--no-validate")
+    assert result.returncode == 1, result.stderr
+    assert "lowest reached" in result.stderr and "the target was 0.01" in result.stderr
+    assert out.exists()  # the model is written at the best ratio reached, as with a budget
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_element_pruning_is_unchanged_by_default():
+    config = parse("prune:sparsity=0.5")[0].config
+    assert config.structure == "element" and config.flops is None and config.latency is None
