@@ -123,3 +123,11 @@ def check_budgets(result: Validation, *, max_accuracy_drop: float | None = None,
         if ratio > max_latency_ratio:
             raise BudgetExceeded(f"latency ratio {ratio:.2f} is over the budget of {max_latency_ratio} "
                                  "(max_latency_ratio=)")
+
+
+def check_pass_targets(report: Report) -> None:
+    """Raise BudgetExceeded when a pass could not reach a target the user gave it (prune's latency=): the
+    model was still produced, at the best the pass reached, and the report says how far it got."""
+    for record in report.passes:
+        if record.stats.get("unreached"):
+            raise BudgetExceeded(f"{record.name}: {record.stats['unreached']}")

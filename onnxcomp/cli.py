@@ -192,6 +192,7 @@ def _finish(report: Report, args) -> int:
     if report.validation is not None:
         api.check_budgets(report.validation, max_accuracy_drop=args.max_accuracy_drop,
                           max_latency_ratio=args.max_latency_ratio)
+    api.check_pass_targets(report)
     return 0
 
 
