@@ -63,11 +63,12 @@ def render(report: Report) -> str:
     with rc_context({"svg.fonttype": "path", "svg.hashsalt": "onnxcomp", "font.size": 9}):
         sections = [_summary(report), _candidates(report.candidates), _sensitivity(report),
                     _bytes_by_layer(report), _latency(report)]
+    tables = report.render(candidates=False)  # the candidates have their own table, with the front
+    sections.append(f"<h2>Tables</h2>\n<pre>{_text(tables)}</pre>" if tables else "")
     title = f"onnxcomp report: {Path(report.model).name}"
     body = "\n".join(section for section in sections if section)
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_text(title)}</title>\n"
-            f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>{_text(title)}</h1>\n{body}\n"
-            f"<h2>Tables</h2>\n<pre>{_text(report.render())}</pre>\n</body>\n</html>\n")
+            f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>{_text(title)}</h1>\n{body}\n</body>\n</html>\n")
 
 
 def _summary(report: Report) -> str:
@@ -140,7 +141,12 @@ def _front_figure(candidates: list[dict], measured: list[dict], front: list[dict
                           xytext=(4, 4), fontsize=8)
     sizes = [c["bytes"] for c in measured]
     if max(sizes) > 8 * min(sizes):
+        from matplotlib.ticker import FuncFormatter
+
         axes.set_xscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 30, not 3×10¹
+        axes.xaxis.set_major_formatter(plain)
+        axes.xaxis.set_minor_formatter(plain)
     axes.set_xlabel("model size (KB)")
     axes.set_ylabel("top-1 accuracy (%)" if key == "accuracy" else "drop (points)")
     if key == "drop":

@@ -35,9 +35,10 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(_finite(self.to_dict()), indent=2)
 
-    def render(self) -> str:
-        lines = []
+    def render(self, *, candidates: bool = True) -> str:
+        lines = render_candidates(self.candidates) if candidates and self.candidates else []
         if self.passes:
+            lines += [""] if lines else []
             lines.append(f"passes on {self.model}" + (f" → {self.output}" if self.output else ""))
             rows = [("pass", "changed", "time", "stats")]
             for record in self.passes:
@@ -57,6 +58,17 @@ class Report:
         if self.validation_skipped:
             lines += ([""] if lines else []) + [f"validation skipped: {self.validation_skipped}"]
         return "\n".join(lines)
+
+
+def render_candidates(candidates: list[dict]) -> list[str]:
+    """One row per candidate tried, in the order tried; the chosen one starred."""
+    rows = [("", "recipe", "size", "latency ms", "accuracy", "drop")]
+    for candidate in candidates:
+        latency, drop = candidate.get("latency_ms"), candidate.get("drop")
+        rows.append(("*" if candidate.get("chosen") else "", candidate["recipe"], _bytes(candidate["bytes"]),
+                     "-" if latency is None else f"{latency:.3f}", _pct(candidate.get("accuracy")),
+                     "-" if drop is None else f"{drop:.2f}"))
+    return [f"candidates tried: {len(candidates)}"] + _table(rows)
 
 
 def render_validation(result: Validation) -> list[str]:
