@@ -45,7 +45,7 @@ WAVES = 20            # at most this many rounds of re-solving, in graph order, 
 RIDGE = 0.01          # share of the mean diagonal of H[K, K] added before the re-solve
 CURVE_POINTS = 12     # error evaluations per group; counts in between are interpolated
 PROBE_SAMPLES = 32    # calibration samples on which each group's effect on the outputs is measured
-LATENCY_RUNS = 40     # timed runs per candidate and model
+TIMING_SECONDS = 3.0  # aimed-at time of the timed runs per candidate (both models), 20 to 200 runs
 LATENCY_PROBES = 7    # candidates timed in the search for a latency target
 
 
@@ -461,15 +461,16 @@ def _latency_search(graph: gs.Graph, ctx, plans: list[GroupPlan], macs: Macs, co
     a search over the FLOPs share, each candidate built and timed against the unpruned graph."""
     target = config.latency
     feed = _feed(ctx.calibration_data, config.batch)
-    reference = runtime.session(gs.export_onnx(graph, do_type_check=False), ctx.provider, spinning=False)
+    reference = _session(gs.export_onnx(graph, do_type_check=False), ctx.provider)
+    runs = _runs(reference, feed)
     floor = macs.ratio([len(plan.counts) - 1 for plan in plans])
     tried: dict[float, tuple[float, list[int]]] = {}
     feasible, infeasible = None, None  # largest FLOPs share that reached the target, smallest that did not
     flops = max(target, floor)
     for _ in progress.each(range(LATENCY_PROBES), "latency search", unit="candidate"):
         choice = allocate(plans, macs, flops)
-        candidate = runtime.session(pruned_copy(graph, plans, choice), ctx.provider, spinning=False)
-        base, new = interleaved_latency([reference, candidate], feed, runs=LATENCY_RUNS)
+        candidate = _session(pruned_copy(graph, plans, choice), ctx.provider)
+        base, new = interleaved_latency([reference, candidate], feed, runs=runs)
         ratio = new.median_ms / base.median_ms
         tried[flops] = (ratio, choice)
         ctx.log.info("prune: FLOPs share %.3f → latency ratio %.3f", flops, ratio)
@@ -497,9 +498,22 @@ def _latency_search(graph: gs.Graph, ctx, plans: list[GroupPlan], macs: Macs, co
 
 def latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, data, batch: int, provider: str) -> float:
     """Median latency of `after` over `before` at `batch`, timed in turns."""
-    sessions = [runtime.session(m, provider, spinning=False) for m in (before, after)]
-    base, new = interleaved_latency(sessions, _feed(data, batch), runs=LATENCY_RUNS)
+    sessions = [_session(m, provider) for m in (before, after)]
+    feed = _feed(data, batch)
+    base, new = interleaved_latency(sessions, feed, runs=_runs(sessions[0], feed))
     return new.median_ms / base.median_ms
+
+
+def _session(model: onnx.ModelProto, provider: str):
+    """A session for timing: worker threads that do not spin, so the other model's runs keep the cores."""
+    return runtime.session(model, provider, spinning=False)
+
+
+def _runs(session, feed: dict[str, np.ndarray]) -> int:
+    """Timed runs per model so that a comparison takes about TIMING_SECONDS: small models get many runs,
+    whose median holds against a noisy machine."""
+    (once,) = interleaved_latency([session], feed, runs=3, warmup=2)
+    return int(np.clip(TIMING_SECONDS * 1000 / 2 / max(once.median_ms, 1e-3), 20, 200))
 
 
 def _feed(data, batch: int) -> dict[str, np.ndarray]:

@@ -425,3 +425,24 @@ def test_cli_bad_option_exits_2_and_unreachable_latency_exits_1(tmp_path):
 def test_element_pruning_is_unchanged_by_default():
     config = parse("prune:sparsity=0.5")[0].config
     assert config.structure == "element" and config.flops is None and config.latency is None
+
+
+def test_latency_search_keeps_the_most_flops_that_reach_the_target(monkeypatch):
+    """With a stand-in clock whose time is the model's weight count, the search must stop at a candidate
+    within the target and not far below it."""
+    from onnxcomp.bench import Latency
+    from onnxcomp.passes import prune_channels
+
+    monkeypatch.setattr(prune_channels, "_session", lambda model, provider: model)
+
+    def clock(models, feed, runs=50, warmup=5):
+        return [Latency(float(_weight_count(m)), 0.0, 0.0, runs) for m in models]
+
+    monkeypatch.setattr(prune_channels, "interleaved_latency", clock)
+    model = small_net()
+    pruned, records = run_pass(model, "structure=channel,latency=0.5,samples=16")
+    stats = records[0].stats
+    assert "unreached" not in stats
+    ratio = _weight_count(pruned) / _weight_count(model)
+    assert stats["latency_ratio"] == pytest.approx(ratio, abs=0.01) and 0.35 < ratio <= 0.5
+    assert stats["latency_candidates"] >= 2
