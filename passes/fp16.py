@@ -68,13 +68,14 @@ SHAPE_READERS = frozenset({"Shape", "Size"})
 # to float32 around it. ARM builds of ORT register more (MLAS half kernels); they are not measured here.
 # cpu/bfloat16: none; Add, MatMul, Conv and the other arithmetic ops fail with "Could not find an implementation".
 # cuda/*: from ORT's CUDA kernel registrations (onnxruntime/core/providers/cuda/cuda_execution_provider.cc,
-# the MLFloat16 and BFloat16 entries); not measured here (no GPU on this machine).
+# the MLFloat16 and BFloat16 entries); not measured here (no GPU on this machine). BatchNormalization is left out:
+# from opset 15 its statistics have their own type parameters, which this pass keeps float32.
 HALF_KERNELS = {
     ("cpu", "float16"): MOVEMENT | {"Clip", "LayerNormalization", "Max", "Min", "RMSNormalization", "Round",
                                     "Sign"},
     ("cpu", "bfloat16"): frozenset(),
     ("cuda", "float16"): MOVEMENT | {
-        "Abs", "Add", "ArgMax", "ArgMin", "AveragePool", "BatchNormalization", "Ceil", "Clip", "Conv",
+        "Abs", "Add", "ArgMax", "ArgMin", "AveragePool", "Ceil", "Clip", "Conv",
         "ConvTranspose", "Div", "Elu", "Equal", "Erf", "Exp", "Floor", "Gemm", "GlobalAveragePool",
         "GlobalMaxPool", "Greater", "GreaterOrEqual", "HardSigmoid", "InstanceNormalization",
         "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "LRN", "MatMul", "Max",
@@ -166,9 +167,11 @@ class Fp16(Pass):
                 break
             reverted |= failed  # convert again from the float32 graph with these subgraphs left in float32
             _restore(graph, backup.copy())
-        nodes = sum(1 for scope in graphs.scopes(graph) for node in scope.nodes)
-        stats.update({"type": config.type, "provider": provider, "half_nodes": len(plan.half), "nodes": nodes,
-                      "limit": round(limit, 1), **counts})
+        nodes = [node for scope in graphs.scopes(graph) for node in scope.nodes]
+        ops = Counter(node.op for node in nodes if id(node) in plan.half)
+        stats.update({"type": config.type, "provider": provider, "half_nodes": len(plan.half), "nodes": len(nodes),
+                      "limit": float(f"{limit:.5g}"), **counts})
+        stats.update({f"half:{op}": n for op, n in sorted(ops.items())})
         stats.update({f"float32:{reason}": n for reason, n in sorted(plan.kept.items())})
         if reverted:
             stats["float32_subgraphs"] = "|".join(sorted(reverted))
@@ -369,6 +372,7 @@ def _drop_costly_islands(graph: gs.Graph, plan: Plan, io_half: bool) -> None:
             if source is not None and _writes_half(source, node.inputs[i], plan):
                 parent[root(id(node))] = root(id(source))
     casts: Counter = Counter()
+    cast_inputs: set[tuple[int, int]] = set()  # (island, tensor): one Cast serves every reader in the island
     arithmetic: Counter = Counter(root(id(node)) for node in nodes if node.op not in MOVEMENT)
     float_outputs = {id(t) for scope in graphs.scopes(graph) for t in scope.outputs
                      if scope is not graph or not io_half}  # graph outputs that must be float32
@@ -380,16 +384,17 @@ def _drop_costly_islands(graph: gs.Graph, plan: Plan, io_half: bool) -> None:
             source = graphs.producer(tensor)
             constant = isinstance(tensor, gs.Constant) or (source is not None and source.op == "Constant")
             if not constant and id(tensor) not in inputs and not (source and _writes_half(source, tensor, plan)):
-                casts[island] += 1  # counted per reader: a shared cast is still one cast per island at most
+                cast_inputs.add((island, id(tensor)))
         for i in plan.slots[id(node)][1]:
             tensor = node.outputs[i]
             float_readers = [c for c in graphs.consumers(tensor)
                              if c.op not in SHAPE_READERS and not _reads_half(c, tensor, plan)]
             casts[island] += bool(float_readers) or id(tensor) in float_outputs
+    casts.update(island for island, _ in cast_inputs)
     for node in nodes:
         if casts[root(id(node))] > arithmetic[root(id(node))]:
             plan.half.discard(id(node))
-            plan.kept["few-arithmetic"] += 1
+            plan.kept["casts-cost-more"] += 1
 
 
 def _writes_half(node: gs.Node, tensor: gs.Tensor, plan: Plan) -> bool:
@@ -448,7 +453,7 @@ class _Rewriter:
             for node in list(scope.nodes):
                 if id(node) in self.plan.half:
                     self._to_half(scope, node)
-                elif node.op not in SHAPE_READERS:
+                elif node.op not in SHAPE_READERS and graphs.is_standard(node):  # other domains: inputs as they were
                     for i, tensor in enumerate(node.inputs):
                         if tensor.name in self.floats:
                             node.inputs[i] = self.reading(scope, tensor, FLOAT)

@@ -197,6 +197,22 @@ def test_without_calibration_data_the_stats_say_random_inputs():
     assert stats["ranges_from"] == "random inputs" and "random" in stats["warning_data"]
 
 
+def test_bfloat16_for_cuda_is_a_valid_model_with_bfloat16_precision():
+    """ORT's CPU provider has no bfloat16 arithmetic, so the model is checked with ONNX's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    x = RNG.standard_normal((8, 16)).astype(np.float32)
+    model = mlp()
+    optimized, stats = _optimize(model, "fp16:type=bfloat16,provider=cuda", {"x": x})
+    onnx.checker.check_model(optimized, full_check=True)
+    assert stats["half_nodes"] == 5
+    assert {t.data_type for t in optimized.graph.initializer} == {TensorProto.BFLOAT16}
+    expected, = run_model(model, {"x": x})
+    got, = ReferenceEvaluator(optimized).run(None, {"x": x})
+    error = np.abs(got - expected).max() / np.abs(expected).max()
+    assert 1e-4 < error < 2e-2  # bfloat16 keeps 8 significant bits: about 0.4 % per rounding
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
