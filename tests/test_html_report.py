@@ -82,8 +82,8 @@ def test_chromium_draws_the_report_without_console_messages(html_page, tmp_path)
     pixels, console, dom = render_in_chromium(html_page, tmp_path)
     assert console == []
     assert dom.count("<svg") == 4 and dom.count("<path") > 100
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, "the screenshot is (nearly) blank"
-    assert _pixels_of(pixels, BLUE) > 2000 and _pixels_of(pixels, ORANGE) > 1000, "the bars are not drawn"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500, "the plots are blank (text alone gives ~200 colours)"
+    assert _pixels_of(pixels, BLUE) > 10_000 and _pixels_of(pixels, ORANGE) > 10_000, "the bars are not drawn"
 
 
 @needs_chromium
@@ -111,8 +111,8 @@ def test_candidates_are_plotted_with_their_front_and_the_chosen_one(work, tmp_pa
     assert [cells[1] for cells in rows[1:] if cells[6] == "yes"] == ["fuse-bn", "b", "d"]  # the front column
     pixels, console, dom = render_in_chromium(page, tmp_path)
     assert console == [] and dom.count("<svg") == 1
-    assert _pixels_of(pixels, RED) > 50, "the chosen candidate's star is not drawn"
-    assert _pixels_of(pixels, BLUE) > 100, "the front is not drawn"
+    assert _pixels_of(pixels, RED) > 100, "the chosen candidate's star is not drawn"
+    assert _pixels_of(pixels, BLUE) > 500, "the front is not drawn"
 
 
 def test_json_report_keeps_candidates_and_each_timed_run(work, tmp_path):
