@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
@@ -47,7 +48,7 @@ def test_transformers_get_dynamic_int8_without_calibration_data(tmp_path):
     ops = [node.op_type for node in quantized.graph.node]
     assert ops.count("DynamicQuantizeLinear") == 2 and ops.count("MatMulInteger") == 4  # x for Q, K, V at once
     assert ops.count("MatMul") == 2  # QKᵀ and attention × V stay in float
-    ids = rng.integers(0, VOCABULARY, (8, TOKENS))
+    ids = rng.integers(0, VOCABULARY, (64, TOKENS))
     (expected,), (actual,) = run_model(model, {"ids": ids}), run_model(quantized, {"ids": ids})
     cosine = float((expected * actual).sum() / np.linalg.norm(expected) / np.linalg.norm(actual))
     assert cosine > 0.995
@@ -101,3 +102,60 @@ def test_gemm_with_a_bias_becomes_an_int8_matmul_plus_the_bias():
     x = rng.standard_normal((16, 8)).astype(np.float32)
     (expected,), (actual,) = run_model(model, {"x": x}), run_model(quantized, {"x": x})
     assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def gather_model(table: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["rows"])], "lookup",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", table.shape[1]])],
+                              [numpy_helper.from_array(table, "table")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_embedding_rows_keep_their_own_scale_at_half_a_byte_a_row(tmp_path):
+    vocabulary, width = 2000, 64
+    magnitudes = np.geomspace(0.01, 1.0, vocabulary)  # rows a hundred times apart, as a vocabulary's are
+    table = (rng.standard_normal((vocabulary, width)) * magnitudes[:, None]).astype(np.float32)
+    model = gather_model(table)
+    quantized, _ = onnxcomp.optimize(model, "int8:activations=dynamic", validate_result=False)
+    ids = np.arange(vocabulary)
+    (decoded,) = run_model(quantized, {"ids": ids})
+    step = np.abs(table).max(axis=1) / 127
+    # each row's scale is its own rounded up to one of 16 levels spaced geometrically over the rows' range
+    coarsest = (step.max() / step.min()) ** (1 / 15) * 1.001  # and up to float16
+    assert coarsest < 1.5
+    assert np.all(np.abs(decoded - table).max(axis=1) <= 0.5 * coarsest * step)
+    # one int8 per entry and half a byte of scale code per row, plus the decoder: a quarter of the float table
+    assert quantized.ByteSize() < vocabulary * width + vocabulary // 2 + 4000
+    _, counts = optimized_ops(quantized, tmp_path)  # the row scales are decoded once, when ORT loads the model
+    assert set(counts) <= {"Gather", "Cast", "Unsqueeze", "Mul"}, counts
+
+
+def test_weight_scales_are_float16_where_it_holds_them_and_float32_where_not():
+    for size in (1.0, 1e-9):  # the second's scales are below float16's normal range
+        weight = (rng.standard_normal((16, 8)) * size).astype(np.float32)
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                                  [numpy_helper.from_array(weight, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        quantized, _ = onnxcomp.optimize(model, "int8:activations=dynamic", validate_result=False)
+        scale = next(t for t in quantized.graph.initializer if t.name == "w_scale")
+        assert scale.data_type == (TensorProto.FLOAT16 if size == 1.0 else TensorProto.FLOAT)
+        x = rng.standard_normal((32, 16)).astype(np.float32)
+        (expected,), (actual,) = run_model(model, {"x": x}), run_model(quantized, {"x": x})
+        assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()
+
+
+@pytest.mark.assets
+def test_minilm_int8_is_no_larger_than_onnxruntime_quantize_dynamic(assets, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnxcomp.bench import working_directory
+
+    model = assets / "zoo/paraphrase_minilm_l3.onnx"
+    ours = tmp_path / "ours.onnx"
+    onnxcomp.optimize(model, "int8", output=ours, validate_result=False)
+    with working_directory(tmp_path):
+        quantize_dynamic(str(model), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8)
+    assert ours.stat().st_size <= (tmp_path / "ort.onnx").stat().st_size
