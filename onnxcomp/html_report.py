@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import io
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from onnxcomp.errors import InputError
 from onnxcomp.report import Report, _bytes
 
 SUFFIXES = (".html", ".htm")
+# Nodes whose constant inputs are no layer's weights: the scale and zero point of an activation's quantization.
+NOT_LAYERS = {"Constant", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 STRENGTH_COLUMNS = ("sparsity", "bits", "flops_ratio", "rank")  # what a pass's layer rows say it did to a layer
 MOST_LAYERS = 40  # bars in the bytes plot; the smaller layers are summed in one bar
 LABEL_CHARACTERS = 32
@@ -197,7 +200,7 @@ def _layers_figure(name: str, rows: list[dict]):
     positions = list(range(len(rows)))
     used = 0
     if any(v is not None for v in snr):
-        axes[0].barh(positions, [v if v is not None else 0.0 for v in snr], color="#1f77b4")
+        _finite_bars(axes[0], positions, [v if v is not None else 0.0 for v in snr], "#1f77b4")
         axes[0].set_xlabel("output SNR (dB)")
         axes[0].set_title(f"{name}: per-layer output SNR")
         used = 1
@@ -212,7 +215,7 @@ def _layers_figure(name: str, rows: list[dict]):
 def _bars_figure(title: str, labels: list[str], values: list[float], unit: str):
     figure = _figure_of(8.5, _bars_height(len(labels)))
     axes = figure.subplots()
-    axes.barh(range(len(labels)), values, color="#2ca02c")
+    _finite_bars(axes, range(len(labels)), values, "#2ca02c")
     axes.set_xlabel(unit)
     axes.set_title(title)
     _layer_axis(axes, [_label(label) for label in labels])
@@ -232,8 +235,9 @@ def _bytes_by_layer(report: Report) -> str:
     if not rows:
         return ""
     return ("<h2>Bytes by layer</h2>\n<p>The bytes of the weights each layer reads, compressed layouts at their "
-            "stored size; layers of the output model are matched to the input's by name, else by their order "
-            "among layers of the same operator.</p>\n" + _svg(_bytes_figure(rows)))
+            "stored size (the scales of activations' quantization left out); layers of the output model are "
+            "matched to the input's by name, else by their order among layers of the same operator.</p>\n"
+            + _svg(_bytes_figure(rows)))
 
 
 def layer_bytes(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
@@ -246,7 +250,7 @@ def layer_bytes(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
         read = [name for name in node.input if name in weights and name not in counted]
         counted.update(read)
         total = sum(weights[name] for name in read)
-        if total and node.op_type != "Constant":
+        if total and node.op_type not in NOT_LAYERS:
             layers.append((node.name or node.output[0], node.op_type, total))
     return layers
 
@@ -327,6 +331,20 @@ def _figure_of(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def _finite_bars(axes, positions, values: list[float], colour: str) -> None:
+    """Horizontal bars; an infinite SNR (an exact output) is drawn a little past the longest finite bar and
+    labelled "inf"."""
+    finite = [v for v in values if math.isfinite(v)]
+    longest = max(finite, default=0.0)
+    reach = longest * 1.15 if longest > 0 else 100.0
+    drawn = [v if math.isfinite(v) else reach if v > 0 else 0.0 for v in values]
+    axes.barh(list(positions), drawn, color=colour)
+    for position, value in zip(positions, values):
+        if not math.isfinite(value):
+            axes.annotate(str(value).replace("nan", "NaN"), (0, position), xytext=(3, 0), va="center", fontsize=7,
+                          textcoords="offset points", color="white" if value > 0 else "black")
 
 
 def _bars_height(count: int) -> float:

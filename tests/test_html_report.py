@@ -19,6 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxcomp
 from helpers import run_cli, run_model
 from onnxcomp import cli, html_report, model_io
 from onnxcomp.report import Report
@@ -113,6 +114,20 @@ def test_candidates_are_plotted_with_their_front_and_the_chosen_one(work, tmp_pa
     assert console == [] and dom.count("<svg") == 1
     assert _pixels_of(pixels, RED) > 100, "the chosen candidate's star is not drawn"
     assert _pixels_of(pixels, BLUE) > 500, "the front is not drawn"
+
+
+def test_int8_activation_sqnr_and_quantized_layer_bytes_are_plotted(work, tmp_path):
+    output = tmp_path / "int8.onnx"
+    _, report = onnxcomp.optimize(work / "model.onnx", "int8", calib_data=str(work / "calib.npz"), output=output,
+                                  validate_result=False)
+    assert any(name.startswith("sqnr_db:") for name in report.passes[0].stats)
+    page = html_report.render(report)
+    sensitivity = page.split("<h2>Per-layer sensitivity</h2>")[1].split("<h2>")[0]
+    assert sensitivity.count("<svg") == 1  # int8 has no layer rows: its SQNR of the worst tensors
+    rows = html_report.match_layers(html_report.layer_bytes(model_io.load(work / "model.onnx")),
+                                    html_report.layer_bytes(model_io.load(output)))
+    assert [name for name, _, _ in rows] == ["fc1", "fc2"]  # DequantizeLinear's weights count for their Gemm
+    assert all(stored < size / 2 for _, size, stored in rows)  # int8 weights, float biases
 
 
 def test_json_report_keeps_candidates_and_each_timed_run(work, tmp_path):
