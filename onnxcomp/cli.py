@@ -187,8 +187,7 @@ def _finish(report: Report, args) -> int:
         report.validation_skipped = as_flags(report.validation_skipped)
     print(report.render())
     if args.report:
-        text = html_report.render(report) if html_report.is_html(args.report) else report.to_json()
-        model_io.save_text(text, args.report, protect=(report.model, report.output))
+        _write_report(report, args.report)
     if report.validation is not None:
         api.check_budgets(report.validation, max_accuracy_drop=args.max_accuracy_drop,
                           max_latency_ratio=args.max_latency_ratio)
@@ -248,6 +247,12 @@ def _check_validation_args(args, models: tuple[str, ...]) -> None:
         raise InputError("--max-latency-ratio needs latency runs; drop --runs 0")
     if args.max_accuracy_drop is not None and (args.data is None or args.data == "random"):
         raise InputError("--max-accuracy-drop needs real data (--data); random inputs measure no accuracy")
+
+
+def _write_report(report: Report, path: str) -> None:
+    """JSON, or the HTML page for .html (checked first by _check_report_path); never over the run's models."""
+    text = html_report.render(report) if html_report.is_html(path) else report.to_json()
+    model_io.save_text(text, path, protect=(report.model, report.output))
 
 
 def _check_report_path(path: str) -> None:
