@@ -453,6 +453,8 @@ class _Rewriter:
             for node in list(scope.nodes):
                 if id(node) in self.plan.half:
                     self._to_half(scope, node)
+                elif node.op == "Constant":
+                    self._store_in_half(scope, node)
                 elif node.op not in SHAPE_READERS and graphs.is_standard(node):  # other domains: inputs as they were
                     for i, tensor in enumerate(node.inputs):
                         if tensor.name in self.floats:
@@ -471,6 +473,22 @@ class _Rewriter:
             node.attrs["value"] = gs.Constant(value.name, np.asarray(value.values).astype(self.half_dtype))
         for i in self.plan.slots[id(node)][0]:
             node.inputs[i] = self.reading(scope, node.inputs[i], HALF)
+
+    def _store_in_half(self, scope: gs.Graph, node: gs.Node) -> None:
+        """A float32 Constant node's value is stored in half and widened by a Cast that ORT folds, as for
+        initializers: exporters such as Paddle's and the Silero VAD's keep their weights in Constant nodes."""
+        value, output = node.attrs.get("value"), node.outputs[0]
+        if (not isinstance(value, gs.Constant) or output.name not in self.floats or value.values.size < HALF_STORAGE_MIN
+                or not _representable(value.values, self.half_type)):
+            return
+        node.attrs["value"] = gs.Constant(value.name, np.asarray(value.values).astype(self.half_dtype))
+        half = gs.Variable(self.names.new(f"{output.name}_{HALF}"), dtype=self.half_dtype, shape=output.shape)
+        node.outputs.clear()  # graphsurgeon's lists keep the tensors' producers in step
+        node.outputs.append(half)
+        scope.nodes.append(gs.Node("Cast", self.names.new(f"{output.name}_to_{FLOAT}"), {"to": TensorProto.FLOAT},
+                                   inputs=[half], outputs=[output]))
+        self.halves[id(value)] = node.attrs["value"]
+        self.weight_casts += 1
 
     def _keep_output_type(self, scope: gs.Graph, index: int, tensor: gs.Tensor, target: str) -> None:
         """A graph output keeps its name and gets `target`'s type: the tensor computed in the other type is

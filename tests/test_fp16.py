@@ -85,6 +85,18 @@ def test_cpu_keeps_arithmetic_in_float32_and_stores_weights_in_half():
     np.testing.assert_allclose(got, expected, rtol=0, atol=5e-3 * np.abs(expected).max())
 
 
+def test_weights_in_constant_nodes_are_stored_in_half_too():
+    weight = numpy_helper.from_array(RNG.standard_normal((16, 8)).astype(np.float32), "Wv")
+    nodes = [helper.make_node("Constant", [], ["W"], value=weight), helper.make_node("MatMul", ["x", "W"], ["y"])]
+    model = _model(nodes, [_float("x", ["N", 16])], [_float("y", ["N", 8])])
+    x = RNG.standard_normal((8, 16)).astype(np.float32)
+    optimized, stats = _optimize(model, "fp16", {"x": x})
+    constant = next(node for node in optimized.graph.node if node.op_type == "Constant")
+    assert constant.attribute[0].t.data_type == TensorProto.FLOAT16 and stats["weight_casts"] == 1
+    expected, = run_model(model, {"x": x})
+    np.testing.assert_allclose(run_model(optimized, {"x": x})[0], expected, rtol=0, atol=5e-3 * np.abs(expected).max())
+
+
 def test_cpu_half_nodes_all_have_cpu_kernels(tmp_path):
     """What the pass leaves in half on the CPU provider runs there without the casts ORT inserts around
     nodes lacking a half kernel: the Cast count ORT runs equals the pass's own."""
@@ -240,3 +252,29 @@ def test_model_without_float_weights_exits_2(tmp_path):
     model = _model([helper.make_node("Cast", ["ids"], ["y"], to=TensorProto.FLOAT)], [ids], [_float("y", ["N", 4])])
     onnx.save(model, tmp_path / "model.onnx")
     _check_rejected(tmp_path, "fp16", "no float32 weights")
+
+
+# ------------------------------------------------------------------------------------------------ real models
+
+
+@pytest.mark.assets
+def test_minilm_embeddings_stay_within_cosine_0_9999_in_half_the_file(assets, tmp_path):
+    from onnxcomp import data as datasets
+    from onnxcomp.runner import Runner
+
+    model, tokenizer = assets / "zoo/paraphrase_minilm_l3.onnx", assets / "zoo/bert_uncased_tokenizer.json"
+    rows = (assets / "data/sst2/train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    calib, evaluate = tmp_path / "calib.tsv", tmp_path / "eval.tsv"
+    calib.write_text("\n".join(rows[:16]) + "\n", encoding="utf-8")
+    evaluate.write_text("\n".join(rows[4200:4232]) + "\n", encoding="utf-8")
+    out = tmp_path / "fp16.onnx"
+    onnxcomp.optimize(model, "fp16", calib_data=calib, tokenizer=tokenizer, output=out, validate_result=False)
+    graph = onnx.load(model)
+    embedding = next(o.name for o in graph.graph.output if len(datasets.value_dims(o)) == 2)
+    data = datasets.open_data(evaluate, graph, tokenizer=tokenizer)
+    expected = Runner(str(model)).stacked(data, output=embedding).astype(np.float64)
+    got = Runner(str(out)).stacked(data, output=embedding).astype(np.float64)
+    assert np.isfinite(got).all()
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.mean() >= 0.9999
+    assert out.stat().st_size <= 0.51 * model.stat().st_size
