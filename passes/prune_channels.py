@@ -37,12 +37,17 @@ from onnxcomp.runner import Runner
 from onnxcomp.bench import interleaved_latency
 from onnxcomp.passes.allocation import ModelOutputs
 from onnxcomp.passes.channels import ChannelGraph, ChannelGroup
-from onnxcomp.passes.layers import InputStatistics, WeightedLayer, input_statistics, regularized, relative_error
+from onnxcomp.passes.layers import (CHECK_EVERY, InputStatistics, WeightedLayer, input_statistics,
+                                    relative_error)
 
 VECTORS_PER_SAMPLE = 128  # input vectors per sample and layer in the statistics
 RESOLVE_VECTORS_PER_SAMPLE = 48  # the same for the re-solve after removal, once per wave
 WAVES = 20            # at most this many rounds of re-solving, in graph order, after the removal
-RIDGE = 0.01          # share of the mean diagonal of H[K, K] added before the re-solve
+# Candidate strengths of the pull towards the original weights in the re-solve, as shares of the mean diagonal
+# of H[K, K]; one is chosen per model on held-out calibration batches. Few samples per input dimension (the
+# last stages of an ImageNet model see 49 positions per image) need a strong pull, or the fit overfits them.
+RIDGES = (0.01, 0.1, 1.0, 10.0)
+UNCHECKED_RIDGE = 1.0  # too few batches to hold some out
 CURVE_POINTS = 12     # error evaluations per group; counts in between are interpolated
 PROBE_SAMPLES = 32    # calibration samples on which each group's effect on the outputs is measured
 TIMING_SECONDS = 3.0  # aimed-at time of the timed runs per candidate (both models), 20 to 200 runs
@@ -56,7 +61,10 @@ class Reader:
     layer: WeightedLayer
     tensor: str           # the followed tensor it reads
     per_channel: int      # weight columns per channel (kernel size, or Flatten block)
-    stats: InputStatistics | None = None
+    stats: InputStatistics | None = None  # all calibration batches
+    fit: InputStatistics | None = None    # the batches to fit on, and …
+    check: InputStatistics | None = None  # … those held out to measure errors (None: too few batches)
+    ridge: float = UNCHECKED_RIDGE
 
     @property
     def use_bias(self) -> bool:
@@ -65,23 +73,30 @@ class Reader:
     def columns(self, channels: np.ndarray) -> np.ndarray:
         return (channels[:, None] * self.per_channel + np.arange(self.per_channel)[None, :]).ravel()
 
-    def refit(self, dropped: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
-        """(new weight with the dropped channels' columns zero, bias shift or None, relative output error)."""
+    def refit(self, dropped: np.ndarray, held_out: bool = False,
+              ridge: float | None = None) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """(new weight with the dropped channels' columns zero, bias shift or None, relative output error).
+
+        Fitted on all batches, or with `held_out` on the fitting ones and the error measured on the others."""
+        fit, check = (self.fit, self.check) if held_out and self.check is not None else (self.stats, self.stats)
         rows = self.layer.rows().astype(np.float64)
         weights = rows[0]
-        columns = self.columns(dropped)
-        kept = np.setdiff1d(np.arange(weights.shape[1]), columns)
-        moment = self.stats.moment(centered=self.use_bias)[0]
-        sub = regularized(moment[np.ix_(kept, kept)][None], self.stats.count, RIDGE)[0]
+        kept = np.setdiff1d(np.arange(weights.shape[1]), self.columns(dropped))
+        moment = fit.moment(centered=self.use_bias)[0]
         new = np.zeros_like(weights)
-        new[:, kept] = np.linalg.solve(sub, (weights @ moment[:, kept]).T).T
-        new_rows = new[None]
-        error = relative_error(self.layer, rows, new_rows, self.stats, self.use_bias)
-        shift = None
-        if self.use_bias:
-            mean = self.stats.mean[0]
-            shift = weights @ mean - new @ mean
-        return self.layer.from_rows(new_rows), shift, error
+        new[:, kept] = ridge_solve(moment[np.ix_(kept, kept)], weights @ moment[:, kept], weights[:, kept],
+                                   self.ridge if ridge is None else ridge)
+        error = relative_error(self.layer, rows, new[None], check, self.use_bias)
+        shift = weights @ fit.mean[0] - new @ fit.mean[0] if self.use_bias else None
+        return self.layer.from_rows(new[None]), shift, error
+
+
+def ridge_solve(moment: np.ndarray, target: np.ndarray, prior: np.ndarray, ridge: float) -> np.ndarray:
+    """argmin_W' E‖W x − W' x_K‖² + λ‖W' − W_K‖²: `moment` = E[x_K x_Kᵀ], `target` = E[W x x_Kᵀ] (units, K),
+    `prior` = W_K, λ = `ridge` × the mean diagonal of `moment`. Large λ keeps the weights as they were."""
+    strength = ridge * max(float(np.mean(np.diag(moment))), 1e-12)
+    regular = moment + strength * np.eye(len(moment))
+    return np.linalg.solve(regular, (target + strength * prior).T).T
 
 
 @dataclass(eq=False)
@@ -118,11 +133,16 @@ def prune_channels(graph: gs.Graph, ctx, config) -> ChannelResult:
     samples = min(config.samples, ctx.calibration_data.num_samples)
     measured = input_statistics(unpruned, [r.layer for r in readers], ctx.calibration_data, samples=samples,
                                 batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
-                                vectors_per_sample=VECTORS_PER_SAMPLE)
+                                vectors_per_sample=VECTORS_PER_SAMPLE, check_every=CHECK_EVERY)
     for reader in readers:
-        reader.stats = measured[id(reader.layer)][0]
+        reader.fit, reader.check = measured[id(reader.layer)]
+        reader.stats = reader.fit + reader.check if reader.check is not None else reader.fit
+    for plan in plans:
+        _order(plan)
+    ridge = _choose_ridge(plans, readers)
+    stats["ridge"] = ridge
     for plan in progress.each(plans, "channel importance", unit="group"):
-        _score(plan)
+        _curve(plan)
     _gains(graph, ctx, plans, config.batch_size, samples)
     macs = Macs(channels, plans)
     if config.latency is not None:
@@ -135,7 +155,7 @@ def prune_channels(graph: gs.Graph, ctx, config) -> ChannelResult:
         return ChannelResult(stats, [], False)
     kept = _apply(channels, plans, choice)
     if config.sequential:
-        stats["resolved"] = resolve_sequentially(graph, unpruned, channels, kept, ctx, config, samples)
+        stats["resolved"] = resolve_sequentially(graph, unpruned, channels, kept, ctx, config, samples, ridge)
     share = macs.ratio(choice)
     stats.update({"samples": samples, "flops_ratio": round(share, 4), "macs": int(macs.total),
                   "channels_removed": int(sum(len(p.group.components) - p.counts[i] for p, i in zip(plans, choice)))})
@@ -190,8 +210,8 @@ def _readers(channels: ChannelGraph, plans: list[GroupPlan]) -> list[Reader]:
     return list(wanted.values())
 
 
-def _score(plan: GroupPlan) -> None:
-    """Order the group's components by the relative output energy they carry, and fill its error curve."""
+def _order(plan: GroupPlan) -> None:
+    """Order the group's components by the relative output energy they carry into their readers."""
     importance = np.zeros(len(plan.order))
     for reader, by_component in plan.readers:
         weights = reader.layer.rows().astype(np.float64)[0]
@@ -202,6 +222,22 @@ def _score(plan: GroupPlan) -> None:
             block = weights[:, cols]
             importance[index] += float(((block @ moment[np.ix_(cols, cols)]) * block).sum()) / total
     plan.order = plan.order[np.argsort(-importance, kind="stable")]
+
+
+def _choose_ridge(plans: list[GroupPlan], readers: list[Reader]) -> float:
+    """The pull towards the original weights whose re-solve, fitted on some calibration batches with every group
+    at half its channels, gives the least error on the held-out ones."""
+    if any(reader.check is None for reader in readers):
+        return UNCHECKED_RIDGE
+    totals = {ridge: sum(_group_error(plan, len(plan.counts) // 2, ridge) for plan in plans) for ridge in RIDGES}
+    chosen = min(totals, key=totals.get)
+    for reader in readers:
+        reader.ridge = chosen
+    return chosen
+
+
+def _curve(plan: GroupPlan) -> None:
+    """The group's predicted error at each allowed count: its readers' errors on held-out batches."""
     points = _curve_points(len(plan.counts))
     errors = {}
     for index in points:
@@ -217,20 +253,22 @@ def _curve_points(count: int) -> list[int]:
     return sorted(set(np.round(np.linspace(0, count - 1, CURVE_POINTS)).astype(int).tolist()))
 
 
-def _changes(plan: GroupPlan, index: int) -> list[tuple[WeightedLayer, np.ndarray, np.ndarray | None, float]]:
+def _changes(plan: GroupPlan, index: int, held_out: bool = False,
+             ridge: float | None = None) -> list[tuple[WeightedLayer, np.ndarray, np.ndarray | None, float]]:
     removed = plan.order[plan.counts[index]:]
     changes = []
     for reader, by_component in plan.readers:
         dropped = np.concatenate([by_component[int(c)] for c in removed]) if len(removed) else np.zeros(0, int)
-        weight, shift, error = reader.refit(dropped)
+        weight, shift, error = reader.refit(dropped, held_out, ridge)
         changes.append((reader.layer, weight, shift, error))
     return changes
 
 
-def _group_error(plan: GroupPlan, index: int) -> float:
+def _group_error(plan: GroupPlan, index: int, ridge: float | None = None) -> float:
+    """The summed relative error of the group's readers on held-out batches with `counts[index]` kept."""
     if index == 0:
         return 0.0
-    return float(sum(error for *_, error in _changes(plan, index)))
+    return float(sum(error for *_, error in _changes(plan, index, held_out=True, ridge=ridge)))
 
 
 def _gains(graph: gs.Graph, ctx, plans: list[GroupPlan], batch_size: int, samples: int) -> None:
@@ -360,7 +398,7 @@ def _apply(channels: ChannelGraph, plans: list[GroupPlan], choice: list[int]) ->
 
 
 def resolve_sequentially(graph: gs.Graph, unpruned: onnx.ModelProto, channels: ChannelGraph,
-                         kept: dict[str, np.ndarray], ctx, config, samples: int) -> int:
+                         kept: dict[str, np.ndarray], ctx, config, samples: int, ridge: float) -> int:
     """Re-solve every Conv, Gemm and MatMul after the removal, in waves in graph order, so that each gives the
     unpruned model's outputs (of its kept units) from the inputs it now gets: W' = W C(x_ref, x) C(x, x)⁻¹,
     the bias taking the mean shift. This also undoes the error of the layers before. Returns the count."""
@@ -381,7 +419,7 @@ def resolve_sequentially(graph: gs.Graph, unpruned: onnx.ModelProto, channels: C
         statistics = _paired_statistics(model, unpruned, pairs, ctx, config, samples)
         for layer, (now, before), stats in zip(chosen, pairs, statistics):
             units = kept[layer.out.name] if layer.out is not None else np.arange(now.rows().shape[1])
-            _resolve(now, before, units, stats, names)
+            _resolve(now, before, units, stats, ridge, names)
     return len(layers)
 
 
@@ -419,15 +457,17 @@ def _paired_statistics(model: onnx.ModelProto, reference: onnx.ModelProto, pairs
 
 
 def _resolve(now: WeightedLayer, before: WeightedLayer, kept_units: np.ndarray, stats: InputStatistics,
-             names: graphs.Names) -> None:
-    """Set `now`'s weights (and bias) to reproduce `before`'s kept output units from its present inputs."""
+             ridge: float, names: graphs.Names) -> None:
+    """Set `now`'s weights (and bias) to reproduce `before`'s kept output units from its present inputs,
+    pulled towards the weights it has now (the first re-solve's)."""
     rows_before = before.rows().astype(np.float64)[0]
     units = now.rows().shape[1]
     weights = rows_before[kept_units]
     use_bias = now.can_take_bias and before.can_take_bias
-    own = regularized(stats.moment(centered=use_bias), stats.count, RIDGE)[0]
+    own = stats.moment(centered=use_bias)[0]
     cross = stats.cross_moment(centered=use_bias)[0]          # E[x x_refᵀ] (D_now, D_before)
-    new = np.linalg.solve(own, cross @ weights.T).T           # (units, D_now)
+    prior = now.rows().astype(np.float64)[0]
+    new = ridge_solve(own, weights @ cross.T, prior, ridge)   # (units, D_now)
     now.weight.values = now.from_rows(new[None]).astype(now.values.dtype)
     if use_bias:
         bias_before = _bias(before, rows_before.shape[0])[kept_units]
