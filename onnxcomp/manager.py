@@ -42,7 +42,11 @@ class PassManager:
         # Check outputs only against a valid input: a pass is not to blame for a model the checker already rejects.
         input_error = _check_error(model)
         if input_error is not None:
-            _require_runnable(model, input_error)
+            _require_runnable(model, f"onnx.checker says {input_error}")
+        else:  # a type error (an int64 tensor into Conv) passes the plain checker; ORT has the last word
+            type_error = _type_error(model)
+            if type_error is not None:
+                _require_runnable(model, f"type inference says {type_error}")
         check = self.check and input_error is None
         if self.check and not check:
             ctx.log.warning("the input model does not pass onnx.checker (%s); outputs are not checked either",
@@ -96,7 +100,7 @@ class PassManager:
         return PassRecord(current.name, result.modified, seconds, stats, layers=list(result.layers))
 
 
-def _require_runnable(model: onnx.ModelProto, checker_error: str) -> None:
+def _require_runnable(model: onnx.ModelProto, complaint: str) -> None:
     """A model the checker rejects is still a user's model if ONNX Runtime runs it; if neither takes it, it is
     bad input, said in one line before any pass trips over it."""
     from onnxcomp import runtime
@@ -104,8 +108,19 @@ def _require_runnable(model: onnx.ModelProto, checker_error: str) -> None:
     try:
         runtime.session(model, "cpu", optimization="disable")
     except InputError as exc:  # each names some problems more plainly than the other: say both
-        raise InputError(f"the model is not valid ONNX: onnx.checker says {checker_error.rstrip('.')}; {exc}; "
+        raise InputError(f"the model is not valid ONNX: {complaint.rstrip('.')}; {exc}; "
                          "fix or re-export it") from None
+
+
+def _type_error(model: onnx.ModelProto) -> str | None:
+    """The first line of strict shape and type inference's complaint about `model`, or None."""
+    if model_io.tensor_bytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
+        return None
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
+        return first_line(exc)
+    return None
 
 
 def _check_error(model: onnx.ModelProto) -> str | None:

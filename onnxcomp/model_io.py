@@ -36,6 +36,11 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         # protobuf happily decodes many non-ONNX byte strings into an empty message
         raise InputError(f"{path}: not an ONNX model (no graph found); pass an .onnx file")
+    try:
+        _check_text_fields(model)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: a name or other text in the model is not valid UTF-8; the file is damaged, "
+                         "re-export or download it again") from None
     locations = external_data_locations(model)
     base = path.resolve().parent
     for location in locations:
@@ -149,6 +154,21 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
                 count *= dim
             total += count * max(1, onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
     return total
+
+
+def _check_text_fields(message) -> None:
+    """Raise UnicodeDecodeError at the first text field that is not valid UTF-8.
+
+    protobuf parses proto2 strings without checking them and hands the damaged ones to Python as bytes, which
+    fail only when a pass copies them into a new model."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            for text in (value if field.is_repeated else [value]):
+                if isinstance(text, bytes):
+                    text.decode("utf-8")
+        elif field.message_type is not None:
+            for item in (value if field.is_repeated else [value]):
+                _check_text_fields(item)
 
 
 def _all_tensors(model: onnx.ModelProto):
