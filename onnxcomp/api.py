@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from onnxcomp import data as datasets
-from onnxcomp import model_io, recipe, runtime
+from onnxcomp import model_io, recipe, runtime, search
 from onnxcomp.errors import BudgetExceeded, InputError
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import Pass, PassContext
@@ -46,7 +46,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
              limit: int | None = None, latency_runs: int = 50, optimization: str = "all",
              seed: int = 0, max_accuracy_drop: float | None = None, max_latency_ratio: float | None = None,
              input_shapes: dict[str, tuple[int, ...]] | None = None,
-             tokenizer: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, Report]:
+             tokenizer: str | os.PathLike | None = None, optimize_for: str = "size") -> tuple[onnx.ModelProto, Report]:
     """Run passes over a model, optionally save it, and validate it against the original.
 
     `model` is a path or a ModelProto (never modified). `data` is evaluation data and `calib_data` calibration
@@ -57,6 +57,12 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     them; where they do not, the report says why validation was skipped, unless a budget needs it (then
     InputError, before any work). `tokenizer` (a tokenizer.json) turns sentence files (.txt, .tsv) given as
     `data` or `calib_data` into token inputs. Returns the optimized model and its report.
+
+    With `max_accuracy_drop` and `data`, the strengths the recipe leaves free (prune's sparsity, share's bits:
+    named alone, or from a named recipe such as deep-compression) are searched for the smallest model
+    (`optimize_for="size"`) or the fastest ("latency") within the budget on `data` (onnxcomp.search); without
+    calibration data of its own, the first samples of `data` calibrate and the budget is checked on the rest.
+    The report lists the candidates tried, and its validation is on the samples the budget was checked on.
     """
     if validate_result:  # fail on what can be checked now, before any work or any file is written
         runtime.require_available(runtime.parse_providers(list(providers)))
@@ -68,6 +74,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     source = None if isinstance(model, onnx.ModelProto) else str(model)
     original = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
     pipeline = resolve_passes(passes, recipe_file)
+    free = _free_strengths(passes, recipe_file) if max_accuracy_drop is not None else {}
+    if free and (data is None or (isinstance(data, str) and data == "random")):
+        raise InputError("max_accuracy_drop= chooses how strongly prune and share compress by measuring "
+                         "accuracy on data: give data= (labelled, or unlabelled for agreement)")
     if output is not None and source is not None:
         model_io.check_output_path(source, output)
     ctx = PassContext(seed=seed, provider=providers[0] if providers else "cpu", max_accuracy_drop=max_accuracy_drop)
@@ -76,7 +86,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
                                                   input_shapes=input_shapes,
                                                   tokenizer=_text_only(calib_data, tokenizer))
     evaluation, skipped = None, None
-    if validate_result:
+    if validate_result or free:  # a budget search measures on the data even when the result is not validated
         try:
             evaluation = datasets.open_data("random" if data is None else data, original, preprocess=preprocess,
                                             limit=limit, seed=seed, input_shapes=input_shapes,
@@ -85,16 +95,49 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
             if max_accuracy_drop is not None or max_latency_ratio is not None:
                 raise InputError(f"the budget cannot be checked: {exc}") from None
             skipped = str(exc)
-    optimized, records = PassManager(pipeline).run(original, ctx)
+    found = None
+    if free:
+        evaluation, found = _search_strengths(original, pipeline, free, ctx, evaluation, data, calib_data,
+                                              max_accuracy_drop, optimize_for, providers, optimization, latency_runs)
+        optimized, records = found.model, found.records
+    else:
+        optimized, records = PassManager(pipeline).run(original, ctx)
     if output is not None:
         model_io.save(optimized, output, source=source)
     report = Report(model=source or "(in memory)", output=None if output is None else str(output), passes=records,
                     validation_skipped=skipped)
-    if evaluation is not None:
+    if evaluation is not None and validate_result:
         report.validation = validate(source or original, str(output) if output is not None else optimized,
                                      evaluation, providers=providers, latency_runs=latency_runs,
                                      optimization=optimization)
+    if found is not None:
+        report.candidates = [candidate.report_row() for candidate in found.candidates]
+        if report.validation is not None:
+            report.validation.notes.append(found.summary())
     return optimized, report
+
+
+def _free_strengths(passes, recipe_file) -> dict[int, str]:
+    """The strengths the user left free; configured Pass objects have none (their options are explicit)."""
+    if passes is not None and not isinstance(passes, str):
+        return {}
+    return recipe.free_strengths(passes or DEFAULT_PASSES, recipe_file)
+
+
+def _search_strengths(original, pipeline, free, ctx, evaluation, data, calib_data, max_accuracy_drop,
+                      optimize_for, providers, optimization, latency_runs):
+    """Split the data into calibration and budget samples, then search; the budget samples become the
+    evaluation data of the report."""
+    chosen_split = search.split(evaluation.num_samples,
+                                calib_data is not None and not search.same_source(data, calib_data))
+    if chosen_split.calibration is not None:
+        ctx.calibration_data = evaluation.subset(*chosen_split.calibration)
+    evaluation = evaluation.subset(*chosen_split.budget)
+    judge = search.Judge(original, evaluation, provider=providers[0] if providers else "cpu",
+                         optimization=optimization, latency_runs=latency_runs)
+    found = search.search_strengths(original, pipeline, free, ctx, judge, max_drop=max_accuracy_drop,
+                                    optimize_for=optimize_for, split=chosen_split)
+    return evaluation, found
 
 
 def _text_only(source, tokenizer):

@@ -13,9 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-from onnxcomp import api, html_report, inspection, model_io, progress, recipe, registry
+from onnxcomp import api, html_report, inspection, model_io, progress, recipe, registry, search
 from onnxcomp.distillation import AUGMENTS, LOSSES, SCHEDULES, DistillConfig, distill, heal
-from onnxcomp.errors import InputError, OnnxcompError, first_line
+from onnxcomp.errors import BudgetExceeded, InputError, OnnxcompError, first_line
 from onnxcomp.report import Report
 from onnxcomp.validate import validate
 
@@ -42,7 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--calib-data", help="calibration data for the passes that need it "
                                                "(.npz, .npy, image folder, or 'random')")
     optimize.add_argument("--no-validate", action="store_true", help="skip validation against the original")
+    optimize.add_argument("--optimize-for", choices=search.OBJECTIVES, default="size",
+                          help="with --max-accuracy-drop, the free strengths of prune and share (not written in "
+                               "the recipe) are searched for the smallest (default) or the fastest model within "
+                               "the budget on --data")
     _add_validation_options(optimize)
+
+    grid = commands.add_parser("search", help="optimize a grid of recipes in parallel, print the Pareto front "
+                                              "(size, latency, accuracy) and write the best within the budget")
+    grid.add_argument("model", help="input .onnx model (never modified)")
+    grid.add_argument("--data", required=True, help="labelled evaluation data (or unlabelled: agreement); "
+                                                    "without --calib-data, its first samples calibrate")
+    grid.add_argument("--calib-data", help="calibration data for the passes that need it")
+    grid.add_argument("--max-accuracy-drop", type=float, required=True, help="the budget, in points")
+    grid.add_argument("--grid", help="TOML file of [[candidate]] tables, each with recipe = \"...\" "
+                                     "(default: a built-in set; see README)")
+    grid.add_argument("--preprocess", help="image preprocessing, as for optimize")
+    grid.add_argument("--optimize-for", choices=search.OBJECTIVES, default="size",
+                      help="the best within the budget: smallest (default) or fastest")
+    grid.add_argument("--workers", type=int, help="local worker processes (default: min(CPUs, 2))")
+    grid.add_argument("--ray", metavar="ADDRESS", help="run the candidates on the Ray cluster at HOST:PORT "
+                                                       "(needs onnxcomp[ray]); paths must be readable there")
+    grid.add_argument("--cache", help="cache folder (default: ~/.cache/onnxcomp/search)")
+    grid.add_argument("--runs", type=int, default=50, help="timed runs for latency at batch 1 (default 50)")
+    grid.add_argument("-o", "--output", help="write the chosen model here")
+    grid.add_argument("--report", help="write the candidates to this file: .json, or .html (with the front drawn)")
 
     check = commands.add_parser("validate", help="compare a candidate model with a reference model")
     check.add_argument("reference", help="the original model")
@@ -154,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 # The library's errors name its arguments as `name=`; on the command line the same words are these flags.
 ARGUMENT_FLAGS = {"calib_data": "--calib-data", "data": "--data", "input_shapes": "--input-shape",
                   "input_shape": "--input-shape", "tokenizer": "--tokenizer",
-                  "max_accuracy_drop": "--max-accuracy-drop", "max_latency_ratio": "--max-latency-ratio"}
+                  "max_accuracy_drop": "--max-accuracy-drop", "max_latency_ratio": "--max-latency-ratio",
+                  "optimize_for": "--optimize-for", "ray_address": "--ray", "workers": "--workers",
+                  "cache": "--cache", "grid": "--grid"}
 
 
 def as_flags(message: str) -> str:
@@ -170,8 +196,29 @@ def _optimize(args) -> int:
                              validate_result=not args.no_validate, providers=_providers(args), limit=args.limit,
                              latency_runs=args.runs, optimization=args.ort_opt,
                              max_accuracy_drop=args.max_accuracy_drop, max_latency_ratio=args.max_latency_ratio,
-                             input_shapes=_input_shapes(args), tokenizer=args.tokenizer)
+                             input_shapes=_input_shapes(args), tokenizer=args.tokenizer,
+                             optimize_for=args.optimize_for)
     return _finish(report, args)
+
+
+def _search(args) -> int:
+    if args.runs < 0:
+        raise InputError("--runs must be 0 (no latency) or more")
+    if args.report:
+        _check_report_path(args.report)
+    result = search.search_recipes(args.model, args.data, calib_data=args.calib_data,
+                                   max_accuracy_drop=args.max_accuracy_drop, grid=args.grid,
+                                   preprocess=args.preprocess, workers=args.workers, ray_address=args.ray,
+                                   cache=args.cache, output=args.output, optimize_for=args.optimize_for,
+                                   latency_runs=args.runs)
+    print(result.render())
+    if args.report:
+        _write_report(Report(model=args.model, output=args.output,
+                             candidates=[candidate.report_row() for candidate in result.candidates]), args.report)
+    if not result.chosen.within_budget:
+        raise BudgetExceeded(f"no candidate is within the budget: the least drop was {result.chosen.drop:.2f} "
+                             f"points, over {args.max_accuracy_drop} (--max-accuracy-drop)")
+    return 0
 
 
 def _validate(args) -> int:
@@ -304,7 +351,7 @@ def _export(args) -> int:
 
 
 _COMMANDS = {"optimize": _optimize, "validate": _validate, "inspect": _inspect, "passes": _passes,
-             "distill": _distill, "export": _export}
+             "distill": _distill, "export": _export, "search": _search}
 
 if __name__ == "__main__":
     sys.exit(main())
