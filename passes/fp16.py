@@ -1,12 +1,12 @@
 """fp16: weights and arithmetic in half precision, with float32 islands where the range or the runtime needs them.
 
-Before:                                         After, provider=cuda (half kernels for almost every op):
-    x ─► MatMul(W) ─► Add(b) ─► Softmax ─► y        x ─► Cast(f16) ─► MatMul(W:f16) ─► Add(b:f16) ─► Softmax
-    (all float32)                                        ─► Cast(f32) ─► y        (model I/O stays float32)
-                                                After, provider=cpu (ORT 1.32 on x86 has no half MatMul, Add,
-                                                Softmax): the weights are stored in half and widened once, when
-                                                the session is created; the arithmetic stays float32
-                                                    x ─► MatMul(Cast(W:f16 → f32)) ─► Add(Cast(b:f16 → f32)) ─► …
+Before (all float32):
+    x ─► MatMul(W) ─► Add(b) ─► Softmax ─► y
+After, provider=cuda (half kernels for almost every op; model I/O stays float32):
+    x ─► Cast(f16) ─► MatMul(W:f16) ─► Add(b:f16) ─► Softmax ─► Cast(f32) ─► y
+After, provider=cpu (ORT 1.32 on x86 has no half MatMul, Add or Softmax): weights stored in half, widened by
+a Cast that ORT folds when it creates the session; the arithmetic stays float32:
+    x ─► MatMul(Cast(W:f16 → f32)) ─► Add(Cast(b:f16 → f32)) ─► Softmax ─► y
 
 Which nodes run in half is decided per node, then the graph is rewritten in one place:
 
@@ -16,7 +16,8 @@ Which nodes run in half is decided per node, then the graph is rewritten in one 
    of -3.4e38, a sum of squares, a large logit).
 2. Kernels: a node stays float32 when the provider has no half kernel for its op (HALF_KERNELS, one table).
    ONNX Runtime's CPU provider does not fail on such nodes: it wraps each one in casts back to float32 at
-   session creation, which costs time for nothing, so the pass keeps them float32 itself.
+   session creation (and runs a lone half node between float32 ones in float32 too), which costs time for
+   nothing, so the pass keeps them float32 itself.
 3. Reductions whose running sum never appears in any tensor (UNSAFE_REDUCTIONS) stay float32.
 4. Islands: half nodes joined by tensors form islands; an island needing more casts at its borders than it
    holds arithmetic nodes would run slower than float32, and stays float32.
@@ -51,7 +52,7 @@ from onnxcomp.passes import calibrate
 from onnxcomp.registry import register
 from onnxcomp.runner import Runner
 
-TYPES = {"float16": (TensorProto.FLOAT16, np.dtype(np.float16)), "bfloat16": (TensorProto.BFLOAT16, None)}
+TYPES = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 PROVIDERS = ("cpu", "cuda")
 
 # Ops that move, select or reshape values without arithmetic: any type runs them, and an island made of them
@@ -151,7 +152,7 @@ class Fp16(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
         provider = config.provider or ctx.provider
-        half_type = TYPES[config.type][0]
+        half_type = TYPES[config.type]
         model = gs.export_onnx(graph, do_type_check=False)
         floats = _float32_names(model)
         data, stats = _calibration_data(model, ctx, config)
