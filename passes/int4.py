@@ -42,12 +42,15 @@ from onnxcomp.passes.quantize_dynamic import _bias as gemm_bias
 from onnxcomp.passes.quantize_dynamic import _table as embedding_table
 from onnxcomp.passes.quantize_dynamic import _weight as matmul_weight
 from onnxcomp.registry import register
+from onnxcomp.runner import Runner
 
 RUNNABLE_BITS = (2, 4, 8)  # what MatMulNBits runs in ONNX Runtime 1.32 (its CPU kernel refuses the others)
 SENSITIVE_BITS = 8
 METHODS = ("rtn", "gptq")
 DAMPING = 0.01  # share of H's mean diagonal added to it, as GPTQ does, so that its inverse is well-posed
 MICROSOFT = "com.microsoft"
+FREQUENT_SHARE = 0.25  # a table row read this many times per calibration sample (or more) is kept exact
+MAX_EXACT_ROWS = 255   # rows kept exact per table at most (their slot numbers fit a byte)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Int4Config:
     keep_first: bool = False          # the first MatMul / Gemm at 8 bits
     keep_last: bool = False           # the last MatMul / Gemm (lm_head) at 8 bits
     exclude: tuple[str, ...] = ()     # shell patterns over node and weight names: left in float
+    bias_correction: bool = True      # with calibration data: cancel the mean output shift via the bias
+    exact_rows: bool = True           # with calibration data: table rows read in most samples kept exact
     samples: int = 128
     batch_size: int = 16
 
@@ -209,13 +214,15 @@ class Int4(Pass):
         targets = [Target(layer, SENSITIVE_BITS if (config.keep_first and index == 0) or
                           (config.keep_last and index == len(layers) - 1) else config.bits)
                    for index, layer in enumerate(layers)]
-        statistics = _statistics(graph, targets, ctx, config) if config.method == "gptq" else {}
+        measured = targets and (config.method == "gptq" or (config.bias_correction and ctx.calibration_data is not None))
+        statistics = _statistics(graph, targets, ctx, config) if measured else {}
         names = graphs.Names(graph)
         rows = []
         for target in progress.each(targets, f"int4 {config.method}", unit="layer"):
             rows.append(_rewrite_matmul(graph, target, statistics.get(id(target.layer)), config, names))
         tables = _tables(graph, config.exclude, config.bits) if config.tables else []
-        rows.extend(_rewrite_gather(graph, node, config, names) for node in tables)
+        frequent = _frequent_rows(graph, tables, ctx, config) if tables and config.exact_rows else {}
+        rows.extend(_rewrite_gather(graph, node, config, names, frequent.get(id(node), [])) for node in tables)
         stats: dict[str, int | float | str] = {"bits": config.bits, "block": config.block, "method": config.method,
                                                "symmetric": str(config.symmetric).lower()}
         stats.update({f"int4:{op}": n for op, n in sorted(Counter(row["op"] for row in rows).items())})
@@ -225,7 +232,9 @@ class Int4(Pass):
             stats["weight_snr_db_min"] = min(row["weight_snr_db"] for row in rows)
             stats["float_mb"] = round(sum(row["float_bytes"] for row in rows) / 1e6, 2)
             stats["stored_mb"] = round(sum(row["stored_bytes"] for row in rows) / 1e6, 2)
-        if statistics:
+        if frequent:
+            stats["exact_rows"] = sum(len(found) for found in frequent.values())
+        if statistics or frequent:
             stats["samples"] = min(config.samples, ctx.calibration_data.num_samples)
         stats.update({f"skipped:{reason}": n for reason, n in sorted(skipped.items())})
         return PassResult(bool(rows), stats, rows)
@@ -276,7 +285,7 @@ def _rewrite_matmul(graph: gs.Graph, target: Target, stats, config: Int4Config, 
     node, bits = target.layer.node, target.bits
     weight = matmul_weight(node)  # [K, N]
     units = np.ascontiguousarray(weight.T)
-    if stats is None:
+    if config.method == "rtn":
         blocked = quantize_rtn(units, bits, config.block, config.symmetric)
     else:
         blocked = quantize_gptq(target.layer, units, stats, bits, config.block, config.symmetric)
@@ -287,9 +296,15 @@ def _rewrite_matmul(graph: gs.Graph, target: Target, stats, config: Int4Config, 
     if not config.symmetric:
         inputs.append(names.constant(f"{base}_weight_zero_points", blocked.packed_zeros()))
     bias = gemm_bias(node) if node.op == "Gemm" else None
-    if bias is not None:
-        vector = np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float32)
-        inputs += [gs.Variable.empty()] * (5 - len(inputs)) + [names.constant(f"{base}_bias", vector)]
+    vector = None if bias is None else np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float64)
+    if stats is not None and config.bias_correction:
+        # the rounding error's mean effect on the outputs, E[x] (W - W'), is the same for every input: a
+        # transformer's few large constant channels make it most of the error; the bias takes it back
+        shift = stats.mean[0] @ (weight.astype(np.float64) - blocked.decoded(k).T)
+        vector = shift if vector is None else vector + shift
+    if vector is not None:
+        inputs += [gs.Variable.empty()] * (5 - len(inputs)) + [names.constant(f"{base}_bias",
+                                                                              vector.astype(np.float32))]
     output = node.outputs[0]
     node.outputs.clear()
     node.inputs.clear()
@@ -299,30 +314,84 @@ def _rewrite_matmul(graph: gs.Graph, target: Target, stats, config: Int4Config, 
     row = _row(target.layer.name, node.op, units, blocked, bits, _stored_bytes(inputs[1:]))
     if stats is not None:
         error = relative_error(target.layer, units[None].astype(np.float64),
-                               blocked.decoded(k)[None].astype(np.float64), stats, use_bias=False)
+                               blocked.decoded(k)[None].astype(np.float64), stats,
+                               use_bias=config.bias_correction)
         row["output_snr_db"] = round(float(snr_db(error)), 1)
     return row
 
 
-def _rewrite_gather(graph: gs.Graph, node: gs.Node, config: Int4Config, names: graphs.Names) -> dict:
-    """Replace the Gather by a GatherBlockQuantized over the table's rows; the table's report row."""
+def _rewrite_gather(graph: gs.Graph, node: gs.Node, config: Int4Config, names: graphs.Names,
+                    exact: list[int]) -> dict:
+    """Replace the Gather by a GatherBlockQuantized over the table's rows, plus the rounding error of the rows
+    in `exact` gathered from a small float table; the table's report row."""
     table = embedding_table(node)  # [V, D]
     blocked = quantize_rtn(table, config.bits, config.block, config.symmetric)
     base = node.name or node.outputs[0].name
     packed = blocked.packed_codes().reshape(table.shape[0], -1)[:, :table.shape[1] * config.bits // 8]
-    inputs = [names.constant(f"{base}_table_q{config.bits}", packed), node.inputs[1],
+    ids, output = node.inputs[1], node.outputs[0]
+    inputs = [names.constant(f"{base}_table_q{config.bits}", packed), ids,
               names.constant(f"{base}_table_scales", blocked.scales)]
     if not config.symmetric:
         inputs.append(names.constant(f"{base}_table_zero_points", blocked.packed_zeros()))
-    output = node.outputs[0]
     node.outputs.clear()
     node.inputs.clear()
+    decoded = gs.Variable(names.new(f"{base}_decoded"), dtype=np.float32) if exact else output
     graph.nodes.append(gs.Node("GatherBlockQuantized", names.new(f"{base}_Q{config.bits}"), domain=MICROSOFT,
                                attrs={"gather_axis": 0, "quantize_axis": 1, "block_size": config.block,
                                       "bits": config.bits},
-                               inputs=inputs, outputs=[output]))
-    return _row(node.name or inputs[0].name, "Gather", table, blocked, config.bits, _stored_bytes(inputs[2:])
-                + packed.nbytes)
+                               inputs=inputs, outputs=[decoded]))
+    stored = _stored_bytes(inputs[2:]) + packed.nbytes
+    if exact:
+        stored += _restore_rows(graph, table, blocked, exact, ids, decoded, output, names, base)
+    row = _row(node.name or inputs[0].name, "Gather", table, blocked, config.bits, stored)
+    row["exact_rows"] = len(exact)
+    return row
+
+
+def _restore_rows(graph: gs.Graph, table: np.ndarray, blocked: Blocked, exact: list[int], ids: gs.Tensor,
+                  decoded: gs.Variable, output: gs.Variable, names: graphs.Names, base: str) -> int:
+    """output = decoded + correction[slot[ids]]: slot 0 (every other row) adds nothing, slot i adds row
+    exact[i-1]'s rounding error. Returns the bytes stored."""
+    slots = np.zeros(table.shape[0], np.uint8)
+    slots[exact] = np.arange(1, len(exact) + 1)
+    corrections = np.zeros((len(exact) + 1, table.shape[1]), np.float32)
+    corrections[1:] = table[exact] - blocked.decoded(table.shape[1])[exact]
+    slot_constant = names.constant(f"{base}_exact_slot", slots)
+    correction_constant = names.constant(f"{base}_exact_correction", corrections)
+    slot, index, correction = (gs.Variable(names.new(f"{base}_{label}"), dtype=kind) for label, kind in
+                               (("slot", np.uint8), ("slot_index", np.int64), ("correction", np.float32)))
+    graph.nodes.extend([
+        gs.Node("Gather", names.new(f"{base}_exact_slot"), attrs={"axis": 0}, inputs=[slot_constant, ids],
+                outputs=[slot]),
+        gs.Node("Cast", names.new(f"{base}_slot_index"), attrs={"to": np.int64}, inputs=[slot], outputs=[index]),
+        gs.Node("Gather", names.new(f"{base}_exact_correction"), attrs={"axis": 0},
+                inputs=[correction_constant, index], outputs=[correction]),
+        gs.Node("Add", names.new(f"{base}_exact_rows"), inputs=[decoded, correction], outputs=[output]),
+    ])
+    return slots.nbytes + corrections.nbytes
+
+
+def _frequent_rows(graph: gs.Graph, tables: list[gs.Node], ctx: PassContext, config: Int4Config) -> dict:
+    """{id(Gather): rows} for the rows each table gives to at least FREQUENT_SHARE of the calibration samples
+    on average (at most MAX_EXACT_ROWS, the most read first). Tokens in nearly every input, as a BERT's [CLS]
+    and [SEP], add the same rounding error to every sentence: a bias no later layer averages out."""
+    if ctx.calibration_data is None:
+        return {}
+    samples = min(config.samples, ctx.calibration_data.num_samples)
+    model = gs.export_onnx(graph, do_type_check=False)
+    index_names = sorted({node.inputs[1].name for node in tables})
+    runner = Runner(model, provider=ctx.provider, outputs=index_names, role="the model for table statistics")
+    counts = {node_id: np.zeros(embedding_table(node).shape[0], np.int64)
+              for node_id, node in ((id(n), n) for n in tables)}
+    for _, values in runner.batches(ctx.calibration_data, samples, config.batch_size):
+        for node in tables:
+            rows = counts[id(node)].size
+            counts[id(node)] += np.bincount(values[node.inputs[1].name].reshape(-1) % rows, minlength=rows)
+    found = {}
+    for node_id, count in counts.items():
+        order = np.argsort(-count, kind="stable")[:MAX_EXACT_ROWS]
+        found[node_id] = sorted(int(row) for row in order if count[row] >= FREQUENT_SHARE * samples)
+    return found
 
 
 def _stored_bytes(tensors: list) -> int:

@@ -131,6 +131,39 @@ def test_gather_table(bits, symmetric):
     assert report.passes[0].stats["int4:Gather"] == 1
 
 
+def test_rows_in_most_calibration_samples_are_exact():
+    """With calibration data, the rows gathered in most samples (a [CLS] and [SEP]) decode exactly; the others
+    as GatherBlockQuantized decodes them."""
+    model, table = gather_model(300, 64)
+    ids = RNG.integers(3, 300, size=(40, 6))
+    ids[:, 0], ids[:, -1] = 1, 2  # in every sample
+    out, report = onnxcomp.optimize(model, "int4", calib_data={"ids": ids}, validate_result=False)
+    assert report.passes[0].stats["exact_rows"] == 2
+    assert "GatherBlockQuantized" in ops(out)
+    probe = np.array([[1, 2, 7, 150]])
+    (got,) = run_model(out, {"ids": probe})
+    np.testing.assert_allclose(got[0, :2], table[[1, 2]], rtol=0, atol=1e-6)
+    decoded = quantize_rtn(table, 4, 32, True).decoded(64)
+    np.testing.assert_array_equal(got[0, 2:], decoded[[7, 150]])
+    assert not np.allclose(decoded[[1, 2]], table[[1, 2]], atol=1e-3)  # without the correction they differ
+
+
+def test_bias_correction_cancels_the_mean_output_shift():
+    """Inputs with a large constant channel (a transformer's outliers after LayerNorm): the rounding error times
+    that channel shifts every output alike; with calibration data the bias takes the shift back."""
+    model, weight = matmul_model(64, 16, ["N", 64])
+    x = RNG.normal(size=(256, 64)).astype(np.float32)
+    x[:, 5] += 40.0
+    shifts = {}
+    for correction in (False, True):
+        out, _ = onnxcomp.optimize(model, f"int4:bias-correction={correction}", calib_data={"x": x[:128]},
+                                   validate_result=False)
+        (got,) = run_model(out, {"x": x[128:]})
+        shifts[correction] = np.abs((got - x[128:] @ weight).mean(axis=0)).mean()
+    assert len(out.graph.node[0].input) == 6  # the correction rides in MatMulNBits' bias
+    assert shifts[True] < 0.2 * shifts[False]
+
+
 def test_table_read_by_another_node_is_left():
     """A table tied to an output projection (read by Gather and, transposed, by MatMul) would be stored twice:
     it stays float, and with nothing else to quantize the pass says so."""
