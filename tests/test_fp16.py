@@ -191,6 +191,27 @@ def test_if_subgraph_is_converted():
         np.testing.assert_allclose(run_model(optimized, feed)[0], run_model(model, feed)[0], rtol=0, atol=2e-2)
 
 
+def test_loop_body_is_converted():
+    """v ← tanh(v·W) three times; the body reads W from the outer graph and keeps float32 at its borders."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["v", "W"], ["p"]), helper.make_node("Tanh", ["p"], ["v_next"]),
+         helper.make_node("Identity", ["cond"], ["cond_next"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, []), _float("v", ["N", 64])],
+        [helper.make_tensor_value_info("cond_next", TensorProto.BOOL, []), _float("v_next", ["N", 64])])
+    model = _model([helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)], [_float("x", ["N", 64])],
+                   [_float("y", ["N", 64])],
+                   [_weight("W", (64, 64), 0.2), numpy_helper.from_array(np.array(3, np.int64), "trips")])
+    x = RNG.standard_normal((8, 64)).astype(np.float32)
+    optimized, stats = _optimize(model, "fp16:provider=cuda", {"x": x})
+    loop = next(node for node in optimized.graph.node if node.op_type == "Loop")
+    inner = [node.op_type for node in loop.attribute[0].g.node]
+    assert stats["half:MatMul"] == 1 and stats["half:Tanh"] == 1 and inner.count("Cast") == 2, inner
+    weights = {t.name: t.data_type for t in list(optimized.graph.initializer) + list(loop.attribute[0].g.initializer)}
+    assert weights.get("W_half") == TensorProto.FLOAT16 and "W" not in weights, weights
+    np.testing.assert_allclose(run_model(optimized, {"x": x})[0], run_model(model, {"x": x})[0], rtol=0, atol=1e-2)
+
+
 def test_subgraph_that_overflows_in_half_goes_back_to_float32():
     """Inside a branch ranges cannot be fetched: the converted model is run again, and a branch whose output
     turns infinite in half is converted back."""
