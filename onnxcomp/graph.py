@@ -23,8 +23,8 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     the graph as a plain input, so no pass folds it as a constant. `export_model` gives it back its value.
     """
     _densify_sparse_initializers(model)
-    if model.ir_version >= 4:
-        overridable = _overridable_initializers(model)
+    overridable = _overridable_initializers(model) if model.ir_version >= 4 else set()
+    if overridable:  # rebuilding the list copies every weight: only when there is something to take out
         kept = [t for t in model.graph.initializer if t.name not in overridable]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)

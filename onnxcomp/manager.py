@@ -51,10 +51,8 @@ class PassManager:
         if self.check and not check:
             ctx.log.warning("the input model does not pass onnx.checker (%s); outputs are not checked either",
                             input_error)
-        working = onnx.ModelProto()
-        working.CopyFrom(model)
-        ctx.unused_initializers = graphs.unused_initializer_count(working)
-        graph = graphs.import_model(working)
+        ctx.unused_initializers = graphs.unused_initializer_count(model)
+        graph, export = self._import(model)
         records: list[PassRecord] = []
 
         def step(current: Pass, automatic: bool) -> None:
@@ -62,7 +60,7 @@ class PassManager:
             record.automatic = automatic
             records.append(record)
             if record.modified and check:
-                error = _check_error(graphs.export_model(graph, model))
+                error = _check_error(export())
                 if error:
                     raise PostconditionError(f"pass '{current.name}' produced an invalid model: {error}")
 
@@ -77,7 +75,31 @@ class PassManager:
             unchanged = onnx.ModelProto()
             unchanged.CopyFrom(model)
             return unchanged, records  # byte for byte the input: a no-op pipeline must not reformat the model
-        return graphs.export_model(graph, model), records
+        return export(), records
+
+    def _import(self, model: onnx.ModelProto):
+        """The graph the passes edit, and the function that exports it, without copying `model`'s weights where
+        that is safe: graphsurgeon reads the weights it does not change straight from `model`'s tensors and,
+        exporting, writes only their names, which are put back. import_model edits the model it imports (sparse
+        and overridable initializers), and heal exports the graph itself: then the passes work on a copy."""
+        inputs = {value.name for value in model.graph.input}
+        overridable = model.ir_version >= 4 and any(tensor.name in inputs for tensor in model.graph.initializer)
+        if model.graph.sparse_initializer or overridable or any(current.name == "heal" for current in self.passes):
+            working = onnx.ModelProto()
+            working.CopyFrom(model)
+            graph = graphs.import_model(working)
+            return graph, lambda: graphs.export_model(graph, model)
+        names = [tensor.name for tensor in model_io.all_tensors(model)]
+        graph = graphs.import_model(model)
+
+        def export() -> onnx.ModelProto:
+            exported = graphs.export_model(graph, model)
+            for tensor, name in zip(model_io.all_tensors(model), names):
+                if tensor.name != name:
+                    tensor.name = name
+            return exported
+
+        return graph, export
 
     @staticmethod
     def _run_one(current: Pass, graph, ctx: PassContext) -> PassRecord:
@@ -114,21 +136,23 @@ def _require_runnable(model: onnx.ModelProto, complaint: str) -> None:
 
 def _type_error(model: onnx.ModelProto) -> str | None:
     """The first line of strict shape and type inference's complaint about `model`, or None."""
-    if model_io.tensor_bytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
-        return None
     try:
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        onnx.shape_inference.infer_shapes(model_io.weightless(model), check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         return first_line(exc)
     return None
 
 
 def _check_error(model: onnx.ModelProto) -> str | None:
-    """The first line of onnx.checker's complaint about `model`, or None when it is valid."""
-    if model_io.tensor_bytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
-        return None  # the in-memory checker cannot take models over 2 GB; ORT checks them when it loads them
+    """The first line of onnx.checker's complaint about `model`, or None when it is valid.
+
+    The checker reads a copy without the large weights, whose payloads are checked apart: it would otherwise
+    serialize and parse the whole model, two more copies of its weights (and none over 2 GB)."""
+    error = model_io.payload_error(model)
+    if error is not None:
+        return error
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(model_io.weightless(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         return first_line(exc)
     return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -20,6 +21,9 @@ from onnxcomp.errors import InputError, first_line
 # Protobuf refuses to serialize messages of 2 GiB or more; stay clear of it with a margin for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
+# Initializers this large go to the external-data file (as onnx.save_model's size_threshold does), and are left
+# out of the copy of the model that the checks read.
+EXTERNAL_TENSOR_BYTES = 1024
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -56,7 +60,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 def external_data_locations(model: onnx.ModelProto) -> list[str]:
     """The distinct external-data file names a model refers to, in order of first use."""
     seen: dict[str, None] = {}
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             for entry in tensor.external_data:
                 if entry.key == "location":
@@ -78,17 +82,14 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if not external_data:
-        _write_atomically(path, model.SerializeToString())
+        _write_atomically(path, serialized_parts(model))
         return path
 
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=folder, prefix=".onnxcomp-") as staging:
         staged_model = Path(staging) / path.name
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(staged_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
         staged_data = Path(staging) / data_name
+        _write_external(model, staged_model, staged_data)
         for staged in (staged_model, staged_data):
             if staged.exists():
                 os.chmod(staged, _default_mode())
@@ -107,6 +108,146 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
                 os.replace(previous_data, target_data)
             raise
     return path
+
+
+def _write_external(model: onnx.ModelProto, model_path: Path, data_path: Path) -> None:
+    """Save `model` with its large initializers in `data_path`, written one tensor at a time.
+
+    The model itself is not changed, and no second copy of its weights is made (onnx.save_model would need a
+    copy of the whole model to move the weights out of)."""
+    skeleton = onnx.ModelProto()
+    copy_fields(model, skeleton, skip="graph")
+    copy_fields(model.graph, skeleton.graph, skip="initializer")
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            stored = skeleton.graph.initializer.add()
+            if len(tensor.raw_data) < EXTERNAL_TENSOR_BYTES:
+                stored.CopyFrom(tensor)
+                continue
+            copy_fields(tensor, stored, skip="raw_data")
+            offset = data.tell()
+            data.write(tensor.raw_data)
+            stored.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)),
+                               ("length", str(data.tell() - offset))):
+                entry = stored.external_data.add()
+                entry.key, entry.value = key, value
+        data.flush()
+        os.fsync(data.fileno())
+    if data_path.stat().st_size == 0:
+        data_path.unlink()
+    _write_atomically(model_path, skeleton.SerializeToString())
+
+
+def serialized_parts(model: onnx.ModelProto) -> Iterator[bytes]:
+    """model.SerializeToString(), byte for byte, in pieces: the fields around the graph, the graph's fields
+    around its initializers, and each initializer alone, so that no copy of all the weights is ever made."""
+    graph = model.graph
+    sizes = [tensor.ByteSize() for tensor in graph.initializer]
+    graph_before, graph_after = _fields(graph, below=_INITIALIZER_FIELD), _fields(graph, above=_INITIALIZER_FIELD)
+    length = len(graph_before) + len(graph_after) + sum(len(_field_header(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    yield _fields(model, below=_GRAPH_FIELD)
+    if model.HasField("graph"):
+        yield _field_header(_GRAPH_FIELD, length) + graph_before
+        for tensor, size in zip(graph.initializer, sizes):
+            yield _field_header(_INITIALIZER_FIELD, size) + tensor.SerializeToString()
+        yield graph_after
+    yield _fields(model, above=_GRAPH_FIELD)
+
+
+def _fields(message, *, below: int = 0, above: int = 2**29) -> bytes:
+    """The serialized fields of `message` numbered below `below` or above `above` (protobuf writes fields in
+    the order of their numbers, so the pieces of one message join into its serialization)."""
+    part = type(message)()
+    for field, value in message.ListFields():
+        if field.number < below or field.number > above:
+            _copy_field(part, field, value)
+    return part.SerializeToString()
+
+
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _field_header(number: int, length: int) -> bytes:
+    """The tag of a length-delimited field (wire type 2) and its length, as varints."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def copy_fields(source, target, *, skip: str) -> None:
+    """Copy every set field of protobuf message `source` into `target` except the field named `skip`: a model
+    without its weights, or a tensor without its payload, at the cost of the rest only."""
+    for field, value in source.ListFields():
+        if field.name != skip:
+            _copy_field(target, field, value)
+
+
+def _copy_field(target, field, value) -> None:
+    if field.is_repeated:
+        getattr(target, field.name).extend(value)
+    elif field.message_type is None:
+        setattr(target, field.name, value)
+    else:
+        getattr(target, field.name).CopyFrom(value)
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large initializers are graph inputs of the same type and shape.
+
+    onnx.checker and type inference learn from it all they check except the payloads (see payload_error),
+    without the copies of the weights that checking the model itself takes (it is serialized, then parsed)."""
+    skeleton = onnx.ModelProto()
+    copy_fields(model, skeleton, skip="graph")
+    copy_fields(model.graph, skeleton.graph, skip="initializer")
+    inputs = {value.name for value in model.graph.input}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) < EXTERNAL_TENSOR_BYTES:
+            skeleton.graph.initializer.add().CopyFrom(tensor)
+        elif tensor.name not in inputs:
+            skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                           list(tensor.dims)))
+    return skeleton
+
+
+def payload_error(model: onnx.ModelProto) -> str | None:
+    """What is wrong with the raw payload of an initializer that `weightless` leaves out, or None."""
+    for tensor in model.graph.initializer:
+        size = len(tensor.raw_data)
+        if size < EXTERNAL_TENSOR_BYTES:
+            continue
+        needed = _payload_bytes(tensor)
+        if needed is None:
+            return f"initializer '{tensor.name}' has an unknown data type ({tensor.data_type})"
+        if size < needed:  # the words of onnx.checker, which says the same of the small ones
+            return (f"initializer '{tensor.name}' raw_data size ({size} bytes) is too small for the declared "
+                    f"shape and type ({needed} bytes required)")
+    return None
+
+
+def _payload_bytes(tensor: onnx.TensorProto) -> int | None:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError):
+        return None
+    if tensor.data_type in _FOUR_BIT_TYPES:
+        return (count + 1) // 2
+    return count * itemsize
+
+
+_FOUR_BIT_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
+                   if hasattr(onnx.TensorProto, name)}
 
 
 def check_output_path(source: str | os.PathLike | None, output: str | os.PathLike) -> None:
@@ -145,7 +286,7 @@ def file_size(path: str | os.PathLike) -> int:
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor payload held in the model (initializers and Constant values, subgraphs included)."""
     total = 0
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.HasField("raw_data"):
             total += len(tensor.raw_data)
         else:
@@ -171,7 +312,8 @@ def _check_text_fields(message) -> None:
                 _check_text_fields(item)
 
 
-def _all_tensors(model: onnx.ModelProto):
+def all_tensors(model: onnx.ModelProto):
+    """Every TensorProto of `model`: initializers, attribute values, those of subgraphs, in a fixed order."""
     from onnx.external_data_helper import _get_all_tensors
 
     return _get_all_tensors(model)
@@ -211,18 +353,22 @@ def _refuse_overwrite(source: Path, target: Path) -> None:
                     "Choose another output path with -o")
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
+def _write_atomically(path: Path, payload: bytes | Iterable[bytes]) -> None:
+    """Write `payload` (bytes, or pieces of bytes) to a temporary file beside `path`, then rename it there."""
+    pieces = [payload] if isinstance(payload, bytes) else payload
     if path.exists() and not path.is_file():
         # /dev/null, /dev/stdout, a pipe: the user asked to stream there; renaming over it would replace it
         with open(path, "wb") as handle:
-            handle.write(payload)
+            for piece in pieces:
+                handle.write(piece)
         return
     folder = path.resolve().parent
     mode = path.stat().st_mode & 0o777 if path.exists() else _default_mode()
     fd, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            for piece in pieces:
+                handle.write(piece)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temp_name, mode)  # mkstemp makes 0600; a saved model should be as readable as any new file

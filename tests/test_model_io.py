@@ -153,7 +153,7 @@ def test_failed_external_save_keeps_previous_file_and_leaves_no_temp(tmp_path, m
     def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(model_io.onnx, "save_model", fail)  # serialization fails midway
+    monkeypatch.setattr(model_io, "copy_fields", fail)  # serialization fails midway
     with pytest.raises((OSError, InputError)):
         model_io.save(dense_model(), path, external_data=True)
     monkeypatch.undo()
