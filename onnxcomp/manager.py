@@ -89,13 +89,15 @@ class PassManager:
             working.CopyFrom(model)
             graph = graphs.import_model(working)
             return graph, lambda: graphs.export_model(graph, model)
-        names = [tensor.name for tensor in model_io.all_tensors(model)]
+        names = [tensor.name if tensor.HasField("name") else None for tensor in model_io.all_tensors(model)]
         graph = graphs.import_model(model)
 
         def export() -> onnx.ModelProto:
             exported = graphs.export_model(graph, model)
             for tensor, name in zip(model_io.all_tensors(model), names):
-                if tensor.name != name:
+                if name is None:
+                    tensor.ClearField("name")  # a Constant's value gets an empty name, which proto2 keeps
+                elif tensor.name != name:
                     tensor.name = name
             return exported
 

@@ -303,3 +303,13 @@ def test_a_type_error_is_refused_before_any_pass_writes(tmp_path):
     result = run_cli("optimize", source, "-o", tmp_path / "out.onnx", "--runs", "0")
     assert_input_error(result, "not valid ONNX", "type")
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
+@GRAPHS
+@given(model=graphs(), passes=st.sampled_from(["short-names", "fuse-bn,short-names", "cleanup"]))
+def test_the_input_model_is_never_changed(model, passes):
+    """The passes read the input's weights in place (no copy of the model): renaming or replacing them must
+    leave the caller's model as it was, byte for byte."""
+    before = model.SerializeToString()
+    onnxcomp.optimize(model, passes, validate_result=False)
+    assert model.SerializeToString() == before
