@@ -19,6 +19,7 @@ is checked on the rest, so no candidate is judged on the samples it was fitted t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -568,12 +569,30 @@ def _run_locally(jobs: list[Job], workers: int) -> dict[str, Candidate]:
                 shown.update(1)
             return done
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        with _threads_each(max(1, (os.cpu_count() or 1) // workers)), \
+                ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
             futures = {pool.submit(run_candidate, job): job for job in jobs}
             for future in as_completed(futures):
                 done[futures[future].entry] = future.result()
                 shown.update(1)
     return done
+
+
+# The BLAS libraries read these when a process starts: workers spawned with them share the cores instead of each
+# starting a thread per core (what Ray does for its tasks too). A value the user set is kept.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _threads_each(threads: int):
+    """Worker processes started inside this block get `threads` BLAS threads each."""
+    added = [name for name in THREAD_VARIABLES if name not in os.environ]
+    os.environ.update({name: str(threads) for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 RAY_CONNECT_SECONDS = 5.0
