@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/deep_compression.py [--models effnet,resnet20] [--assets DIR] [--runs 200]
                                                     [--extra RECIPE] [--keep DIR]
 
-Data: the fixed calibration / evaluation split of benchmarks/int8_vs_ort.py (effnet_data, cifar_data): the
+Data: the fixed calibration / evaluation split of onnxcomp.bench (effnet_data, cifar_data): the
 evaluation images are never used for calibration (EfficientNet-Lite0: 100 calibration images of dev500, 400
 evaluation images; ResNet-20: CIFAR-10 test images 0..99 for calibration, 500..1999 for evaluation).
 
@@ -49,21 +49,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import int8_vs_ort  # noqa: E402  (the shared data split, error, log and environment helpers)
-import prune_vs_naive  # noqa: E402  (sessions, outputs and tables)
+from onnxcomp.bench import (assets_folder, cifar_data, effnet_data, environment, evaluation_outputs, fail,
+                            interleaved_latency, log, markdown_table, model_keys, session, write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "deep_compression.json"
 MODELS = {  # CLI name -> (report name, path relative to the assets, data loader, bits)
-    "effnet": ("efficientnet_lite0", "models/efficientnet_lite0_imagenet.onnx", int8_vs_ort.effnet_data, 5),
-    "resnet20": ("resnet20_cifar10", "models/resnet20_cifar10.onnx", int8_vs_ort.cifar_data, 4),
+    "effnet": ("efficientnet_lite0", "models/efficientnet_lite0_imagenet.onnx", effnet_data, 5),
+    "resnet20": ("resnet20_cifar10", "models/resnet20_cifar10.onnx", cifar_data, 4),
 }
 NAIVE = ("share:bits={b},granularity=tensor,min-size=0,allocation=uniform,importance=none,correction=none,"
          "feedback=false")
 
-fail, log = int8_vs_ort.fail, int8_vs_ort.log
-session, outputs, _table = prune_vs_naive.session, prune_vs_naive.outputs, prune_vs_naive._table
 
 
 def run_recipe(model: onnx.ModelProto, recipe: str, calib: dict | None) -> tuple[onnx.ModelProto, dict]:
@@ -80,8 +77,6 @@ def run_recipe(model: onnx.ModelProto, recipe: str, calib: dict | None) -> tuple
 
 
 def latency_ratio(fp32_bytes: bytes, model_bytes: bytes, data: dict, runs: int) -> dict:
-    from onnxcomp.bench import interleaved_latency
-
     first = data["evaluation"][0]
     feed = {data["input"]: data["images"][first:first + 1]}
     ours, fp32 = interleaved_latency([session(model_bytes, True), session(fp32_bytes, True)], feed, runs=runs,
@@ -95,7 +90,7 @@ def benchmark_model(key: str, assets: Path, args) -> dict:
     data = loader(assets, model)
     calib = {data["input"]: data["images"][data["calibration"]]}
     fp32_bytes = model.SerializeToString()
-    fp32_out = outputs(session(fp32_bytes), data)
+    fp32_out = evaluation_outputs(session(fp32_bytes), data)
     labels = data["labels"][data["evaluation"]]
     fp32_pred = fp32_out[0].argmax(-1)
     fp32 = {"top1": 100 * float(np.mean(fp32_pred == labels)), "size_bytes": len(fp32_bytes)}
@@ -110,7 +105,7 @@ def benchmark_model(key: str, assets: Path, args) -> dict:
             optimized, info = run_recipe(model, recipe, calib if with_data else None)
             record.update(info)
             model_bytes = optimized.SerializeToString()
-            result = outputs(session(model_bytes), data)
+            result = evaluation_outputs(session(model_bytes), data)
             prediction = result[0].argmax(-1)
             stats = record["stats"]
             coded = len(model_bytes) - stats["stored_bytes"] + stats["stored_bytes_zlib"]
@@ -136,13 +131,11 @@ def benchmark_model(key: str, assets: Path, args) -> dict:
 
 def storage_check(model, calib, recipe: str, encoded: onnx.ModelProto, encoded_out: list, record: dict, data: dict,
                   args) -> dict:
-    from onnxcomp.bench import interleaved_latency
-
     dense_recipe = recipe + ",encoding=dense"
     log(f"  storage check: {dense_recipe} ...")
     dense, info = run_recipe(model, dense_recipe, calib)
     dense_bytes = dense.SerializeToString()
-    dense_out = outputs(session(dense_bytes), data)
+    dense_out = evaluation_outputs(session(dense_bytes), data)
     stats = record["stats"]
     weights = sum(int(row["weights"]) for row in record["layers"])
     index_bits = sum(int(row["weights"]) * int(row["bits"]) for row in record["layers"])
@@ -204,18 +197,19 @@ def print_tables(results: list[dict], speed: list[dict]) -> None:
                          f"{r['delta_points']:+.2f}", f"{r['agreement']:.2f} %", str(r["size_bytes"]),
                          f"{r['smaller']:.2f}", f"{r['smaller_entropy_coded']:.2f}", f"{r['latency']['ratio']:.3f}",
                          str(r["stats"].get("mean_bits")), f"{r['share_s']:.1f}"])
-    _table(header, rows)
+    markdown_table(header, rows)
     checks = [(e["model"], e["storage_check"]) for e in results if e.get("storage_check")]
     if checks:
         print("\nstorage check: `share` encoded against the same recipe with encoding=dense")
         header = ["model", "max \\|Δ output\\|", "shared weights", "stored B / weight", "index bits / 8",
                   "encoded file", "dense-layout file", "latency encoded / dense"]
-        _table(header, [[m, repr(c["max_abs_diff"]), str(c["shared_weights"]), f"{c['stored_bytes_per_weight']:.4f}",
-                         f"{c['index_bytes_per_weight']:.4f}", str(c["encoded_file_bytes"]), str(c["dense_file_bytes"]),
-                         f"{c['latency']['ratio']:.3f}"] for m, c in checks])
+        markdown_table(header, [[m, repr(c["max_abs_diff"]), str(c["shared_weights"]),
+                                 f"{c['stored_bytes_per_weight']:.4f}", f"{c['index_bytes_per_weight']:.4f}",
+                                 str(c["encoded_file_bytes"]), str(c["dense_file_bytes"]),
+                                 f"{c['latency']['ratio']:.3f}"] for m, c in checks])
     if speed:
         print("\nclustering speed: share.cluster() at 5 bits on EfficientNet-Lite0's shared tensors, repeated")
-        _table(["weights", "× EfficientNet-Lite0", "seconds (median of 3)", "seconds per million weights"],
+        markdown_table(["weights", "× EfficientNet-Lite0", "seconds (median of 3)", "seconds per million weights"],
                [[str(s["weights"]), str(s["factor"]), f"{s['median_s']:.2f}",
                  f"{s['median_s'] / s['weights'] * 1e6:.3f}"] for s in speed])
 
@@ -231,17 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="save the optimized models in this folder")
     parser.add_argument("--output", default=str(RESULTS), help=f"JSON results file (default {RESULTS})")
     args = parser.parse_args(argv)
-    keys = int8_vs_ort.model_keys(args.models, MODELS)
+    keys = model_keys(args.models, MODELS)
     if args.runs < 1:
         fail("--runs must be at least 1")
-    assets = int8_vs_ort.assets_folder(args.assets, [MODELS[key][1] for key in keys])
+    assets = assets_folder(args.assets, [MODELS[key][1] for key in keys])
     started = time.perf_counter()
     speed = [] if args.no_speed else clustering_speed(assets)
     results = [benchmark_model(key, assets, args) for key in keys]
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "environment": int8_vs_ort.environment(), "wall_s": time.perf_counter() - started,
+                "environment": environment(), "wall_s": time.perf_counter() - started,
                 "clustering_speed": speed, "models": results}
-    int8_vs_ort.write_results(args.output, document)
+    write_results(args.output, document)
     print_tables(results, speed)
     print(f"\nwhole run {document['wall_s']:.0f} s; JSON in {args.output}")
     return 0

@@ -4,7 +4,7 @@
         [--recipe RECIPE ...] [--schedule cosine|constant] [--augment none|flip-shift|mixup|flip-shift+mixup]
         [--folds K] [--output FILE]
 
-Data (benchmarks/int8_vs_ort.py's split, its loaders imported): the evaluation images are never trained on.
+Data (the split of onnxcomp.bench's loaders): the evaluation images are never trained on.
   resnet20  CIFAR-10 test images: calibration 0..99 (prune / share), transfer set 0..499 without labels (heal;
             every 10th held out for the per-epoch report), evaluation 500..1999.
   effnet    dev500: calibration and transfer set = every 5th image (100, without labels), evaluation the
@@ -32,25 +32,24 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import int8_vs_ort  # noqa: E402
-import prune_vs_naive  # noqa: E402
+from onnxcomp.bench import (assets_folder, cifar_data, effnet_data, environment, evaluation_outputs, log, model_keys,
+                            session, write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "heal.json"
 MODELS = {  # name -> (path, loader, transfer-set indices, recipes)
-    "resnet20": ("models/resnet20_cifar10.onnx", int8_vs_ort.cifar_data, slice(0, 500),
+    "resnet20": ("models/resnet20_cifar10.onnx", cifar_data, slice(0, 500),
                  ["fuse-bn,prune:sparsity=0.7", "deep-compression",
                   "fuse-bn,prune:sparsity=0.4,share:bits=3,min-size=0,short-names",
                   "fuse-bn,share:bits=1.25,min-size=0,short-names"]),
-    "effnet": ("models/efficientnet_lite0_imagenet.onnx", int8_vs_ort.effnet_data, None,
+    "effnet": ("models/efficientnet_lite0_imagenet.onnx", effnet_data, None,
                ["fuse-bn,prune:sparsity=0.3,share:bits=3,min-size=0,short-names",
                 "fuse-bn,share:bits=3,min-size=0,short-names"]),
 }
 
 
 def top1(model: onnx.ModelProto, data: dict) -> float:
-    prediction = prune_vs_naive.outputs(prune_vs_naive.session(model.SerializeToString()), data)[0].argmax(-1)
+    prediction = evaluation_outputs(session(model.SerializeToString()), data)[0].argmax(-1)
     return 100 * float(np.mean(prediction == data["labels"][data["evaluation"]]))
 
 
@@ -114,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.folds == 1 or args.folds < 0:
         parser.error("--folds needs K >= 2 (or 0 for the fixed split)")
-    keys = int8_vs_ort.model_keys(args.models, MODELS)
-    assets = int8_vs_ort.assets_folder(args.assets, [MODELS[key][0] for key in keys])
+    keys = model_keys(args.models, MODELS)
+    assets = assets_folder(args.assets, [MODELS[key][0] for key in keys])
     results = []
     started = time.perf_counter()
     for key in keys:
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             data = dict(data, evaluation=np.arange(len(data["labels"])))  # fp32 on every image, as the folds pool
         fp32 = top1(model, data)
         fp32_bytes = len(model.SerializeToString())
-        int8_vs_ort.log(f"{key}: fp32 {fp32:.2f} %")
+        log(f"{key}: fp32 {fp32:.2f} %")
         for recipe in recipes:
             row = heal_row(DistillConfig(epochs=args.epochs, learning_rate=args.lr, schedule=args.schedule,
                                          augment=args.augment),
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         "schedule": args.schedule, "augment": args.augment, "epochs": args.epochs, "lr": args.lr,
                         "folds": args.folds})
             results.append(row)
-            int8_vs_ort.log(f"  {recipe}: {row['post_training']:.2f} % -> healed {row['healed']:.2f} % "
+            log(f"  {recipe}: {row['post_training']:.2f} % -> healed {row['healed']:.2f} % "
                             f"({row['healed'] - fp32:+.2f}), {row['smaller']:.2f}x smaller, {row['heal_s']:.0f} s")
     wall = time.perf_counter() - started
     print("| model | recipe | fp32 | post-training | healed | healed vs fp32 | × smaller | heal s |")
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['healed']:.2f} % | {r['healed'] - r['fp32']:+.2f} | {r['smaller']:.2f} | {r['heal_s']:.0f} |")
     print(f"\n{args.epochs} epochs, Adam lr {args.lr} ({args.schedule}), batch 32, KL at T=4, augment {args.augment}; "
           f"whole run {wall:.0f} s")
-    int8_vs_ort.write_results(args.output, {"environment": int8_vs_ort.environment(), "wall_s": wall,
+    write_results(args.output, {"environment": environment(), "wall_s": wall,
                                             "rows": results})
     return 0
 

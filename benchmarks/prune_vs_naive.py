@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/prune_vs_naive.py [--models effnet,resnet20] [--assets DIR]
                                                   [--sparsities 0.3,0.5,0.7] [--runs 200] [--keep DIR]
 
-Data: the fixed calibration / evaluation split of benchmarks/int8_vs_ort.py (its effnet_data and cifar_data are
-imported, not copied). The evaluation images are never used for calibration:
+Data: the fixed calibration / evaluation split that every benchmark takes from onnxcomp.bench (effnet_data,
+cifar_data). The evaluation images are never used for calibration:
 
   effnet    models/efficientnet_lite0_imagenet.onnx on data/imagenet/dev500 (labels.csv order): calibration =
             every 5th image (rows 0, 5, ..., 495; 100 images), evaluation = the other 400.
@@ -62,14 +62,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import int8_vs_ort  # noqa: E402  (the shared data split, error and log helpers)
+from onnxcomp.bench import (assets_folder, cifar_data, effnet_data, environment, evaluation_outputs, fail, log,
+                            markdown_table, model_keys, session, write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "prune.json"
 MODELS = {  # CLI name -> (report name, path relative to the assets, data loader)
-    "effnet": ("efficientnet_lite0", "models/efficientnet_lite0_imagenet.onnx", int8_vs_ort.effnet_data),
-    "resnet20": ("resnet20_cifar10", "models/resnet20_cifar10.onnx", int8_vs_ort.cifar_data),
+    "effnet": ("efficientnet_lite0", "models/efficientnet_lite0_imagenet.onnx", effnet_data),
+    "resnet20": ("resnet20_cifar10", "models/resnet20_cifar10.onnx", cifar_data),
 }
 METHODS = {  # name -> (recipe template, uses calibration data)
     "naive": ("prune:sparsity={s},min-size=0,depthwise=true", False),
@@ -80,29 +80,8 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MASK_BYTES_PER_WEIGHT = 0.13  # 1 bit = 0.125 bytes, rounded up as quoted in the bound
 
 
-fail, log = int8_vs_ort.fail, int8_vs_ort.log
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Measurements
-
-
-def session(model_bytes: bytes, latency: bool = False) -> ort.InferenceSession:
-    """Evaluation sessions: ORT's default options; latency sessions: one intra-op thread, ORT_ENABLE_ALL."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if latency:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = 1
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def outputs(sess: ort.InferenceSession, data: dict) -> list[np.ndarray]:
-    """Every output of the model on the evaluation images, in order."""
-    images = data["images"][data["evaluation"]]
-    step = data["eval_batch"]
-    batches = [sess.run(None, {data["input"]: images[i:i + step]}) for i in range(0, len(images), step)]
-    return [np.concatenate([batch[k] for batch in batches]) for k in range(len(batches[0]))]
 
 
 def layer_weights(model: onnx.ModelProto) -> int:
@@ -134,7 +113,7 @@ def run_pipeline(model: onnx.ModelProto, recipe: str, calib: dict | None) -> tup
 
 def evaluate(record: dict, optimized: onnx.ModelProto, data: dict, fp32: dict) -> list[np.ndarray]:
     model_bytes = optimized.SerializeToString()
-    result = outputs(session(model_bytes), data)
+    result = evaluation_outputs(session(model_bytes), data)
     prediction = result[0].argmax(-1)
     labels = data["labels"][data["evaluation"]]
     stats = record["stats"]
@@ -159,7 +138,7 @@ def benchmark_model(key: str, assets: Path, args) -> dict:
     calib = {data["input"]: data["images"][data["calibration"]]}
 
     fp32_bytes = model.SerializeToString()
-    fp32_out = outputs(session(fp32_bytes), data)
+    fp32_out = evaluation_outputs(session(fp32_bytes), data)
     fp32_pred = fp32_out[0].argmax(-1)
     labels = data["labels"][data["evaluation"]]
     fp32 = {"top1": 100 * float(np.mean(fp32_pred == labels)), "size_bytes": len(fp32_bytes),
@@ -209,7 +188,7 @@ def storage_check(model, calib, sparsity, encoded: onnx.ModelProto, encoded_out:
     try:
         dense, info = run_pipeline(model, recipe, calib)
         dense_bytes = dense.SerializeToString()
-        dense_out = outputs(session(dense_bytes), data)
+        dense_out = evaluation_outputs(session(dense_bytes), data)
         check["max_abs_diff"] = float(max(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))
                                           for a, b in zip(encoded_out, dense_out)))
         check["dense_layout_stats"] = info["stats"]
@@ -246,13 +225,6 @@ def storage_check(model, calib, sparsity, encoded: onnx.ModelProto, encoded_out:
 # Report
 
 
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-
-
 def print_tables(results: list[dict]) -> None:
     header = ["model", "sparsity", "method", "top-1", "vs fp32", "agreement", "sparsity reached", "tensors",
               "zeros / all weights", "file bytes", "file / fp32", "prune s"]
@@ -274,7 +246,7 @@ def print_tables(results: list[dict]) -> None:
                          "-" if reached is None else f"{100 * reached:.2f} %", str(stats.get("pruned", "-")),
                          "-" if share is None else f"{100 * share:.1f} %", str(r["size_bytes"]),
                          f"{r['size_ratio']:.3f}", f"{r['prune_s']:.1f}"])
-    _table(header, rows)
+    markdown_table(header, rows)
     print("\nsparsity reached: zeros over the tensors the pass pruned (stats); tensors: how many it pruned; "
           "zeros / all weights: over every Conv/Gemm/MatMul weight of the model; prune s: the prune pass alone")
 
@@ -296,7 +268,7 @@ def print_tables(results: list[dict]) -> None:
                          f"{c['bound_bytes_per_weight']:.4f}", str(c["encoded_file_bytes"]),
                          str(c["dense_file_bytes"]), f"{c['encoded_file_bytes'] / c['dense_file_bytes']:.3f}",
                          f"{lat['ratio']:.3f}", f"{lat['encoded_median_ms']:.2f}", f"{lat['dense_median_ms']:.2f}"])
-        _table(header, rows)
+        markdown_table(header, rows)
         print("latency: median at batch 1, sessions timed in turns (interleaved_latency), 1 intra-op thread, "
               "ORT_ENABLE_ALL")
 
@@ -316,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS), help=f"JSON results file (default {RESULTS})")
     args = parser.parse_args(argv)
 
-    keys = int8_vs_ort.model_keys(args.models, MODELS)
+    keys = model_keys(args.models, MODELS)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
@@ -329,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         fail("--sparsities: each must be in [0, 1)")
     if args.runs < 1:
         fail("--runs must be at least 1")
-    assets = int8_vs_ort.assets_folder(args.assets, [MODELS[key][1] for key in keys])
+    assets = assets_folder(args.assets, [MODELS[key][1] for key in keys])
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
 
@@ -347,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
     document = {
         "date": date,
-        **int8_vs_ort.environment(),
+        **environment(),
         "settings": {"models": keys, "sparsities": args.sparsities, "methods": {m: METHODS[m][0] for m in args.methods},
                      "check_sparsity": args.check_sparsity, "runs": args.runs, "provider": "CPUExecutionProvider",
                      "evaluation_session": "default SessionOptions",
@@ -355,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": elapsed,
         "results": results,
     }
-    int8_vs_ort.write_results(args.output, document)
+    write_results(args.output, document)
     return 0
 
 

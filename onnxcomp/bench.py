@@ -1,13 +1,20 @@
-"""Latency at batch 1: warm-up, then many timed runs; quantiles, not means, because machines are noisy."""
+"""What the benchmarks share: latency at batch 1 (warm-up, then many timed runs; quantiles, not means, because
+machines are noisy), the shared assets' fixed calibration / evaluation splits with their preprocessing, and
+the command-line, log and results-file helpers of a benchmark script."""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 
@@ -60,3 +67,114 @@ def working_directory(folder):
         yield
     finally:
         os.chdir(before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark scripts: their options, log, results file
+
+REPO = Path(__file__).resolve().parents[1]
+# How the shared assets' images become model inputs (their README): one definition for every benchmark.
+IMAGENET_PREPROCESS = "resize=256,crop=224,scale=1,mean=127|127|127,std=128|128|128,layout=NCHW"
+CIFAR_PREPROCESS = "scale=1/255,mean=0.485|0.456|0.406,std=0.229|0.224|0.225"
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def model_keys(text: str, models: dict) -> list[str]:
+    """The --models comma list, each checked against `models`."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in models]
+    if unknown or not keys:
+        fail(f"--models: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(models)}")
+    return keys
+
+
+def assets_folder(given: str | None, relatives: list[str]) -> Path:
+    """--assets, else $ONNXCOMP_ASSETS, else ../shared/assets beside the repository, with the model files
+    `relatives` in it."""
+    assets = Path(given or os.environ.get("ONNXCOMP_ASSETS") or REPO.parent / "shared" / "assets")
+    if not assets.is_dir():
+        fail(f"assets folder {assets} not found; pass --assets DIR or set ONNXCOMP_ASSETS")
+    for relative in relatives:
+        if not (assets / relative).is_file():
+            fail(f"{assets / relative} not found; is {assets} the shared assets folder?")
+    return assets
+
+
+def write_results(path: str | Path, document: dict) -> None:
+    """The results file of a benchmark run, as JSON (numpy scalars and paths as text)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def environment() -> dict:
+    """Library versions and machine, for the results file of a benchmark run."""
+    return {"versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: the fixed calibration / evaluation split of the shared assets
+
+
+def effnet_data(assets: Path, model: onnx.ModelProto) -> dict:
+    from onnxcomp import data as datasets
+
+    dataset = datasets.open_data(assets / "data/imagenet/dev500", model, preprocess=IMAGENET_PREPROCESS)
+    name = dataset.inputs[0].name
+    images = np.concatenate([feed[name] for _, feed in dataset.batches(50)])
+    everything = np.arange(dataset.num_samples)
+    calibration = everything[::5]
+    return {"input": name, "images": images, "labels": dataset.labels, "calibration": calibration,
+            "evaluation": np.setdiff1d(everything, calibration), "scaling": {50: everything[:50], 500: everything},
+            "stream": (str(assets / "data/imagenet/dev500"), IMAGENET_PREPROCESS),
+            "split": "dev500 in labels.csv order: calibration rows 0,5,...,495 (100), evaluation the other 400",
+            "eval_batch": 50}
+
+
+def cifar_data(assets: Path, model: onnx.ModelProto) -> dict:
+    from onnxcomp import data as datasets
+
+    dataset = datasets.open_data(assets / "data/cifar10/cifar10_test_2000.npz", model, preprocess=CIFAR_PREPROCESS)
+    name = dataset.inputs[0].name
+    images = dataset.batch(0, dataset.num_samples)[name]
+    return {"input": name, "images": images, "labels": dataset.labels, "calibration": np.arange(100),
+            "evaluation": np.arange(500, 2000), "scaling": {50: np.arange(50), 500: np.arange(500)},
+            "stream": (str(assets / "data/cifar10/cifar10_test_2000.npz"), CIFAR_PREPROCESS),
+            "split": "cifar10_test_2000.npz: calibration images 0..99 (100), evaluation images 500..1999 (1500)",
+            "eval_batch": 250}
+
+
+def session(model_bytes: bytes, latency: bool = False) -> ort.InferenceSession:
+    """Evaluation sessions: ORT's default options; latency sessions: one intra-op thread, ORT_ENABLE_ALL."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if latency:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = 1
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def evaluation_outputs(sess: ort.InferenceSession, data: dict) -> list[np.ndarray]:
+    """Every output of the model on the evaluation images, in order."""
+    images = data["images"][data["evaluation"]]
+    step = data["eval_batch"]
+    batches = [sess.run(None, {data["input"]: images[i:i + step]}) for i in range(0, len(images), step)]
+    return [np.concatenate([batch[k] for batch in batches]) for k in range(len(batches[0]))]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
