@@ -362,5 +362,5 @@ def _layer_row(plan: Plan) -> dict:
     if plan.rank:
         row["output_snr_db"] = round(float(snr_db(plan.error)), 1)
     if plan.gain != 1.0:
-        row["output_gain"] = round(plan.gain, 3)
+        row["output_gain"] = float(f"{plan.gain:.3g}")
     return row
