@@ -8,8 +8,6 @@ must differ from the float output by about what `bits` bits allow.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import onnx
 import pytest
@@ -286,26 +284,27 @@ def test_config_validates_in_the_library_too():
 
 @pytest.mark.assets
 def test_minilm_int4_keeps_the_sentence_embedding(assets, tmp_path):
-    """paraphrase-MiniLM-L3 with int4 RTN: every MatMul and the embedding tables become 4-bit kernels, the file
-    falls under 0.2× and the sentence embeddings of real SST-2 phrases stay close to fp32."""
+    """paraphrase-MiniLM-L3 with int4 (RTN) and 32 SST-2 phrases as calibration data: every MatMul and the
+    embedding tables become 4-bit kernels, the file falls under 0.2× and the sentence embeddings of 64 other
+    phrases stay close to fp32."""
     from onnxcomp import data as datasets
     from onnxcomp.runner import Runner
 
     source = assets / "zoo/paraphrase_minilm_l3.onnx"
     tokenizer = assets / "zoo/bert_uncased_tokenizer.json"
-    rows = (assets / "data/sst2/train.tsv").read_text(encoding="utf-8").splitlines()[1:65]
-    phrases = tmp_path / "phrases.tsv"
-    phrases.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    started = time.perf_counter()
+    rows = (assets / "data/sst2/train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    calibration, evaluation = tmp_path / "calibration.tsv", tmp_path / "evaluation.tsv"
+    calibration.write_text("\n".join(rows[:32]) + "\n", encoding="utf-8")
+    evaluation.write_text("\n".join(rows[32:96]) + "\n", encoding="utf-8")
     out = tmp_path / "int4.onnx"
-    optimized, report = onnxcomp.optimize(source, "int4", output=out, validate_result=False)
+    optimized, report = onnxcomp.optimize(source, "int4", calib_data=calibration, tokenizer=tokenizer, output=out,
+                                          validate_result=False)
     stats = report.passes[0].stats
-    assert stats["int4:MatMul"] == 18 and stats["int4:Gather"] == 2
+    assert stats["int4:MatMul"] == 18 and stats["int4:Gather"] == 2 and stats["exact_rows"] > 0
     assert out.stat().st_size <= 0.20 * source.stat().st_size
-    dataset = datasets.open_data(phrases, onnx.load(source), tokenizer=tokenizer)
+    dataset = datasets.open_data(evaluation, onnx.load(source), tokenizer=tokenizer)
     output = next(o.name for o in optimized.graph.output if len(datasets.value_dims(o)) == 2)
     reference = Runner(str(source)).stacked(dataset, output=output)
     got = Runner(str(out)).stacked(dataset, output=output)
     cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.mean() >= 0.98
-    assert time.perf_counter() - started < 60
