@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxcomp import graph as graphs
 from onnxcomp import model_io
@@ -60,7 +64,8 @@ class PassManager:
             record.automatic = automatic
             records.append(record)
             if record.modified and check:
-                error = _check_error(export())
+                with _large_constants_as_inputs(graph):
+                    error = _check_error(export())
                 if error:
                     raise PostconditionError(f"pass '{current.name}' produced an invalid model: {error}")
 
@@ -122,6 +127,35 @@ class PassManager:
         ctx.log.info("%s: %s in %.3f s %s", current.name, "modified" if result.modified else "no change",
                      seconds, stats)
         return PassRecord(current.name, result.modified, seconds, stats, layers=list(result.layers))
+
+
+@contextmanager
+def _large_constants_as_inputs(graph: gs.Graph):
+    """Within the block, the graph's large weights are graph inputs of their type and shape: the model checked
+    after each pass is exported without a copy of its weights (all onnx.checker needs; see _check_error)."""
+    swapped = [(tensor, tensor._values, tensor.data_location)  # _values, as .values would load them
+               for tensor in graph.tensors().values()
+               if isinstance(tensor, gs.Constant) and _nbytes(tensor) >= model_io.EXTERNAL_TENSOR_BYTES]
+    inputs = list(graph.inputs)
+    for tensor, *_ in swapped:
+        tensor.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))
+        tensor.type = "tensor_type"  # what Variable() sets and to_variable() leaves out
+    graph.inputs.extend(tensor for tensor, *_ in swapped)
+    try:
+        yield
+    finally:
+        graph.inputs = inputs
+        for tensor, values, location in swapped:
+            del tensor.type
+            tensor.to_constant(values)
+            tensor.data_location = location
+
+
+def _nbytes(tensor: gs.Constant) -> int:
+    try:
+        return math.prod(tensor.shape) * np.dtype(tensor.dtype).itemsize
+    except TypeError:  # a type numpy lacks (bfloat16 and others): count one byte an element
+        return math.prod(tensor.shape)
 
 
 def _require_runnable(model: onnx.ModelProto, complaint: str) -> None:
