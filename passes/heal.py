@@ -18,6 +18,7 @@ agreement there is reported after each epoch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from onnx import numpy_helper
 
 from onnxcomp import encoding
 from onnxcomp import graph as graphs
+from onnxcomp.distillation import DistillConfig
 from onnxcomp.export import require_torch
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.registry import register
@@ -33,27 +35,25 @@ from onnxcomp.registry import register
 
 @dataclass(frozen=True)
 class HealConfig:
-    epochs: int = 10
-    learning_rate: float = 1e-3    # Adam
-    schedule: str = "cosine"       # cosine | constant
-    augment: str = "none"          # none | flip-shift | mixup | flip-shift+mixup (each batch altered at random)
-    batch_size: int = 32
-    temperature: float = 4.0
-    loss: str = "kl"               # kl | mse
-    alpha: float = 0.5             # weight of the cross-entropy on labels, when the calibration data has them
-    holdout: float = 0.1           # share of the calibration samples held out to report agreement
-    device: str = "cpu"            # torch device: cpu, cuda
+    """distill's training options, with its defaults and checks (onnxcomp.distillation.DistillConfig documents
+    them); the seed and the teacher's execution provider are the pipeline's."""
+
+    epochs: int = DistillConfig.epochs
+    learning_rate: float = DistillConfig.learning_rate
+    schedule: str = DistillConfig.schedule
+    augment: str = DistillConfig.augment
+    batch_size: int = DistillConfig.batch_size
+    temperature: float = DistillConfig.temperature
+    loss: str = DistillConfig.loss
+    alpha: float = DistillConfig.alpha
+    holdout: float = DistillConfig.holdout
+    device: str = DistillConfig.device
 
     def __post_init__(self):
         self.distill_config()  # the same checks as distill's options
 
-    def distill_config(self, seed: int = 0, provider: str = "cpu"):
-        from onnxcomp.distillation import DistillConfig
-
-        return DistillConfig(epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
-                             schedule=self.schedule, augment=self.augment,
-                             temperature=self.temperature, loss=self.loss, alpha=self.alpha, holdout=self.holdout,
-                             seed=seed, device=self.device, provider=provider)
+    def distill_config(self, seed: int = 0, provider: str = "cpu") -> DistillConfig:
+        return DistillConfig(**dataclasses.asdict(self), seed=seed, provider=provider)
 
 
 @register
