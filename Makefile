@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 # torch is pinned: this version is the CPU build; an unpinned torch pulls several GB of CUDA libraries.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench model clean
+.PHONY: demo test bench model clean mutate
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/distill_digits.py
 	$(BIN)/python benchmarks/zoo.py
 	$(BIN)/python benchmarks/int8_transformers.py
+
+# Mutation check, outside CI: break named features one at a time in a temporary copy and run their tests
+# (tests/mutate.py; --only NAME to pick some). Lists the mutants that survived.
+mutate: $(INSTALLED)
+	ONNXCOMP_ASSETS=$${ONNXCOMP_ASSETS:-../shared/assets} $(BIN)/python tests/mutate.py
 
 # Retrain the demo model from scikit-learn's digits (deterministic; rewrites models/digits_*).
 model: $(INSTALLED)

@@ -14,11 +14,9 @@ What must hold:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -313,3 +311,16 @@ def test_the_input_model_is_never_changed(model, passes):
     before = model.SerializeToString()
     onnxcomp.optimize(model, passes, validate_result=False)
     assert model.SerializeToString() == before
+
+
+def test_a_large_initializer_with_short_raw_data_is_an_input_error(tmp_path):
+    """Large weights are checked apart from onnx.checker, which reads the model without them."""
+    model = _matmul_model()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((4, 512), np.float32), "w"))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 512
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:4096]
+    source = tmp_path / "model.onnx"
+    source.write_bytes(model.SerializeToString())
+    result = run_cli("optimize", source, "-o", tmp_path / "out.onnx", "--runs", "0")
+    assert_input_error(result, "not valid ONNX", "raw_data size")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
