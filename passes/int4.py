@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -59,8 +59,6 @@ SENSITIVE_BITS = 8
 METHODS = ("rtn", "gptq")
 DAMPING = 0.01  # share of H's mean diagonal added to it, as GPTQ does, so that its inverse is well-posed
 MICROSOFT = "com.microsoft"
-GPTQ_VECTORS = 256  # input vectors (tokens) per calibration sample for H
-MEAN_VECTORS = 32   # … and for E[x] alone
 FREQUENT_SHARE = 0.25  # a table row read this many times per calibration sample (or more) is kept exact
 MAX_EXACT_ROWS = 255   # rows kept exact per table at most (their slot numbers fit a byte)
 
@@ -226,15 +224,16 @@ class Int4(Pass):
         targets = [Target(layer, SENSITIVE_BITS if (config.keep_first and index == 0) or
                           (config.keep_last and index == len(layers) - 1) else config.bits)
                    for index, layer in enumerate(layers)]
-        measured = targets and (config.method == "gptq" or (config.bias_correction and ctx.calibration_data is not None))
-        statistics = _statistics(graph, targets, ctx, config) if measured else {}
+        tables = _tables(graph, config.exclude, config.bits) if config.tables else []
+        calibration = _calibrate(graph, targets, tables, ctx, config)
+        statistics = _statistics(graph, targets, ctx, config) if targets and config.method == "gptq" else {}
         names = graphs.Names(graph)
         rows = []
         for target in progress.each(targets, f"int4 {config.method}", unit="layer"):
-            rows.append(_rewrite_matmul(graph, target, statistics.get(id(target.layer)), config, names))
-        tables = _tables(graph, config.exclude, config.bits) if config.tables else []
-        frequent = _frequent_rows(graph, tables, ctx, config) if tables and config.exact_rows else {}
-        rows.extend(_rewrite_gather(graph, node, config, names, frequent.get(id(node), [])) for node in tables)
+            rows.append(_rewrite_matmul(graph, target, statistics.get(id(target.layer)),
+                                        calibration.means.get(id(target.layer)), config, names))
+        rows.extend(_rewrite_gather(graph, node, config, names, calibration.rows.get(id(node), []))
+                    for node in tables)
         stats: dict[str, int | float | str] = {"bits": config.bits, "block": config.block, "method": config.method,
                                                "symmetric": str(config.symmetric).lower()}
         stats.update({f"int4:{op}": n for op, n in sorted(Counter(row["op"] for row in rows).items())})
@@ -244,10 +243,10 @@ class Int4(Pass):
             stats["weight_snr_db_min"] = min(row["weight_snr_db"] for row in rows)
             stats["float_mb"] = round(sum(row["float_bytes"] for row in rows) / 1e6, 2)
             stats["stored_mb"] = round(sum(row["stored_bytes"] for row in rows) / 1e6, 2)
-        if frequent:
-            stats["exact_rows"] = sum(len(found) for found in frequent.values())
-        if statistics or frequent:
-            stats["samples"] = min(config.samples, ctx.calibration_data.num_samples)
+        if calibration.rows:
+            stats["exact_rows"] = sum(len(found) for found in calibration.rows.values())
+        if calibration.samples:
+            stats["samples"] = calibration.samples
         stats.update({f"skipped:{reason}": n for reason, n in sorted(skipped.items())})
         return PassResult(bool(rows), stats, rows)
 
@@ -283,18 +282,17 @@ def _tables(graph: gs.Graph, exclude: tuple[str, ...], bits: int) -> list[gs.Nod
 
 
 def _statistics(graph: gs.Graph, targets: list[Target], ctx: PassContext, config: Int4Config) -> dict:
-    """E[x xᵀ] and E[x] of each layer's input on calibration data, keyed by id(layer). Bias correction alone
-    needs only E[x], which fewer input vectors estimate well enough."""
+    """E[x xᵀ] of each layer's input on calibration data, keyed by id(layer), for GPTQ."""
     model = gs.export_onnx(graph, do_type_check=False)
     layers = [target.layer for target in targets]
     found = input_statistics(model, layers, ctx.calibration_data,
                              samples=min(config.samples, ctx.calibration_data.num_samples),
-                             batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
-                             vectors_per_sample=GPTQ_VECTORS if config.method == "gptq" else MEAN_VECTORS)
+                             batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed)
     return {key: fit for key, (fit, _) in found.items()}
 
 
-def _rewrite_matmul(graph: gs.Graph, target: Target, stats, config: Int4Config, names: graphs.Names) -> dict:
+def _rewrite_matmul(graph: gs.Graph, target: Target, stats, mean: np.ndarray | None, config: Int4Config,
+                    names: graphs.Names) -> dict:
     """Replace the MatMul (or Gemm) by a MatMulNBits; the layer's report row."""
     node, bits = target.layer.node, target.bits
     weight = matmul_weight(node)  # [K, N]
@@ -311,10 +309,10 @@ def _rewrite_matmul(graph: gs.Graph, target: Target, stats, config: Int4Config, 
         inputs.append(names.constant(f"{base}_weight_zero_points", blocked.packed_zeros()))
     bias = gemm_bias(node) if node.op == "Gemm" else None
     vector = None if bias is None else np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float64)
-    if stats is not None and config.bias_correction:
+    if mean is not None:
         # the rounding error's mean effect on the outputs, E[x] (W - W'), is the same for every input: a
         # transformer's few large constant channels make it most of the error; the bias takes it back
-        shift = stats.mean[0] @ (weight.astype(np.float64) - blocked.decoded(k).T)
+        shift = mean @ (weight.astype(np.float64) - blocked.decoded(k).T)
         vector = shift if vector is None else vector + shift
     if vector is not None:
         inputs += [gs.Variable.empty()] * (5 - len(inputs)) + [names.constant(f"{base}_bias",
@@ -328,8 +326,7 @@ def _rewrite_matmul(graph: gs.Graph, target: Target, stats, config: Int4Config, 
     row = _row(target.layer.name, node.op, units, blocked, bits, _stored_bytes(inputs[1:]))
     if stats is not None:
         error = relative_error(target.layer, units[None].astype(np.float64),
-                               blocked.decoded(k)[None].astype(np.float64), stats,
-                               use_bias=config.bias_correction)
+                               blocked.decoded(k)[None].astype(np.float64), stats, use_bias=mean is not None)
         row["output_snr_db"] = round(float(snr_db(error)), 1)
     return row
 
@@ -385,27 +382,48 @@ def _restore_rows(graph: gs.Graph, table: np.ndarray, blocked: Blocked, exact: l
     return slots.nbytes + corrections.nbytes
 
 
-def _frequent_rows(graph: gs.Graph, tables: list[gs.Node], ctx: PassContext, config: Int4Config) -> dict:
-    """{id(Gather): rows} for the rows each table gives to at least FREQUENT_SHARE of the calibration samples
-    on average (at most MAX_EXACT_ROWS, the most read first). Tokens in nearly every input, as a BERT's [CLS]
-    and [SEP], add the same rounding error to every sentence: a bias no later layer averages out."""
-    if ctx.calibration_data is None:
-        return {}
+@dataclass
+class Calibration:
+    """What the corrections need from calibration data: each layer's E[x] and each table's rows to keep exact."""
+
+    means: dict = field(default_factory=dict)  # id(layer) → E[x] over every input vector (K,)
+    rows: dict = field(default_factory=dict)   # id(Gather) → rows
+    samples: int = 0
+
+
+def _calibrate(graph: gs.Graph, targets: list[Target], tables: list[gs.Node], ctx: PassContext,
+               config: Int4Config) -> Calibration:
+    """One run of the float model over the calibration data for the layers' input means and the rows each table
+    gives out. A table's rows read FREQUENT_SHARE times per sample or more (at most MAX_EXACT_ROWS, the most
+    read first) are kept exact: tokens in nearly every input, as a BERT's [CLS] and [SEP], add the same
+    rounding error to every sentence, a bias no later layer averages out."""
+    layer_inputs = {id(t.layer): t.layer.node.inputs[0].name for t in targets} if config.bias_correction else {}
+    table_ids = {id(node): node.inputs[1].name for node in tables} if config.exact_rows else {}
+    if ctx.calibration_data is None or not (layer_inputs or table_ids):
+        return Calibration()
     samples = min(config.samples, ctx.calibration_data.num_samples)
-    model = gs.export_onnx(graph, do_type_check=False)
-    index_names = sorted({node.inputs[1].name for node in tables})
-    runner = Runner(model, provider=ctx.provider, outputs=index_names, role="the model for table statistics")
-    counts = {node_id: np.zeros(embedding_table(node).shape[0], np.int64)
-              for node_id, node in ((id(n), n) for n in tables)}
-    for _, values in runner.batches(ctx.calibration_data, samples, config.batch_size):
-        for node in tables:
-            rows = counts[id(node)].size
-            counts[id(node)] += np.bincount(values[node.inputs[1].name].reshape(-1) % rows, minlength=rows)
-    found = {}
-    for node_id, count in counts.items():
+    names = sorted(set(layer_inputs.values()) | set(table_ids.values()))
+    runner = Runner(gs.export_onnx(graph, do_type_check=False), provider=ctx.provider, outputs=names,
+                    role="the model for int4's calibration")
+    sums: dict[str, np.ndarray] = {}
+    vectors: Counter = Counter()
+    sizes = {id(node): embedding_table(node).shape[0] for node in tables}
+    counts = {key: np.zeros(sizes[key], np.int64) for key in table_ids}
+    with progress.bar(samples, "int4 calibration", unit="sample") as shown:
+        for done, values in runner.batches(ctx.calibration_data, samples, config.batch_size):
+            for name in set(layer_inputs.values()):
+                x = values[name].reshape(-1, values[name].shape[-1]).astype(np.float64)
+                sums[name] = sums.get(name, 0.0) + x.sum(axis=0)
+                vectors[name] += x.shape[0]
+            for key, name in table_ids.items():
+                counts[key] += np.bincount(values[name].reshape(-1) % sizes[key], minlength=sizes[key])
+            shown.update(done - shown.n)
+    rows = {}
+    for key, count in counts.items():
         order = np.argsort(-count, kind="stable")[:MAX_EXACT_ROWS]
-        found[node_id] = sorted(int(row) for row in order if count[row] >= FREQUENT_SHARE * samples)
-    return found
+        rows[key] = sorted(int(row) for row in order if count[row] >= FREQUENT_SHARE * samples)
+    means = {key: sums[name] / vectors[name] for key, name in layer_inputs.items()}
+    return Calibration(means, rows, samples)
 
 
 def _stored_bytes(tensors: list) -> int:
