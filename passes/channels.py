@@ -383,6 +383,8 @@ class ChannelGraph:
                 self._fix(out, f"{op}-bias-computed")
             elif bias.ndim >= 1 and bias.shape[-1] == out.size:
                 self.edits.append(Edit("slice", node, out, 2, bias.ndim - 1))
+        elif op != "MatMul":  # a re-solve may give the layer a bias (one value per output channel) later
+            self.edits.append(Edit("slice", node, out, 2, 0))
         if reads is not None and not depthwise:
             self.edits.append(Edit("slice", node, reads, 1, _input_axis(node)))
         self.layers.append(Layer(node, out, reads, depthwise))
@@ -451,6 +453,8 @@ def _apply(edit: Edit, kept: dict[str, np.ndarray], names: graphs.Names) -> None
     if len(keep) == followed.size and edit.kind != "pad":
         return
     if edit.kind == "slice":
+        if edit.index >= len(node.inputs) or not node.inputs[edit.index].name:
+            return  # an optional input (a bias) the node does not have
         value = graphs.constant_value(node.inputs[edit.index])
         block = followed.block if edit.index == 1 and node.op in ("Gemm", "MatMul") else 1
         columns = (keep[:, None] * block + np.arange(block)[None, :]).ravel()
