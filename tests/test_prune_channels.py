@@ -36,10 +36,12 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{outputs[0]}", **attrs))
         return output
 
-    def conv(self, x: str, cin: int, cout: int, name: str, k: int = 1, group: int = 1, **attrs) -> str:
-        weight = self.weight(f"{name}.w", (cout, cin // group, k, k))
-        bias = self.weight(f"{name}.b", (cout,))
-        return self.node("Conv", [x, weight, bias], name, pads=[k // 2] * 4, group=group, **attrs)
+    def conv(self, x: str, cin: int, cout: int, name: str, k: int = 1, group: int = 1, bias: bool = True,
+             **attrs) -> str:
+        inputs = [x, self.weight(f"{name}.w", (cout, cin // group, k, k))]
+        if bias:
+            inputs.append(self.weight(f"{name}.b", (cout,)))
+        return self.node("Conv", inputs, name, pads=[k // 2] * 4, group=group, **attrs)
 
     def model(self, inputs: dict[str, list], outputs: list[str], opset: int = 17) -> onnx.ModelProto:
         graph = helper.make_graph(
@@ -326,12 +328,12 @@ def test_graph_outputs_and_unknown_ops_leave_channels_whole():
 # ---- the pass --------------------------------------------------------------------------------------------
 
 
-def small_net(width: int = 32) -> onnx.ModelProto:
+def small_net(width: int = 32, bias: bool = True) -> onnx.ModelProto:
     """A residual CNN with a classifier: stem, two blocks, pool, Gemm."""
     b = Builder(3)
     s = b.node("Relu", [b.conv("x", 3, width, "stem", k=3)], "s")
     for i in range(2):
-        inner = b.node("Relu", [b.conv(s, width, width, f"b{i}.c1", k=3)], f"b{i}.r")
+        inner = b.node("Relu", [b.conv(s, width, width, f"b{i}.c1", k=3, bias=bias)], f"b{i}.r")
         s = b.node("Relu", [b.node("Add", [s, b.conv(inner, width, width, f"b{i}.c2", k=3)], f"b{i}.add")],
                    f"b{i}.out")
     pooled = b.node("GlobalAveragePool", [s], "pooled")
@@ -446,3 +448,15 @@ def test_latency_search_keeps_the_most_flops_that_reach_the_target(monkeypatch):
     ratio = _weight_count(pruned) / _weight_count(model)
     assert stats["latency_ratio"] == pytest.approx(ratio, abs=0.01) and 0.35 < ratio <= 0.5
     assert stats["latency_candidates"] >= 2
+
+
+def test_layers_without_bias_get_one_sliced_with_their_channels():
+    """The re-solve gives a bias to a layer that had none; it must lose the removed channels too."""
+    model = small_net(bias=False)
+    pruned, records = run_pass(model, "structure=channel,flops=0.5,samples=16")
+    assert records[0].modified
+    onnx.checker.check_model(pruned, full_check=True)
+    conv = next(n for n in pruned.graph.node if n.name == "Conv_b0.c1")
+    shapes = {t.name: t.dims for t in pruned.graph.initializer}
+    assert len(conv.input) == 3 and shapes[conv.input[2]] == [shapes[conv.input[1]][0]]
+    run_model(pruned, {"x": calibration(model, 4).batch(0, 4)["x"]})
