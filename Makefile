@@ -29,7 +29,7 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/deep_compression.py
 	$(BIN)/python benchmarks/distill_digits.py
 	$(BIN)/python benchmarks/zoo.py
-	$(BIN)/python benchmarks/int8_transformers.py
+	$(BIN)/python benchmarks/transformers.py
 
 # Mutation check, outside CI: break named features one at a time in a temporary copy and run their tests
 # (tests/mutate.py; --only NAME to pick some). Lists the mutants that survived.

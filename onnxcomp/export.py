@@ -61,16 +61,17 @@ def load_factory(text: str, what: str = "--student"):
 
 
 def to_onnx(module, examples: tuple, input_names: list[str], output_names: list[str], *, opset: int = 17,
-            keep_batchnorm: bool = False) -> onnx.ModelProto:
-    """`module` (eval mode) exported with a free batch axis on every input and output."""
+            keep_batchnorm: bool = False, free_axes: dict[str, dict[int, str]] | None = None) -> onnx.ModelProto:
+    """`module` (eval mode) exported with a free batch axis on every input and output, and the further free axes
+    `free_axes` names ({tensor name: {axis: dimension name}}, such as a token sequence's length)."""
     import torch
 
     module.eval()
     buffer = io.BytesIO()
+    axes = {name: {0: "N", **(free_axes or {}).get(name, {})} for name in input_names + output_names}
     torch.onnx.export(module, examples, buffer, input_names=input_names, output_names=output_names, dynamo=False,
                       opset_version=opset, do_constant_folding=not keep_batchnorm,
-                      training=torch.onnx.TrainingMode.EVAL,
-                      dynamic_axes={name: {0: "N"} for name in input_names + output_names})
+                      training=torch.onnx.TrainingMode.EVAL, dynamic_axes=axes)
     return onnx.load_from_string(buffer.getvalue())
 
 
