@@ -37,8 +37,8 @@ from onnxcomp.runner import Runner
 from onnxcomp.bench import interleaved_latency
 from onnxcomp.passes.allocation import ModelOutputs
 from onnxcomp.passes.channels import ChannelGraph, ChannelGroup
-from onnxcomp.passes.layers import (CHECK_EVERY, InputStatistics, WeightedLayer, input_statistics,
-                                    relative_error)
+from onnxcomp.passes.layers import (CHECK_EVERY, InputStatistics, WeightedLayer, held_out_samples,
+                                    input_statistics, relative_error)
 
 VECTORS_PER_SAMPLE = 128  # input vectors per sample and layer in the statistics
 RESOLVE_VECTORS_PER_SAMPLE = 48  # the same for the re-solve after removal, once per wave
@@ -272,14 +272,19 @@ def _group_error(plan: GroupPlan, index: int, ridge: float | None = None) -> flo
 
 
 def _gains(graph: gs.Graph, ctx, plans: list[GroupPlan], batch_size: int, samples: int) -> None:
-    """Each group's measured relative error of the model's outputs per unit of its predicted error."""
-    outputs = ModelOutputs(graph, ctx, ctx.calibration_data, min(PROBE_SAMPLES, samples), batch_size)
+    """Each group's measured relative error of the model's outputs per unit of its predicted error, both on
+    held-out calibration batches with the readers fitted on the others: measured on the samples the re-solve
+    was fitted to, a reader with more inputs than samples (a classifier after global pooling) reproduces them
+    exactly and its group would look free to remove."""
+    held_out = held_out_samples(ctx.calibration_data, samples, batch_size)
+    data = held_out if held_out is not None else ctx.calibration_data
+    outputs = ModelOutputs(graph, ctx, data, min(PROBE_SAMPLES, data.num_samples), batch_size)
     for plan in progress.each(plans, "group sensitivity", unit="group"):
         index = len(plan.counts) // 2
         predicted = plan.errors[index]
         if predicted <= 0:
             continue
-        changes = [(layer, weight, shift) for layer, weight, shift, _ in _changes(plan, index)]
+        changes = [(layer, weight, shift) for layer, weight, shift, _ in _changes(plan, index, held_out=True)]
         plan.gain = max(outputs.relative_error(changes) / predicted, 1e-6)
 
 
