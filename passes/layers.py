@@ -79,6 +79,27 @@ class WeightedLayer:
                 bias.size in (1, units) and bias.shape[-1:] in ((1,), (units,), ()) and bias.ndim <= 2
         return False  # MatMul: its bias, if any, is a separate Add
 
+    @property
+    def unit_axis(self) -> int:
+        """The weight's axis over output units: what per-channel scales and biases run along."""
+        op = self.node.op
+        if op == "ConvTranspose":
+            return 1
+        if op == "Conv" or (op == "Gemm" and int(self.node.attrs.get("transB", 0))):
+            return 0
+        return 1  # Gemm without transB, MatMul: (K, N)
+
+    def bias(self, units: int) -> np.ndarray | None:
+        """The constant bias as one float32 value per output unit (Gemm's C broadcast the way Gemm does), or
+        None: no bias input, one that is not constant or not per unit, or MatMul (its bias is a separate Add)."""
+        node = self.node
+        if node.op == "MatMul" or len(node.inputs) < 3 or not node.inputs[2].name:
+            return None
+        bias = graphs.constant_value(node.inputs[2])
+        if bias is None or bias.size not in (units, 1) or (bias.ndim == 2 and bias.shape[0] != 1) or bias.ndim > 2:
+            return None
+        return np.broadcast_to(bias.reshape(-1), (units,)).astype(np.float32)
+
     def shift_bias(self, shift: np.ndarray, names: graphs.Names) -> None:
         """Add `shift` to the layer's output per unit, through a new bias initializer."""
         node = self.node

@@ -40,6 +40,7 @@ from onnxcomp import graph as graphs
 from onnxcomp.errors import InputError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes import calibrate
+from onnxcomp.passes.layers import WeightedLayer
 from onnxcomp.registry import register
 from onnxcomp.runner import Runner
 
@@ -458,7 +459,8 @@ def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantPar
         # alpha·A·B = A·(alpha·B), exactly: ONNX Runtime's QGemm fusion wants alpha = 1
         weight = weight * np.float32(node.attrs["alpha"])
         node.attrs["alpha"] = 1.0
-    axis = _channel_axis(node, weight)
+    layer = WeightedLayer(node, node.inputs[position])
+    axis = layer.unit_axis
     depthwise = node.op == "Conv" and int(node.attrs.get("group", 1)) == weight.shape[0] and weight.shape[1] == 1
     if config.per_channel:
         moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
@@ -468,7 +470,7 @@ def _quantize_weights(graph: gs.Graph, node: gs.Node, params: dict[str, QuantPar
     largest = np.abs(moved).max(axis=1)
     scale = np.where(largest > 0, largest / levels, 1.0)
     channels = weight.shape[axis]
-    bias, input_params = _bias(node, channels), params.get(node.inputs[0].name)
+    bias, input_params = _int32_bias(layer, channels), params.get(node.inputs[0].name)
     if bias is None and input_params is not None and input_means is not None and _can_take_bias(node):
         bias = np.zeros(channels, np.float32)  # bias correction needs somewhere to put the correction
         if node.op == "Gemm":
@@ -538,16 +540,12 @@ def _mean_shift(node: gs.Node, weight_error: np.ndarray, input_means: np.ndarray
     return None
 
 
-def _bias(node: gs.Node, channels: int) -> np.ndarray | None:
-    """The layer's constant bias when it can become int32: one value per output channel."""
-    if node.op == "MatMul" or len(node.inputs) < 3 or not node.inputs[2].name:
+def _int32_bias(layer: WeightedLayer, channels: int) -> np.ndarray | None:
+    """The layer's constant bias when it can become int32 (Gemm: only with beta = 1, which the int32 bias
+    cannot scale)."""
+    if layer.node.op == "Gemm" and float(layer.node.attrs.get("beta", 1.0)) != 1.0:
         return None
-    if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
-        return None
-    bias = graphs.constant_value(node.inputs[2])
-    if bias is None or bias.size not in (channels, 1) or (bias.ndim == 2 and bias.shape[0] != 1) or bias.ndim > 2:
-        return None
-    return np.broadcast_to(bias.reshape(-1), (channels,)).astype(np.float32)  # Gemm broadcasts C the same way
+    return layer.bias(channels)
 
 
 def weight_levels(rows: np.ndarray, weight_range: str, depthwise: bool) -> np.ndarray:
@@ -579,14 +577,6 @@ def _dequantized(graph: gs.Graph, names: graphs.Names, base: str, values: np.nda
                 names.constant(f"{base}_zero_point", zero.reshape(()) if per_tensor else zero)],
         outputs=[output]))
     return output
-
-
-def _channel_axis(node: gs.Node, weight: np.ndarray) -> int:
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return weight.ndim - 1  # MatMul: output features are the last axis of the weight
 
 
 def _weight(node: gs.Node) -> np.ndarray | None:
