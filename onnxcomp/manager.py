@@ -80,7 +80,7 @@ class PassManager:
             unchanged = onnx.ModelProto()
             unchanged.CopyFrom(model)
             return unchanged, records  # byte for byte the input: a no-op pipeline must not reformat the model
-        return export(), records
+        return _final_export(graph, export), records
 
     def _import(self, model: onnx.ModelProto):
         """The graph the passes edit, and the function that exports it, without copying `model`'s weights where
@@ -142,13 +142,43 @@ def _large_constants_as_inputs(graph: gs.Graph):
         tensor.type = "tensor_type"  # what Variable() sets and to_variable() leaves out
     graph.inputs.extend(tensor for tensor, *_ in swapped)
     try:
-        yield
+        yield swapped  # what the block takes out of this list stays a graph input
     finally:
         graph.inputs = inputs
         for tensor, values, location in swapped:
             del tensor.type
             tensor.to_constant(values)
             tensor.data_location = location
+
+
+def _final_export(graph: gs.Graph, export) -> onnx.ModelProto:
+    """The model of `graph`, whose large weights are moved in one at a time, each array let go once copied: an
+    export of the whole graph holds every weight three times at its peak (arrays, tensors, the model's copies).
+    The graph is not used again."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    with _large_constants_as_inputs(graph) as swapped:
+        model = export()
+        moved = {tensor.name for tensor, *_ in swapped}
+        if model.ir_version >= 4:  # IR 3 lists every initializer among the inputs too
+            kept = [value for value in model.graph.input if value.name not in moved]
+            del model.graph.input[:]
+            model.graph.input.extend(kept)
+        while swapped:
+            tensor, values, location = swapped.pop(0)
+            del tensor.type
+            tensor.to_constant(values)
+            tensor.data_location = location
+            if isinstance(values, LazyValues):  # the input's own tensor: copied, its name left as it was
+                stored = model.graph.initializer.add()
+                stored.CopyFrom(values.tensor)
+                stored.name = tensor.name
+            else:
+                model.graph.initializer.append(OnnxExporter.export_tensor_proto(tensor))
+            del values
+            tensor.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))  # lets the array go
+    return model
 
 
 def _nbytes(tensor: gs.Constant) -> int:
