@@ -179,6 +179,9 @@ class Lowrank(Pass):
             "params_ratio": round(sum(plan.cost(plan.rank) / plan.positions for plan in plans) / params, 4)})
         if config.target is not None:
             stats["target_flops"] = config.target
+            if stats["flops_ratio"] > config.target:
+                warn(stats, ctx, self.name, f"flops={config.target} is below what rank {MULTIPLE} in every layer "
+                     f"reaches; got {stats['flops_ratio']}")
         if chosen:
             stats["mean_layer_snr_db"] = round(float(np.mean(snr_db([plan.error for plan in chosen]))), 1)
         stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})

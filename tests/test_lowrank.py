@@ -195,3 +195,12 @@ def test_without_calibration_data_exits_2(tmp_path):
     result = run_cli("optimize", path, "--passes", "lowrank", "-o", tmp_path / "out.onnx")
     assert_input_error(result, "lowrank", "calib")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unreachable_flops_target_is_reported():
+    """flops=0.01 asks for less than rank 8 everywhere costs: every layer gets rank 8 and the stats say so."""
+    rng = np.random.default_rng(7)
+    model = two_layers(rng.standard_normal((64, 128)) / 8, rng.standard_normal((128, 64)) / 11)
+    _, stats, layers = lowrank(model, "lowrank:flops=0.01", correlated(rng, 128, 64))
+    assert [row["rank"] for row in layers] == [8, 8]
+    assert stats["flops_ratio"] == pytest.approx(8 * 192 / (64 * 128)) and "below" in stats["warning"]
