@@ -160,7 +160,10 @@ class ModelOutputs:
         runner = Runner(model, provider=self.ctx.provider, outputs=self.names, role="the model for a sensitivity probe")
         batches, started = [], time.perf_counter()
         for stop, values in runner.batches(self.data, self.samples, self.batch_size):
-            flat = np.concatenate([np.asarray(v, np.float64).ravel() for v in values.values()])
+            # float outputs only: an integer output (a text model passing its token ids through, values up to
+            # the vocabulary's size) would outweigh the rest and make every layer's gain look like zero
+            flat = np.concatenate([np.asarray(v, np.float64).ravel() for v in values.values()
+                                   if np.issubdtype(np.asarray(v).dtype, np.floating)] or [np.zeros(0)])
             batches.append((stop, flat, time.perf_counter() - started))
             started = time.perf_counter()
         return batches
