@@ -47,9 +47,8 @@ from onnxcomp import graph as graphs
 from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.layers import WeightedLayer, input_statistics, obs_sweep, relative_error, select_layers, snr_db
-from onnxcomp.passes.layers import solved
+from onnxcomp.passes.layers import embedding_table, frequent_rows, solved
 from onnxcomp.passes.quantize_dynamic import _bias as gemm_bias
-from onnxcomp.passes.quantize_dynamic import _table as embedding_table
 from onnxcomp.passes.quantize_dynamic import _weight as matmul_weight
 from onnxcomp.registry import register
 from onnxcomp.runner import Runner
@@ -59,8 +58,6 @@ SENSITIVE_BITS = 8
 METHODS = ("rtn", "gptq")
 DAMPING = 0.01  # share of H's mean diagonal added to it, as GPTQ does, so that its inverse is well-posed
 MICROSOFT = "com.microsoft"
-FREQUENT_SHARE = 0.25  # a table row read this many times per calibration sample (or more) is kept exact
-MAX_EXACT_ROWS = 255   # rows kept exact per table at most (their slot numbers fit a byte)
 
 
 @dataclass(frozen=True)
@@ -393,35 +390,29 @@ class Calibration:
 
 def _calibrate(graph: gs.Graph, targets: list[Target], tables: list[gs.Node], ctx: PassContext,
                config: Int4Config) -> Calibration:
-    """One run of the float model over the calibration data for the layers' input means and the rows each table
-    gives out. A table's rows read FREQUENT_SHARE times per sample or more (at most MAX_EXACT_ROWS, the most
-    read first) are kept exact: tokens in nearly every input, as a BERT's [CLS] and [SEP], add the same
-    rounding error to every sentence, a bias no later layer averages out."""
+    """The layers' input means (one run of the float model over the calibration data) and the rows of each
+    table to keep exact (layers.frequent_rows)."""
     layer_inputs = {id(t.layer): t.layer.node.inputs[0].name for t in targets} if config.bias_correction else {}
-    table_ids = {id(node): node.inputs[1].name for node in tables} if config.exact_rows else {}
-    if ctx.calibration_data is None or not (layer_inputs or table_ids):
+    exact_tables = tables if config.exact_rows else []
+    if ctx.calibration_data is None or not (layer_inputs or exact_tables):
         return Calibration()
     samples = min(config.samples, ctx.calibration_data.num_samples)
-    names = sorted(set(layer_inputs.values()) | set(table_ids.values()))
+    rows = frequent_rows(graph, exact_tables, ctx.calibration_data, samples=samples, batch_size=config.batch_size,
+                         provider=ctx.provider)
+    if not layer_inputs:
+        return Calibration({}, rows, samples)
+    names = sorted(set(layer_inputs.values()))
     runner = Runner(gs.export_onnx(graph, do_type_check=False), provider=ctx.provider, outputs=names,
                     role="the model for int4's calibration")
     sums: dict[str, np.ndarray] = {}
     vectors: Counter = Counter()
-    sizes = {id(node): embedding_table(node).shape[0] for node in tables}
-    counts = {key: np.zeros(sizes[key], np.int64) for key in table_ids}
     with progress.bar(samples, "int4 calibration", unit="sample") as shown:
         for done, values in runner.batches(ctx.calibration_data, samples, config.batch_size):
-            for name in set(layer_inputs.values()):
+            for name in names:
                 x = values[name].reshape(-1, values[name].shape[-1]).astype(np.float64)
                 sums[name] = sums.get(name, 0.0) + x.sum(axis=0)
                 vectors[name] += x.shape[0]
-            for key, name in table_ids.items():
-                counts[key] += np.bincount(values[name].reshape(-1) % sizes[key], minlength=sizes[key])
             shown.update(done - shown.n)
-    rows = {}
-    for key, count in counts.items():
-        order = np.argsort(-count, kind="stable")[:MAX_EXACT_ROWS]
-        rows[key] = sorted(int(row) for row in order if count[row] >= FREQUENT_SHARE * samples)
     means = {key: sums[name] / vectors[name] for key, name in layer_inputs.items()}
     return Calibration(means, rows, samples)
 

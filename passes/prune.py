@@ -37,6 +37,11 @@ What is done about the error (`correction`):
   the unpruned outputs from the inputs the layer now gets, W̃ = W E[x_ref xᵀ] E[x xᵀ]⁻¹, which also undoes
   the error of the layers before. It costs one more pair of calibration runs per wave.
 
+Embedding tables (`tables=true`, the default): the constant [V, D] table of a Gather loses the `sparsity` share
+of the smallest magnitudes of each row (a row is a token; one threshold for the whole table would empty the rows
+of rare tokens). With calibration data, the rows read in most samples ([CLS], [SEP], padding; `exact-rows=true`)
+stay whole: their error would reach every input alike. The layers' `sparsity` statistic counts the layers alone.
+
 `encoding=dense` keeps the dense layout for runtimes that do not fold constants.
 
 `structure=channel` removes whole channels instead, to `flops=F` (share of the MACs to keep) or `latency=R`
@@ -60,8 +65,9 @@ from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.allocation import ModelOutputs, allocate, round_to_total
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics,
-                                    WeightedLayer, expand_diagonal, held_out_samples, input_statistics, obs_sweep,
-                                    prepare, relative_error, select_layers, snr_db, solved, unit_energy)
+                                    WeightedLayer, expand_diagonal, frequent_rows, held_out_samples,
+                                    input_statistics, obs_sweep, prepare, relative_error, select_layers, snr_db,
+                                    solved, unit_energy)
 from onnxcomp.passes.prune_channels import prune_channels
 from onnxcomp.registry import register
 
@@ -89,6 +95,8 @@ class PruneConfig:
     sequential: bool = True         # measure each layer's inputs after the layers before it are pruned
     encoding: str = "compact"       # compact | dense, as in share
     structure: str = "element"      # element: single weights zeroed; channel: whole channels removed
+    tables: bool = True             # embedding tables (Gather on a constant [V, D]) too, each row at `sparsity`
+    exact_rows: bool = True         # with calibration data: table rows read in most samples left whole
     flops: float | None = None      # structure=channel: share of the MACs to keep, in (0, 1]
     latency: float | None = None    # structure=channel: ORT latency ratio to reach, measured at `batch`
     batch: int = 1                  # batch size at which latency is measured
@@ -168,6 +176,12 @@ class Prune(Pass):
         if not layers or config.sparsity == 0.0:
             stats.update({"pruned": 0, **{f"skipped:{k}": v for k, v in sorted(skipped.items())}})
             return PassResult(False, stats)
+        tables = [_prune_table(table, config.sparsity, rows) for table, rows in _tables(graph, layers, ctx, config)]
+        layers = [layer for layer in layers if not layer.is_table]
+        if tables:
+            stats.update({"tables": len(tables), "exact_rows": sum(rows for _, rows in tables)})
+        if not layers:
+            return _result(graph, [plan for plan, _ in tables], config, stats, skipped)
         plans = [LayerPlan(layer, can_take_bias=layer.can_take_bias) for layer in layers]
         unpruned = gs.export_onnx(graph, do_type_check=False)
         if allocation == "sensitivity" or correction != "none":
@@ -183,17 +197,47 @@ class Prune(Pass):
         for plan, count in zip(plans, counts):
             plan.zeros = int(count)
         _prune(graph, unpruned, plans, ctx, config, correction)
-        dense_bytes, stored_bytes = _store(graph, plans, config.encoding)
         zeros = sum(int(np.count_nonzero(plan.layer.values == 0)) for plan in plans)
-        stats.update({"pruned": len(plans), "sparsity": round(float(zeros / sizes.sum()), 4),
-                      "target": config.sparsity, "allocation": allocation, "correction": correction,
-                      "dense_bytes": dense_bytes, "stored_bytes": stored_bytes})
+        stats.update({"sparsity": round(float(zeros / sizes.sum()), 4), "target": config.sparsity,
+                      "allocation": allocation, "correction": correction})
         if with_data:
             stats["mean_layer_snr_db"] = round(float(np.mean(snr_db([plan.error for plan in plans]))), 1)
-        stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
         if any(node.op == "BatchNormalization" for node in graph.nodes):
             stats["note"] = "BatchNormalization nodes remain: run fuse-bn before prune so magnitudes are the real ones"
-        return PassResult(True, stats, [_layer_row(plan) for plan in plans])
+        return _result(graph, plans + [plan for plan, _ in tables], config, stats, skipped)
+
+
+def _result(graph: gs.Graph, plans: list[LayerPlan], config: PruneConfig, stats: dict, skipped: Counter) -> PassResult:
+    """Store the pruned weights and tables; the pass's result."""
+    dense_bytes, stored_bytes = _store(graph, plans, config.encoding)
+    stats.update({"pruned": len(plans), "dense_bytes": dense_bytes, "stored_bytes": stored_bytes})
+    stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
+    return PassResult(True, stats, [_layer_row(plan) for plan in plans])
+
+
+def _tables(graph: gs.Graph, layers: list[WeightedLayer], ctx: PassContext,
+            config: PruneConfig) -> list[tuple[WeightedLayer, list[int]]]:
+    """The embedding tables among `layers`, each with the rows to leave whole: with calibration data, those read
+    in most samples (layers.frequent_rows: their error would reach every input alike)."""
+    tables = [layer for layer in layers if layer.is_table]
+    exact = {}
+    if tables and config.exact_rows and ctx.calibration_data is not None:
+        exact = frequent_rows(graph, [table.node for table in tables], ctx.calibration_data, samples=config.samples,
+                              batch_size=config.batch_size, provider=ctx.provider)
+    return [(table, exact.get(id(table.node), [])) for table in tables]
+
+
+def _prune_table(table: WeightedLayer, sparsity: float, exact: list[int]) -> tuple[LayerPlan, int]:
+    """Zero the `sparsity` share of smallest magnitudes in each row of the table but those in `exact`: one token
+    per row, and the rows of a vocabulary differ many-fold in magnitude, so one threshold for the table would
+    empty the rows of rare tokens. (The plan, the rows left whole.)"""
+    values = table.values.copy()
+    per_row = int(round(sparsity * values.shape[1]))
+    smallest = np.argsort(np.abs(values), axis=1, kind="stable")[:, :per_row]
+    np.put_along_axis(values, smallest, 0, axis=1)
+    values[exact] = table.values[exact]
+    table.weight.values = values
+    return LayerPlan(table, zeros=int(np.count_nonzero(values == 0))), len(exact)
 
 
 def _measure(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, config: PruneConfig,
@@ -308,7 +352,7 @@ def _waves(graph: gs.Graph, plans: list[LayerPlan]) -> list[list[LayerPlan]]:
 
 def _select(graph: gs.Graph, config: PruneConfig) -> tuple[list[WeightedLayer], Counter, list[str]]:
     return select_layers(graph, config.ops, include=config.include, exclude=config.exclude,
-                         min_size=config.min_size, depthwise=config.depthwise)
+                         min_size=config.min_size, depthwise=config.depthwise, tables=config.tables)
 
 
 
