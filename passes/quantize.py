@@ -37,6 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcomp import graph as graphs
+from onnxcomp import progress
 from onnxcomp.errors import InputError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes import calibrate
@@ -111,9 +112,14 @@ class QuantizeInt8(Pass):
     Config = Int8Config
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.calibration_data is None and _activations(graph, self.config) != "dynamic":
+        if ctx.calibration_data is not None:
+            return
+        if _activations(graph, self.config) != "dynamic":
             raise PreconditionError("int8 needs calibration data: give calib_data= (a data file or an image "
                                     "folder of typical inputs; 'random' only to try the pipeline)")
+        if _budget(self.config, ctx) is not None:
+            raise PreconditionError("int8 with an accuracy budget measures the drop on held-back calibration "
+                                    "samples: give calib_data=, or no budget")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
@@ -124,41 +130,36 @@ class QuantizeInt8(Pass):
         # initializers, so that they can be quantized
         graph.fold_constants().cleanup()
         config = replace(config, activations=_activations(graph, config))
+        stats_out: dict[str, int | float | str] = {}
+        if upgraded_from < MIN_OPSET:
+            stats_out["opset"] = f"{upgraded_from}->{MIN_OPSET}"
         if config.activations == "dynamic":
-            from onnxcomp.passes.quantize_dynamic import quantize_dynamic
-
-            stats = quantize_dynamic(graph, config.weight_range)
-            if upgraded_from < MIN_OPSET:
-                stats["opset"] = f"{upgraded_from}->{MIN_OPSET}"
-            return PassResult(True, stats)
+            return PassResult(True, {**stats_out, **_run_dynamic(graph, config, ctx)})
         _infer_types(graph)
         plan = _plan(graph, config)
         if not plan.nodes:  # changed only if the opset had to be raised
             return PassResult(upgraded_from < MIN_OPSET,
                               {"quantized": 0, **{f"skipped:{k}": v for k, v in plan.skipped.items()}})
-        budget = config.max_drop if config.max_drop is not None else ctx.max_accuracy_drop
+        budget = _budget(config, ctx)
         data = ctx.calibration_data
         calibration, holdout = _split(data, config, budget is not None)
         float_model = gs.export_onnx(graph, do_type_check=False)
         observed = _observed(plan)
         stats = calibrate.collect(float_model, observed, calibration, samples=config.samples,
                                   batch_size=config.batch_size, provider=ctx.provider)
-        stats_out: dict[str, int | float | str] = {"method": config.method,
-                                                   "samples": min(config.samples, calibration.num_samples)}
-        if upgraded_from < MIN_OPSET:
-            stats_out["opset"] = f"{upgraded_from}->{MIN_OPSET}"
+        stats_out.update({"method": config.method, "samples": min(config.samples, calibration.num_samples)})
         if budget is not None:
-            kept, drop = _fit_budget(graph, plan, config, stats, float_model, holdout, budget, ctx)
+            def quantized(trial: gs.Graph, kept: list[str]) -> None:
+                trial_config = replace(config, exclude=config.exclude + tuple(kept))
+                trial_plan = _plan(trial, trial_config)
+                _rewrite(trial, trial_plan, _params(trial_plan, stats, trial_config), trial_config, _means(stats))
+
+            candidates = [n.name for n in plan.nodes if n.op in WEIGHTED and n.name]
+            kept, drop = _fit_budget(graph, candidates, quantized, float_model, holdout, budget, ctx)
             if kept:
                 config = replace(config, exclude=config.exclude + tuple(kept))
                 plan = _plan(graph, config)
-            stats_out.update({"budget_points": budget, "holdout_samples": holdout.num_samples,
-                              "holdout_drop_points": round(drop, 2), "kept_float": len(kept)})
-            if kept:
-                stats_out["kept_float_layers"] = "|".join(kept)
-            if drop > budget:
-                stats_out["warning"] = (f"the budget of {budget} points was not met on the held-back samples even "
-                                        f"with {len(kept)} layers in float")
+            stats_out.update(_budget_stats(budget, holdout, kept, drop))
         levels = _rewrite(graph, plan, _params(plan, stats, config), config, _means(stats))
         counts = Counter(node.op for node in plan.nodes)
         stats_out.update({"quantized": len(plan.nodes), "tensors": len(plan.activations)})
@@ -175,6 +176,63 @@ class QuantizeInt8(Pass):
         if getattr(data, "is_random", False):
             stats_out["warning_data"] = "calibrated on random data: ranges do not reflect real inputs"
         return PassResult(True, stats_out)
+
+
+def _budget(config: Int8Config, ctx: PassContext) -> float | None:
+    """The accuracy budget in points: the pass's own max-drop, else the optimize command's."""
+    return config.max_drop if config.max_drop is not None else ctx.max_accuracy_drop
+
+
+def _run_dynamic(graph: gs.Graph, config: Int8Config, ctx: PassContext) -> dict[str, int | float | str]:
+    """int8 with dynamic activations (quantize_dynamic.py); with a budget, the layers and tables to leave in
+    float are chosen first, as for static int8, on held-back calibration samples."""
+    from onnxcomp.passes.quantize_dynamic import quantize_dynamic, quantizable
+
+    budget = _budget(config, ctx)
+    stats: dict[str, int | float | str] = {}
+    if budget is not None:
+        _, holdout = _split(ctx.calibration_data, config, True)
+        layers = quantizable(graph, config)
+        _name_unnamed(graph, layers)
+
+        def quantized(trial: gs.Graph, kept: list[str]) -> None:
+            quantize_dynamic(trial, replace(config, exclude=config.exclude + tuple(kept)))
+
+        kept, drop = _fit_budget(graph, [n.name for n in layers], quantized, gs.export_onnx(graph, do_type_check=False),
+                                 holdout, budget, ctx)
+        config = replace(config, exclude=config.exclude + tuple(kept))
+        stats = _budget_stats(budget, holdout, kept, drop)
+    return {**quantize_dynamic(graph, config), **stats}
+
+
+def _budget_stats(budget: float, holdout, kept: list[str], drop: float) -> dict[str, int | float | str]:
+    stats: dict[str, int | float | str] = {"budget_points": budget, "holdout_samples": holdout.num_samples,
+                                           "holdout_drop_points": round(drop, 2), "kept_float": len(kept)}
+    if kept:
+        stats["kept_float_layers"] = "|".join(kept)
+    if drop > budget:
+        stats["warning"] = (f"the budget of {budget} points was not met on the held-back samples even with "
+                            f"{len(kept)} layers in float")
+    return stats
+
+
+def kept_in_float(nodes: list[gs.Node], weighted: list[gs.Node], config: Int8Config) -> set[int]:
+    """ids of the `nodes` that `config` leaves in float: named in `exclude`, of an op in `exclude-ops`, and the
+    first / last of the `weighted` layers (graph order) with `keep-first` / `keep-last`."""
+    kept = {id(node) for node in nodes if node.name in config.exclude or node.op in config.exclude_ops}
+    if config.keep_first and weighted:
+        kept.add(id(weighted[0]))
+    if config.keep_last and weighted:
+        kept.add(id(weighted[-1]))
+    return kept
+
+
+def _name_unnamed(graph: gs.Graph, nodes: list[gs.Node]) -> None:
+    """Give the unnamed `nodes` a name, so that they can be named in `exclude` and in the report."""
+    names = graphs.Names(graph)
+    for node in nodes:
+        if not node.name:
+            node.name = names.new(node.op)
 
 
 def _activations(graph: gs.Graph, config: Int8Config) -> str:
@@ -269,9 +327,10 @@ def _quantize_constant_operands(graph: gs.Graph, node: gs.Node, dtype: str, name
                                              np.array(params.zero_point, np_type), None)
 
 
-def _fit_budget(graph: gs.Graph, plan: Plan, config: Int8Config, stats, float_model, holdout, budget: float,
+def _fit_budget(graph: gs.Graph, candidates: list[str], quantized, float_model, holdout, budget: float,
                 ctx: PassContext) -> tuple[list[str], float]:
-    """Weighted layers to keep in float so the drop on held-back samples stays within `budget`, chosen greedily.
+    """The `candidates` (layer names) to keep in float so the drop on held-back samples stays within `budget`,
+    chosen greedily; `quantized(trial, kept)` quantizes a copy of the graph with the layers `kept` in float.
 
     Each layer's sensitivity is how much the output error falls when that layer alone stays float; layers go
     back to float in that order until the measured drop (top-1 against labels, else disagreement with the
@@ -283,13 +342,10 @@ def _fit_budget(graph: gs.Graph, plan: Plan, config: Int8Config, stats, float_mo
             and len(reference) == holdout.runs(holdout.num_samples, 16)[-1][1]):
         raise InputError("an accuracy budget for int8 needs class scores (one row of scores per sample) as the "
                          "model's first output; drop --max-accuracy-drop / max-drop for this model")
-    candidates = [n.name for n in plan.nodes if n.op in WEIGHTED and n.name]
 
     def measure(kept: list[str]) -> tuple[float, float]:
         trial = graph.copy()
-        trial_config = replace(config, exclude=config.exclude + tuple(kept))
-        trial_plan = _plan(trial, trial_config)
-        _rewrite(trial, trial_plan, _params(trial_plan, stats, trial_config), trial_config, _means(stats))
+        quantized(trial, kept)
         trial.cleanup().toposort()
         outputs = _outputs(gs.export_onnx(trial, do_type_check=False), holdout, ctx.provider, optimization="all")
         return _drop(reference, outputs, holdout.labels), float(np.mean((reference - outputs) ** 2))
@@ -298,7 +354,8 @@ def _fit_budget(graph: gs.Graph, plan: Plan, config: Int8Config, stats, float_mo
     ctx.log.info("int8: drop %.2f points on %d held-back samples (budget %.2f)", drop, holdout.num_samples, budget)
     if drop <= budget:
         return [], drop
-    recovery = {name: error - measure([name])[1] for name in candidates}
+    recovery = {name: error - measure([name])[1] for name in progress.each(candidates, "int8 sensitivity",
+                                                                           unit="layer")}
     kept: list[str] = []
     for name in sorted(candidates, key=lambda n: -recovery[n]):
         kept.append(name)
@@ -325,21 +382,13 @@ def _drop(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | Non
 
 def _plan(graph: gs.Graph, config: Int8Config) -> Plan:
     plan = Plan()
-    names = graphs.Names(graph)
-    for node in graph.nodes:
-        if node.op in WEIGHTED and not node.name:
-            node.name = names.new(node.op)  # so that it can be named in exclude and in the report
+    _name_unnamed(graph, [node for node in graph.nodes if node.op in WEIGHTED])
     weighted = [n for n in graph.nodes if n.op in WEIGHTED and graphs.is_standard(n) and _weight(n) is not None]
-    kept_float = set()
-    if config.keep_first and weighted:
-        kept_float.add(id(weighted[0]))
-    if config.keep_last and weighted:
-        kept_float.add(id(weighted[-1]))
+    candidates = [n for n in graph.nodes if graphs.is_standard(n) and n.op in WEIGHTED + ELEMENTWISE + PASS_THROUGH]
+    kept_float = kept_in_float(candidates, weighted, config)
     chosen: list[gs.Node] = []
-    for node in graph.nodes:
-        if not graphs.is_standard(node) or node.op not in WEIGHTED + ELEMENTWISE + PASS_THROUGH:
-            continue
-        if node.name in config.exclude or node.op in config.exclude_ops or id(node) in kept_float:
+    for node in candidates:
+        if id(node) in kept_float:
             plan.skipped["excluded"] += 1
             continue
         if node.op == "Resize" and node.attrs.get("mode", "nearest") not in ("nearest", "linear"):

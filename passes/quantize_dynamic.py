@@ -37,9 +37,9 @@ import onnx_graphsurgeon as gs
 
 from onnxcomp import graph as graphs
 from onnxcomp.encoding import encode_codebook
+from onnxcomp.passes.layers import embedding_table
 from onnxcomp.passes.quantize import weight_levels
 
-MIN_TABLE = 1024  # entries: smaller tables save nothing worth a decoder
 ROW_SCALE_BITS = 4  # embedding rows' scales: 16 levels, each row's rounded up (MiniLM's 40x spread: at most 1.28x)
 
 
@@ -49,18 +49,33 @@ def is_transformer(graph: gs.Graph) -> bool:
                and all(graphs.constant_value(t) is None for t in node.inputs) for node in graph.nodes)
 
 
-def quantize_dynamic(graph: gs.Graph, weight_range: str) -> dict[str, int | float | str]:
-    """Rewrite every MatMul with a constant 2-D float weight and every embedding Gather; return the stats."""
+def quantizable(graph: gs.Graph, config) -> list[gs.Node]:
+    """The MatMuls with a constant 2-D float weight (and Gemms that are one plus a bias) and the embedding
+    Gathers that the int8 `config` (Int8Config) does not leave in float, in graph order."""
+    from onnxcomp.passes.quantize import kept_in_float
+
+    matmuls = [n for n in graph.nodes if _weight(n) is not None]
+    candidates = [n for n in graph.nodes if _weight(n) is not None or embedding_table(n) is not None]
+    kept = kept_in_float(candidates, matmuls, config)
+    return [node for node in candidates if id(node) not in kept]
+
+
+def quantize_dynamic(graph: gs.Graph, config) -> dict[str, int | float | str]:
+    """Rewrite what `quantizable` finds, with the int8 `config`'s weight range; return the stats."""
     names = graphs.Names(graph)
-    matmuls = [n for n in graph.nodes if _weight(n) is not None]  # MatMul, and Gemm as MatMul + bias
-    gathers = [n for n in graph.nodes if _table(n) is not None]
+    chosen = quantizable(graph, config)
+    matmuls = [n for n in chosen if n.op != "Gather"]  # MatMul, and Gemm as MatMul + bias
+    gathers = [n for n in chosen if n.op == "Gather"]
     quantized_inputs: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
-    levels = [_rewrite_matmul(graph, node, names, weight_range, quantized_inputs) for node in matmuls]
+    levels = [_rewrite_matmul(graph, node, names, config.weight_range, quantized_inputs) for node in matmuls]
     for node in gathers:
         _rewrite_gather(graph, node, names)
     stats: dict[str, int | float | str] = {"activations": "dynamic", "quantized": len(matmuls) + len(gathers)}
     stats.update({f"int8:{op}": count for op, count in sorted(Counter(n.op for n in matmuls).items())})
     stats["int8:Gather"] = len(gathers)
+    excluded = sum(1 for n in graph.nodes if _weight(n) is not None or embedding_table(n) is not None)
+    if excluded:
+        stats["skipped:excluded"] = excluded
     if levels:
         stats["weight_levels_min"] = int(min(min(level) for level in levels))
     return stats
@@ -87,15 +102,6 @@ def _bias(node: gs.Node) -> np.ndarray | None:
     if len(node.inputs) < 3 or not node.inputs[2].name or float(node.attrs.get("beta", 1.0)) != 1.0:
         return None
     return graphs.constant_value(node.inputs[2])
-
-
-def _table(node: gs.Node) -> np.ndarray | None:
-    if node.op != "Gather" or not graphs.is_standard(node) or int(node.attrs.get("axis", 0)) != 0:
-        return None
-    table = graphs.constant_value(node.inputs[0])
-    if table is None or table.ndim != 2 or table.dtype != np.float32 or table.size < MIN_TABLE:
-        return None
-    return table
 
 
 def _rewrite_matmul(graph: gs.Graph, node: gs.Node, names: graphs.Names, weight_range: str,
@@ -141,7 +147,7 @@ def _rewrite_matmul(graph: gs.Graph, node: gs.Node, names: graphs.Names, weight_
 
 
 def _rewrite_gather(graph: gs.Graph, node: gs.Node, names: graphs.Names) -> None:
-    table = _table(node)
+    table = embedding_table(node)
     levels, codes = row_scale_levels(np.abs(table).max(axis=1))
     row_scale = levels.astype(np.float32)[codes]
     quantized = np.clip(np.round(table / row_scale[:, None]), -127, 127).astype(np.int8)

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
 from helpers import optimized_ops, run_cli, run_model
+from onnxcomp.errors import OnnxcompError
 from test_quantize import conv_net
 
 rng = np.random.default_rng(0)
@@ -86,6 +87,56 @@ def test_cli_quantizes_a_transformer_with_no_calibration_data(tmp_path):
                      "--input-shape", "ids:1,5", "--runs", "2")
     assert result.returncode == 0, result.stderr
     assert "activations=dynamic" in result.stdout and "validation on random" in result.stdout
+
+
+def attention_classifier(outlier: float) -> onnx.ModelProto:
+    """attention_model with its hidden outlier channel `outlier`× larger still, its outputs averaged over the
+    tokens into [N, 32] class scores."""
+    model = attention_model()
+    graph = model.graph
+    table = next(init for init in graph.initializer if init.name == "table")
+    values = numpy_helper.to_array(table).copy()
+    values[:, 3] *= outlier
+    table.CopyFrom(numpy_helper.from_array(values, "table"))
+    graph.node.append(helper.make_node("ReduceMean", ["y"], ["logits"], axes=[1], keepdims=0))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", WIDTH]))
+    return model
+
+
+def disagreement(model: onnx.ModelProto, quantized: onnx.ModelProto, ids: np.ndarray) -> float:
+    (expected,), (actual,) = run_model(model, {"ids": ids}), run_model(quantized, {"ids": ids})
+    return 100.0 * float(np.mean(expected.argmax(1) != actual.argmax(1)))
+
+
+def test_accuracy_budget_leaves_the_most_sensitive_layers_in_float_in_dynamic_mode():
+    """The budget of the static mode holds for transformers too: layers go back to float, the most sensitive
+    first, until the disagreement on held-back calibration samples is within it; fresh samples agree better."""
+    model = attention_classifier(16.0)
+    calibration = {"ids": rng.integers(0, VOCABULARY, (200, TOKENS))}
+    fresh = rng.integers(0, VOCABULARY, (400, TOKENS))
+    plain, _ = onnxcomp.optimize(model, "int8", validate_result=False)
+    budgeted, report = onnxcomp.optimize(model, "int8:max-drop=3", calib_data=calibration, validate_result=False)
+    stats = report.passes[0].stats
+    assert stats["activations"] == "dynamic" and stats["holdout_samples"] == 40
+    assert 1 <= stats["kept_float"] < 5 and stats["holdout_drop_points"] <= 3, stats
+    assert stats["skipped:excluded"] == stats["kept_float"]
+    assert disagreement(model, plain, fresh) > 8  # without the budget, int8 loses this model's top-1 often
+    assert disagreement(model, budgeted, fresh) < 0.5 * disagreement(model, plain, fresh)
+
+
+def test_budget_in_dynamic_mode_needs_calibration_data_to_measure_on():
+    with pytest.raises(OnnxcompError, match="calib_data="):
+        onnxcomp.optimize(attention_classifier(1.0), "int8:max-drop=1", validate_result=False)
+
+
+def test_dynamic_mode_leaves_excluded_ops_and_the_last_layer_in_float():
+    model = attention_model()
+    quantized, report = onnxcomp.optimize(model, "int8:keep-last=true,exclude-ops=Gather", validate_result=False)
+    stats = report.passes[0].stats
+    assert stats["int8:MatMul"] == 3 and stats["int8:Gather"] == 0 and stats["skipped:excluded"] == 2
+    ops = [node.op_type for node in quantized.graph.node]
+    assert ops.count("MatMulInteger") == 3 and ops.count("Gather") == 1 and ops.count("MatMul") == 3
 
 
 def test_gemm_with_a_bias_becomes_an_int8_matmul_plus_the_bias():
