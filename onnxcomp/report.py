@@ -19,7 +19,7 @@ class Report:
     validation_skipped: str | None = None  # why the model could not be validated (no inputs could be made)
     # The candidates a search or a budget tried, one dict each: "recipe" (str), "bytes" (int),
     # "latency_ms" (float or None), "accuracy" (float or None, percent), "drop" (float or None, points),
-    # "chosen" (bool). The HTML report plots them as the size/accuracy Pareto front.
+    # "drop_error" (its standard error, points; absent where not measured), "chosen" (bool). The HTML report plots them as the size/accuracy Pareto front.
     candidates: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -64,10 +64,10 @@ def render_candidates(candidates: list[dict]) -> list[str]:
     """One row per candidate tried, in the order tried; the chosen one starred."""
     rows = [("", "recipe", "size", "latency ms", "accuracy", "drop")]
     for candidate in candidates:
-        latency, drop = candidate.get("latency_ms"), candidate.get("drop")
+        latency, drop, error = candidate.get("latency_ms"), candidate.get("drop"), candidate.get("drop_error")
         rows.append(("*" if candidate.get("chosen") else "", candidate["recipe"], _bytes(candidate["bytes"]),
                      "-" if latency is None else f"{latency:.3f}", _pct(candidate.get("accuracy")),
-                     "-" if drop is None else f"{drop:.2f}"))
+                     "-" if drop is None else f"{drop:.2f}" + ("" if error is None else f"±{error:.2f}")))
     return [f"candidates tried: {len(candidates)}"] + _table(rows)
 
 

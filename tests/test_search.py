@@ -61,6 +61,21 @@ def test_edge_walk_finds_each_rows_strongest_column_in_about_rows_plus_columns_s
     assert len(asked) <= (rows - 1) + columns + math.ceil(math.log2(columns + 1))  # not rows × columns
 
 
+def test_a_drop_within_the_budget_by_less_than_its_noise_is_over_it():
+    """The search picks the strongest setting that looks within the budget, so a drop measured on a few hundred
+    samples must be within it with a standard error to spare, or noise decides."""
+    lost = np.zeros(400)
+    lost[:6] = 1.0  # 6 samples lost, 2 gained: 1 point, paired
+    lost[6:8] = -1.0
+    error = search._standard_error(lost)
+    assert error == pytest.approx(100 * np.std(lost, ddof=1) / 20)  # about 0.71 points
+    noisy = search.Candidate("noisy", 100, 80.0, 100 * float(lost.mean()), drop_error=error)
+    noisy.check(1.5)
+    assert not noisy.within_budget  # 1.0 + 0.71 > 1.5
+    noisy.check(2.0)
+    assert noisy.within_budget
+
+
 def test_pareto_front_keeps_the_candidates_nothing_beats():
     def candidate(name, size, accuracy, latency):
         return search.Candidate(name, size, accuracy, 0.0, latency)
