@@ -27,7 +27,8 @@ from onnxcomp.progress import bar
 from onnxcomp.runner import Runner
 
 BINS = 2048  # per side of zero
-HISTOGRAM_SAMPLES = 1 << 18  # values per tensor and batch that enter the histogram
+RUN_BYTES = 256 << 20  # activations fetched per run at most (Runner.batches): larger runs are many-fold slower
+HISTOGRAM_SAMPLES = 1 << 14  # values per tensor and sample that enter the histogram (2^18 for a batch of 16)
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
@@ -40,16 +41,18 @@ class TensorStats:
     count: int = 0
     channel_sums: np.ndarray | None = None  # per channel (axis 1) sums of all values, for means
     channel_count: int = 0
+    means: bool = True  # keep the channel sums (bias correction needs them for the inputs of weighted layers)
 
-    def update(self, values: np.ndarray) -> bool:
-        """Add a batch of values; False (and nothing added) when it holds NaN or infinity."""
+    def update(self, values: np.ndarray, samples: int = 16) -> bool:
+        """Add a batch of `samples` samples' values (by default a calibration batch's 16); False (and nothing
+        added) when it holds NaN or infinity."""
         values = np.asarray(values, dtype=np.float32)
         if values.size == 0:
             return True
         low, high = float(values.min()), float(values.max())
         if not (np.isfinite(low) and np.isfinite(high)):
             return False
-        if values.ndim >= 2:
+        if values.ndim >= 2 and self.means:
             sums = values.sum(axis=tuple(i for i in range(values.ndim) if i != 1), dtype=np.float64)
             if self.channel_sums is None or self.channel_sums.shape != sums.shape:
                 self.channel_sums, self.channel_count = np.zeros_like(sums), 0
@@ -62,10 +65,11 @@ class TensorStats:
             self.limit = largest if largest > 0 else 1e-8
         while largest > self.limit:
             self._double_range()
-        if values.size > HISTOGRAM_SAMPLES:
+        limit = HISTOGRAM_SAMPLES * max(samples, 1)
+        if values.size > limit:
             # min and max above saw every value; the histogram's quantiles need far fewer. A prime stride does
             # not line up with the power-of-two sizes of feature maps.
-            values = values[:: _prime_at_least(values.size // HISTOGRAM_SAMPLES)]
+            values = values[:: _prime_at_least(values.size // limit)]
         index = (values + np.float32(self.limit)) * np.float32(BINS / self.limit)
         np.clip(index, 0, 2 * BINS - 1, out=index)
         self.counts += np.bincount(index.astype(np.int32), minlength=2 * BINS)
@@ -184,19 +188,23 @@ def _entropy_threshold(stats: TensorStats, levels: int, nonnegative: bool) -> fl
 
 
 def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int, batch_size: int,
-            provider: str = "cpu", progress: bool | None = None) -> dict[str, TensorStats]:
-    """Run `model` on up to `samples` samples of `dataset` and gather statistics of `tensors`, batch by batch."""
-    stats = {name: TensorStats() for name in tensors}
+            provider: str = "cpu", progress: bool | None = None,
+            means_of: set[str] | None = None) -> dict[str, TensorStats]:
+    """Run `model` on up to `samples` samples of `dataset` and gather statistics of `tensors`, batch by batch;
+    channel means only of the tensors in `means_of` (default: all)."""
+    stats = {name: TensorStats(means=means_of is None or name in means_of) for name in tensors}
     total = dataset.runs(samples, batch_size)[-1][1]
     with bar(total, "calibrating", show=progress, unit="sample") as shown:
         runner = Runner(model, provider=provider, outputs=tensors, role="the model for calibration")
-        for done, values in runner.batches(dataset, samples, batch_size):
+        done_before = 0
+        for done, values in runner.batches(dataset, samples, batch_size, max_bytes=RUN_BYTES):
             for name, value in values.items():
-                if not stats[name].update(value):
+                if not stats[name].update(value, done - done_before):
                     raise InputError(f"calibration: tensor '{name}' holds NaN or infinite values on "
                                      f"{dataset.source}; check the calibration data (and the model) for them")
             del values, value  # free this batch's activations before the next batch is computed
             shown.update(done - shown.n)
+            done_before = done
     return stats
 
 
@@ -205,11 +213,14 @@ def activation_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tens
     """SQNR (dB) of each tensor of the quantized model against the float model, on the first samples."""
     signal = dict.fromkeys(tensors, 0.0)
     noise = dict.fromkeys(tensors, 0.0)
-    runs = [Runner(m, provider=provider, outputs=tensors, role=role).batches(dataset, samples, 4)
+    # the two models fetch tensors of the same shapes, so their batches are cut into the same parts
+    runs = [Runner(m, provider=provider, outputs=tensors, role=role).batches(dataset, samples, 4, max_bytes=RUN_BYTES)
             for m, role in ((reference, "the float model"), (quantized, "the quantized model"))]
     for (_, expected), (_, actual) in zip(*runs):
         for name in list(tensors):
-            e, a = expected[name].astype(np.float64).ravel(), actual[name].astype(np.float64).ravel()
+            # float32 products summed by BLAS: a detector's activations are 280 MB a sample, and widening them to
+            # float64 took longer than running both models
+            e, a = expected[name].astype(np.float32).ravel(), actual[name].astype(np.float32).ravel()
             difference = e - a
             signal[name] += float(np.dot(e, e))
             noise[name] += float(np.dot(difference, difference))

@@ -146,7 +146,8 @@ class QuantizeInt8(Pass):
         float_model = gs.export_onnx(graph, do_type_check=False)
         observed = _observed(plan)
         stats = calibrate.collect(float_model, observed, calibration, samples=config.samples,
-                                  batch_size=config.batch_size, provider=ctx.provider)
+                                  batch_size=config.batch_size, provider=ctx.provider,
+                                  means_of={node.inputs[0].name for node in plan.nodes if node.op in WEIGHTED})
         stats_out.update({"method": config.method, "samples": min(config.samples, calibration.num_samples)})
         if budget is not None:
             def quantized(trial: gs.Graph, kept: list[str]) -> None:

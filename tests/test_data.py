@@ -102,3 +102,21 @@ def test_images_of_different_sizes_need_a_crop(tmp_path):
     write_image(tmp_path / "b.png", (1, 2, 3), size=(8, 8))
     with pytest.raises(InputError, match="images differ in size"):
         open_data(tmp_path, model).batch(0, 2)
+
+
+def test_runner_fetches_large_batches_in_parts_within_the_byte_bound():
+    """Runs whose fetched values would exceed max_bytes are cut into parts sized from the first sample; the
+    values are those of the whole batches, and a model with a fixed batch keeps its batches."""
+    from onnxcomp.runner import Runner
+
+    images = np.random.default_rng(0).random((10, 3, 4, 4)).astype(np.float32)
+    dataset = open_data({"img": images}, image_model())
+    runner = Runner(image_model())
+    per_sample = 3 * 4 * 4 * 4  # bytes of one sample's output
+    parts = list(runner.batches(dataset, batch_size=8, max_bytes=3 * per_sample))
+    assert [done for done, _ in parts] == [1, 4, 7, 8, 10]  # one sample first, then 3 at a time within each batch
+    np.testing.assert_array_equal(np.concatenate([values["y"] for _, values in parts]), np.maximum(images, 0))
+    assert [done for done, _ in runner.batches(dataset, batch_size=8)] == [8, 10]
+    fixed = open_data({"img": images[:8]}, image_model((2, 3, 4, 4)))
+    assert [done for done, _ in Runner(image_model((2, 3, 4, 4))).batches(fixed, batch_size=8, max_bytes=1)] == \
+        [2, 4, 6, 8]
