@@ -74,18 +74,20 @@ class Runner:
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy of `model` whose outputs are `tensors`, without the nodes they do not depend on."""
-    needed = set(tensors)
+    producer = {name: index for index, node in enumerate(model.graph.node) for name in node.output if name}
     kept: set[int] = set()
-    grown = True
-    while grown:  # the nodes may not be in topological order: repeat until nothing is added
-        grown = False
-        for index, node in enumerate(model.graph.node):
-            if index not in kept and any(name in needed for name in node.output):
-                kept.add(index)
-                needed.update(node.input)
-                needed.update(name for subgraph in graphs.node_subgraphs(node)
-                              for inner in graphs.all_nodes(subgraph) for name in inner.input)
-                grown = True
+    needed = set(tensors)
+    pending = list(needed)  # walked back from the tensors wanted, each node once
+    while pending:
+        index = producer.get(pending.pop())
+        if index is None or index in kept:
+            continue
+        kept.add(index)
+        node = model.graph.node[index]
+        reads = list(node.input) + [name for subgraph in graphs.node_subgraphs(node)  # a subgraph's outer reads
+                                    for inner in graphs.all_nodes(subgraph) for name in inner.input]
+        needed.update(reads)
+        pending.extend(reads)
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
     del cut.graph.node[:]
