@@ -121,6 +121,31 @@ def test_exclusions_keep_layers_in_float():
                 assert is_int8 == (node.name not in floating), (recipe, node.name)
 
 
+def test_elementwise_ops_away_from_int8_work_stay_float():
+    """A residual Add of two convolutions runs in int8; a tanh-GELU written out in Mul/Add (Magika's classifier),
+    whose inputs come from no int8 node, stays float, and so does the output it computes."""
+    model = conv_net()
+    graph = model.graph
+    graph.node.remove(next(n for n in graph.node if n.name == "fc"))
+    graph.initializer.extend([numpy_helper.from_array(np.float32(0.044715), "k"),
+                              numpy_helper.from_array(np.float32(1.0), "one")])
+    graph.node.extend([
+        helper.make_node("Gemm", ["f", "Wfc", "Bfc"], ["h"], name="fc", transB=1),
+        helper.make_node("Tanh", ["h"], ["t"], name="tanh"),
+        helper.make_node("Mul", ["t", "t"], ["t2"], name="square"),  # reads Tanh only: float
+        helper.make_node("Mul", ["t2", "k"], ["t3"], name="scaled"),
+        helper.make_node("Add", ["t3", "one"], ["logits"], name="plus_one"),
+    ])
+    quantized, record = quantize(model)
+    assert record.stats["int8:Add"] == 1 and "int8:Mul" not in record.stats  # the residual Add alone
+    quantized_inputs = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    for node in quantized.graph.node:
+        if node.name in ("square", "scaled", "plus_one"):
+            assert not set(node.input) & quantized_inputs, node.name
+    (expected,), (actual,) = run_model(model, TEST), run_model(quantized, TEST)
+    assert sqnr_db(expected, actual) > 25
+
+
 def test_saturation_safe_weight_levels():
     rows = RNG.normal(0, 1, (32, 72))
     levels = weight_levels(rows, "safe", depthwise=False)
