@@ -19,7 +19,8 @@ class Report:
     validation_skipped: str | None = None  # why the model could not be validated (no inputs could be made)
     # The candidates a search or a budget tried, one dict each: "recipe" (str), "bytes" (int),
     # "latency_ms" (float or None), "accuracy" (float or None, percent), "drop" (float or None, points),
-    # "drop_error" (its standard error, points; absent where not measured), "chosen" (bool). The HTML report plots them as the size/accuracy Pareto front.
+    # "drop_error" (its standard error, points; absent where not measured), "chosen" (bool). The HTML report
+    # plots them as the size/accuracy Pareto front.
     candidates: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -390,7 +390,8 @@ class RecipeSearch:
         for c in sorted(self.candidates, key=lambda c: c.bytes):
             rows.append(("*" if c.chosen else "", c.recipe, f"{c.bytes:,}", f"{self.reference_bytes / c.bytes:.2f}x",
                          "-" if c.latency_ms is None else f"{c.latency_ms:.3f}", f"{c.accuracy:.2f}%",
-                         f"{c.drop:+.2f}±{c.drop_error:.2f}", "ok" if c.within_budget else "over", "yes" if c.on_front else "",
+                         f"{c.drop:+.2f}±{c.drop_error:.2f}", "ok" if c.within_budget else "over",
+                         "yes" if c.on_front else "",
                          "cached" if c.cached else f"{c.seconds:.1f} s"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
