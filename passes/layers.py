@@ -497,17 +497,27 @@ def relative_error(layer: WeightedLayer, rows: np.ndarray, new_rows: np.ndarray,
     """E‖W x_ref − W' x‖² / E‖W x_ref‖² for rows W and new rows W' (groups, units, D), where x_ref is the
     layer's input in the reference model and x its input now (the same without reference statistics), both
     centred when the bias absorbs the mean."""
+    return output_error(layer, rows, stats, use_bias)(new_rows)
+
+
+def output_error(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics, use_bias: bool):
+    """relative_error as a function of the new rows, the terms that depend only on `rows` and the statistics
+    computed once: for the many options of one layer that a bit allocation tries."""
     reference = stats.reference or stats
     own = stats.moment(centered=use_bias)
     cross = stats.cross_moment(centered=use_bias)
     signal = unit_energy(layer, rows, reference.moment(centered=True)).sum()
     expected = unit_energy(layer, rows, reference.moment(centered=use_bias)).sum()
-    if layer.diagonal:
-        mixed = (rows * new_rows * expand_diagonal(layer, cross)[:, None, :]).sum()
-    else:
-        mixed = ((new_rows @ cross) * rows).sum()
-    error = (expected - 2 * mixed + unit_energy(layer, new_rows, own).sum()) / max(signal, 1e-30)
-    return float(max(error, 0.0))
+
+    def error(new_rows: np.ndarray) -> float:
+        if layer.diagonal:
+            mixed = (rows * new_rows * expand_diagonal(layer, cross)[:, None, :]).sum()
+        else:
+            mixed = ((new_rows @ cross) * rows).sum()
+        value = (expected - 2 * mixed + unit_energy(layer, new_rows, own).sum()) / max(signal, 1e-30)
+        return float(max(value, 0.0))
+
+    return error
 
 
 def unit_energy(layer: WeightedLayer, rows: np.ndarray, moment: np.ndarray) -> np.ndarray:

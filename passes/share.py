@@ -74,7 +74,7 @@ from onnxcomp.passes.kmeans import kmeans_slices
 from onnxcomp.passes.allocation import ModelOutputs, choose
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, WeightedLayer,
                                     frequent_rows, held_out_samples, input_statistics, obs_sweep, prepare,
-                                    relative_error, select_layers, snr_db, solved, unit_energy, warn)
+                                    output_error, select_layers, snr_db, solved, unit_energy, warn)
 from onnxcomp.registry import register
 
 LOST_SNR_DB = 6.0  # a held-out output SNR below this (error energy over a quarter of the signal's) gets a warning
@@ -277,21 +277,22 @@ def _allocate_bits(graph: gs.Graph, layers: list[WeightedLayer], statistics: dic
     options, budget, gains = [], 0.0, []
     for layer in progress.each(layers, "sensitivity", unit="layer"):
         stats = statistics[id(layer)]
+        error_of = _errors(layer, stats, correct)
         candidates = []  # (stored bytes, relative error, Choice)
         for bits in range(1, 9):
             for granularity in granularities:
                 clustered = cluster(layer.values, bits, granularity, weights_of.get(id(layer)))
                 if correct:
                     clustered, _, _ = _restored(layer, clustered, stats)
-                candidates.append((sum(p.nbytes for p in _stored_parts(clustered, bits)),
-                                   _error(layer, clustered, stats, correct), Choice(bits, granularity)))
+                candidates.append((sum(p.nbytes for p in _stored_parts(clustered, bits)), error_of(clustered),
+                                   Choice(bits, granularity)))
         uniform = cluster(layer.values, round(config.bits), config.granularity, weights_of.get(id(layer)))
         budget += uniform.indices.size * config.bits / 8 + _mask_bytes(uniform)
         if correct:
             uniform, bias_shift, _ = _restored(layer, uniform, stats)
         else:
             bias_shift = None
-        own = _error(layer, uniform, stats, correct)
+        own = error_of(uniform)
         gain = probe.relative_error([(layer, uniform.values, bias_shift)]) / own if own > 0 else 1.0
         gains.append(gain)
         options.append(candidates)
@@ -553,9 +554,21 @@ def _restorable(layer: WeightedLayer, clustered: Clustered) -> bool:
 def _error(layer: WeightedLayer, clustered: Clustered, stats, corrected: bool) -> float:
     """The layer's relative output error on calibration data with the shared weight (after restoration, the
     bias absorbing the mean shift when `corrected`)."""
-    use_bias = corrected and layer.can_take_bias and _restorable(layer, clustered)
-    return relative_error(layer, layer.rows().astype(np.float64), layer.rows(clustered.values).astype(np.float64),
-                          stats, use_bias)
+    return _errors(layer, stats, corrected)(clustered)
+
+
+def _errors(layer: WeightedLayer, stats, corrected: bool):
+    """_error of the layer as a function of the clustered weight, the unshared layer's terms computed once."""
+    rows = layer.rows().astype(np.float64)
+    measures = {}
+
+    def error(clustered: Clustered) -> float:
+        use_bias = corrected and layer.can_take_bias and _restorable(layer, clustered)
+        if use_bias not in measures:
+            measures[use_bias] = output_error(layer, rows, stats, use_bias)
+        return measures[use_bias](layer.rows(clustered.values).astype(np.float64))
+
+    return error
 
 
 def _decoded(clustered: Clustered, shape: tuple) -> np.ndarray:
