@@ -285,6 +285,21 @@ def frequent_rows(graph: gs.Graph, tables: list[gs.Node], data, *, samples: int,
     return rows
 
 
+def kept_exact_rows(graph: gs.Graph, tables: list[WeightedLayer], ctx, pass_name: str, stats: dict, *,
+                    enabled: bool, samples: int, batch_size: int) -> dict[int, list[int]]:
+    """The rows of each table (by id of its Gather) that a compression pass keeps exact: frequent_rows on the
+    calibration data; without data none, with a warning in the pass's stats."""
+    if not tables or not enabled:
+        return {}
+    if ctx.calibration_data is None:
+        warn(stats, ctx, pass_name, "embedding tables compressed without calibration data: the rows read in nearly "
+             "every input ([CLS], [SEP], padding) cannot be found and kept exact, and their error reaches every "
+             "output; give calib_data=")
+        return {}
+    return frequent_rows(graph, [table.node for table in tables], ctx.calibration_data, samples=samples,
+                         batch_size=batch_size, provider=ctx.provider)
+
+
 def warn(stats: dict, ctx, pass_name: str, warning: str) -> None:
     """Log `warning` and add it to the pass's stats (where the report shows it)."""
     ctx.log.warning("%s: %s", pass_name, warning)

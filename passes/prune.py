@@ -65,7 +65,7 @@ from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.allocation import ModelOutputs, allocate, round_to_total
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics,
-                                    WeightedLayer, expand_diagonal, frequent_rows, held_out_samples,
+                                    WeightedLayer, expand_diagonal, held_out_samples, kept_exact_rows,
                                     input_statistics, obs_sweep, prepare, relative_error, select_layers, snr_db,
                                     solved, unit_energy)
 from onnxcomp.passes.prune_channels import prune_channels
@@ -176,8 +176,11 @@ class Prune(Pass):
         if not layers or config.sparsity == 0.0:
             stats.update({"pruned": 0, **{f"skipped:{k}": v for k, v in sorted(skipped.items())}})
             return PassResult(False, stats)
-        tables = [_prune_table(table, config.sparsity, rows) for table, rows in _tables(graph, layers, ctx, config)]
+        tables = [layer for layer in layers if layer.is_table]
         layers = [layer for layer in layers if not layer.is_table]
+        kept_rows = kept_exact_rows(graph, tables, ctx, self.name, stats, enabled=config.exact_rows,
+                                    samples=config.samples, batch_size=config.batch_size)
+        tables = [_prune_table(table, config.sparsity, kept_rows.get(id(table.node), [])) for table in tables]
         if tables:
             stats.update({"tables": len(tables), "exact_rows": sum(rows for _, rows in tables)})
         if not layers:
@@ -213,18 +216,6 @@ def _result(graph: gs.Graph, plans: list[LayerPlan], config: PruneConfig, stats:
     stats.update({"pruned": len(plans), "dense_bytes": dense_bytes, "stored_bytes": stored_bytes})
     stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
     return PassResult(True, stats, [_layer_row(plan) for plan in plans])
-
-
-def _tables(graph: gs.Graph, layers: list[WeightedLayer], ctx: PassContext,
-            config: PruneConfig) -> list[tuple[WeightedLayer, list[int]]]:
-    """The embedding tables among `layers`, each with the rows to leave whole: with calibration data, those read
-    in most samples (layers.frequent_rows: their error would reach every input alike)."""
-    tables = [layer for layer in layers if layer.is_table]
-    exact = {}
-    if tables and config.exact_rows and ctx.calibration_data is not None:
-        exact = frequent_rows(graph, [table.node for table in tables], ctx.calibration_data, samples=config.samples,
-                              batch_size=config.batch_size, provider=ctx.provider)
-    return [(table, exact.get(id(table.node), [])) for table in tables]
 
 
 def _prune_table(table: WeightedLayer, sparsity: float, exact: list[int]) -> tuple[LayerPlan, int]:

@@ -73,8 +73,8 @@ from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.kmeans import kmeans_slices
 from onnxcomp.passes.allocation import ModelOutputs, choose
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, WeightedLayer,
-                                    frequent_rows, held_out_samples, input_statistics, obs_sweep, prepare,
-                                    output_error, select_layers, snr_db, solved, unit_energy, warn)
+                                    held_out_samples, input_statistics, kept_exact_rows, obs_sweep, output_error,
+                                    prepare, select_layers, snr_db, solved, unit_energy, warn)
 from onnxcomp.registry import register
 
 LOST_SNR_DB = 6.0  # a held-out output SNR below this (error energy over a quarter of the signal's) gets a warning
@@ -181,7 +181,8 @@ class Share(Pass):
         tables = [layer for layer in layers if layer.is_table]
         layers = [layer for layer in layers if not layer.is_table]
         table_bits = max(1, math.floor(config.bits))  # a fractional budget's bits are spent on the layers
-        exact_rows = _exact_rows(graph, tables, ctx, config, stats)
+        exact_rows = kept_exact_rows(graph, tables, ctx, self.name, stats, enabled=config.exact_rows,
+                                     samples=config.samples, batch_size=config.batch_size)
         with_data = ctx.calibration_data is not None and bool(layers)  # tables are shared without data
         importance = config.importance if config.importance != "auto" else ("energy" if with_data else "none")
         correct = with_data if config.correction == "auto" else config.correction == "channel"
@@ -326,20 +327,6 @@ def _store(graph: gs.Graph, layer: WeightedLayer, clustered: Clustered, bits: in
         encoding.encode_codebook(graph, layer.weight, clustered.codebook, clustered.indices, bits, names,
                                  sparse=clustered.sparse, scales=clustered.scales)
     return stored
-
-
-def _exact_rows(graph: gs.Graph, tables: list[WeightedLayer], ctx: PassContext, config: ShareConfig,
-                stats: dict) -> dict[int, list[int]]:
-    """The rows of each table (by id of its Gather) to keep exact: those read in most calibration samples."""
-    if not tables or not config.exact_rows:
-        return {}
-    if ctx.calibration_data is None:
-        warn(stats, ctx, "share", "embedding tables shared without calibration data: the rows read in nearly "
-             "every input ([CLS], [SEP], padding) cannot be found and kept exact, and their error reaches every "
-             "output; give calib_data=")
-        return {}
-    return frequent_rows(graph, [table.node for table in tables], ctx.calibration_data, samples=config.samples,
-                         batch_size=config.batch_size, provider=ctx.provider)
 
 
 def _share_table(graph: gs.Graph, table: WeightedLayer, bits: int, config: ShareConfig, names: graphs.Names,
