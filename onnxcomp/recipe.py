@@ -8,9 +8,9 @@ A named recipe stands for its passes (see RECIPES): `deep-compression,int8` is t
 followed by int8. A named recipe takes no options; to change one, write its passes out. `--recipe NAME` takes a
 named recipe as well as a TOML file.
 
-A pass's strength (STRENGTHS: prune's sparsity, share's bits) is free when the user did not write it: the pass
-is named alone, or comes from a named recipe, whose strengths are defaults. An accuracy budget searches the free
-strengths (onnxcomp/search.py); `free_strengths` says which they are.
+A pass's strength (STRENGTHS: prune's sparsity, or its flops with structure=channel; share's bits) is free when
+the user did not write it: the pass is named alone, or comes from a named recipe, whose strengths are defaults.
+An accuracy budget searches the free strengths (onnxcomp/search.py); `free_strengths` says which they are.
 
 In a TOML file, a list of tables:
 
@@ -52,6 +52,14 @@ RECIPES = {
 STRENGTHS = {"prune": "sparsity", "share": "bits"}
 
 
+def _strength(name: str, options: dict) -> str | None:
+    """The pass's strength option: STRENGTHS, but for prune:structure=channel the share of FLOPs it keeps
+    (`flops`), unless a latency target fixes how far it goes."""
+    if name == "prune" and str(_option(options, "structure")) == "channel":
+        return None if _option(options, "latency") is not None else "flops"
+    return STRENGTHS.get(name)
+
+
 def parse(text: str) -> list[Pass]:
     """Turn `name[:key=value[,key=value]][,name...]` into configured passes."""
     specs = _specs(text)
@@ -77,8 +85,10 @@ def free_strengths(text: str | None = None, recipe: str | Path | None = None) ->
         entries = [(entry["name"], entry, False) for entry in _toml_entries(Path(recipe))]
     else:
         entries = _specs(str(recipe) if recipe is not None else text or "")
-    return {position: STRENGTHS[name] for position, (name, options, from_recipe) in enumerate(entries)
-            if name in STRENGTHS and (from_recipe or _option(options, STRENGTHS[name]) is None)}
+    strengths = {position: (_strength(name, options), options, from_recipe)
+                 for position, (name, options, from_recipe) in enumerate(entries)}
+    return {position: strength for position, (strength, options, from_recipe) in strengths.items()
+            if strength is not None and (from_recipe or _option(options, strength) is None)}
 
 
 def _option(options: dict, key: str):

@@ -1,7 +1,8 @@
 """Searches for the smallest (or fastest) model within an accuracy budget.
 
 Strength search (`optimize` with `max_accuracy_drop` and data): the strengths a recipe leaves free (prune's
-sparsity, share's bits: see recipe.free_strengths) are chosen from SPARSITIES and BITS. Accuracy is taken to
+sparsity, or the FLOPs that channel pruning keeps, and share's bits: see recipe.free_strengths) are chosen from
+SPARSITIES, FLOPS and BITS. Accuracy is taken to
 fall as either strength grows, so one free strength is bisected, and two (prune then share) are walked along the
 edge of the feasible region: for each sparsity, weakest first, the most bits-saving setting still within the
 budget, starting from the previous sparsity's (it cannot be stronger). About rows + columns candidates instead
@@ -45,7 +46,8 @@ from onnxcomp.validate import _is_scores, tensor_outputs
 
 SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7)  # prune's sparsity, weakest first
 BITS = (6, 5, 4, 3, 2)  # share's bits, weakest first
-STRENGTH_VALUES = {"sparsity": SPARSITIES, "bits": BITS}
+FLOPS = (0.9, 0.8, 0.7, 0.6, 0.5)  # prune:structure=channel's share of FLOPs kept, weakest first
+STRENGTH_VALUES = {"sparsity": SPARSITIES, "bits": BITS, "flops": FLOPS}
 CALIBRATION_SAMPLES = 128  # what prune and share use by default
 MIN_SPLIT_SAMPLES = 8  # fewer samples than this are not split: calibration and budget share them
 OBJECTIVES = ("size", "latency")

@@ -111,9 +111,9 @@ class PruneConfig:
                 raise ValueError(f"{key} must be in (0, 1], not {value}")
         if self.structure == "element" and (self.flops is not None or self.latency is not None):
             raise ValueError("flops and latency need structure=channel (element pruning takes sparsity)")
-        if self.structure == "channel" and (self.flops is None) == (self.latency is None):
+        if self.flops is not None and self.latency is not None:
             raise ValueError("structure=channel needs one of flops (share of FLOPs to keep) or latency "
-                             "(latency ratio to reach)")
+                             "(latency ratio to reach), not both")
         if self.batch < 1 or self.multiple < 1:
             raise ValueError("batch and multiple must be at least 1")
         if not 0.0 <= self.sparsity < 1.0:
@@ -153,6 +153,10 @@ class Prune(Pass):
     Config = PruneConfig
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if self.config.structure == "channel" and self.config.flops is None and self.config.latency is None:
+            raise PreconditionError("prune: structure=channel needs one of flops= (share of FLOPs to keep) or "
+                                    "latency= (latency ratio to reach), or an accuracy budget (max_accuracy_drop= "
+                                    "with data=) to choose flops")
         if self.config.structure == "channel" and ctx.calibration_data is None:
             raise PreconditionError("prune: structure=channel needs calibration data (calib_data=) to choose the "
                                     "channels and re-solve the weights that read them")

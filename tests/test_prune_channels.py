@@ -8,10 +8,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxcomp
 from helpers import run_cli, run_model
 from onnxcomp import data as datasets
+from onnxcomp import search
 from onnxcomp import graph as graphs
-from onnxcomp.errors import InputError
+from onnxcomp.errors import InputError, OnnxcompError
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import PassContext
 from onnxcomp.passes.channels import ChannelGraph
@@ -396,7 +398,6 @@ def test_model_without_prunable_channels_is_reported_and_unchanged():
     ("structure=channel,flops=1.5", "flops must be in (0, 1]"),
     ("structure=channel,latency=-0.5", "latency must be in (0, 1]"),
     ("structure=channel,latency=2", "latency must be in (0, 1]"),
-    ("structure=channel", "needs one of flops"),
     ("structure=channel,flops=0.5,latency=0.5", "needs one of flops"),
     ("flops=0.5", "need structure=channel"),
     ("structure=block,flops=0.5", "structure must be element or channel"),
@@ -405,6 +406,25 @@ def test_bad_options_are_input_errors(options, words):
     with pytest.raises(InputError, match=None) as caught:
         parse(f"prune:{options}")
     assert words in str(caught.value)
+
+
+def test_channel_pruning_without_a_target_or_a_budget_is_a_precondition_error():
+    with pytest.raises(OnnxcompError, match="needs one of flops= .* or an accuracy budget"):
+        run_pass(small_net(16), "structure=channel,samples=8")
+
+
+def test_a_budget_chooses_the_flops_channel_pruning_keeps():
+    """prune:structure=channel without flops or latency: the budget search tries FLOPs shares, weakest first,
+    and keeps the smallest model within the budget (agreement with the original, no labels)."""
+    model = small_net()
+    data = {"x": calibration(model, 160).batch(0, 160)["x"]}
+    _, report = onnxcomp.optimize(model, "prune:structure=channel,samples=16", data=data, max_accuracy_drop=20,
+                                  latency_runs=0)
+    flops = [float(c["recipe"].split("flops=")[1].split(",")[0]) for c in report.candidates]
+    assert flops and set(flops) <= set(search.FLOPS) and flops[0] == search.FLOPS[len(search.FLOPS) // 2]
+    (chosen,) = [c for c in report.candidates if c["chosen"]]
+    within = [c for c in report.candidates if c["drop"] + c["drop_error"] <= 20]
+    assert chosen in within and chosen["bytes"] == min(c["bytes"] for c in within)
 
 
 def test_cli_bad_option_exits_2_and_unreachable_latency_exits_1(tmp_path):

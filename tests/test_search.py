@@ -28,7 +28,7 @@ from onnxcomp.pass_base import PassContext
 FAST_PRUNE = "prune:allocation=uniform,correction=none"
 FAST_SHARE = "share:allocation=uniform,importance=none,correction=none,feedback=false,min-size=0"
 FAST_PIPELINE = f"fuse-bn,{FAST_PRUNE},{FAST_SHARE}"
-BUDGET = 3.0
+BUDGET = 5.0  # points of top-1 on 270 digits: a drop must be within it with its standard error (about 1) to spare
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,8 +130,8 @@ def test_budget_search_chooses_the_smallest_model_within_the_budget(tmp_path, di
     candidates = report.candidates
     assert 2 <= len(candidates) <= len(search.SPARSITIES) + len(search.BITS)
     (chosen,) = [c for c in candidates if c["chosen"]]
-    within = [c for c in candidates if c["drop"] <= BUDGET]
-    assert chosen["drop"] <= BUDGET and chosen["bytes"] == min(c["bytes"] for c in within)
+    within = [c for c in candidates if c["drop"] + c["drop_error"] <= BUDGET]  # one standard error to spare
+    assert chosen in within and chosen["bytes"] == min(c["bytes"] for c in within)
     # the report's validation is the check on the budget samples: the same model, the same drop
     assert report.validation.candidate_bytes == output.stat().st_size == chosen["bytes"]
     assert report.validation.accuracy_drop == pytest.approx(chosen["drop"])
