@@ -69,6 +69,16 @@ MUTANTS = [
            'if op in ("Conv", "Gemm"):', ("tests/test_quantize.py",)),
     Mutant("cleanup keeps unused initializers", "passes/cleanup.py",
            "graph.cleanup(", "(lambda **_: graph)(", ("tests/test_cleanup.py",)),
+    Mutant("the budget search ignores the noise of a drop", "onnxcomp/search.py",
+           "self.drop + NOISE_MARGIN * self.drop_error <= max_drop", "self.drop <= max_drop",
+           ("tests/test_search.py",)),
+    Mutant("no table row is kept exact", "passes/layers.py",
+           "if count[row] >= FREQUENT_SHARE * samples)", "if False)", ("tests/test_tables.py",)),
+    Mutant("int8 quantizes Add/Mul away from int8 work", "passes/quantize.py",
+           "    chosen = _fed_by_int8_work(chosen)\n", "", ("tests/test_quantize.py",)),
+    Mutant("int8's dynamic mode ignores the budget", "passes/quantize.py",
+           "quantize_dynamic(graph, config), **stats}", "quantize_dynamic(graph, replace(config, exclude=())), **stats}",
+           ("tests/test_quantize_dynamic.py",)),
 ]
 
 
