@@ -48,8 +48,7 @@ from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.layers import WeightedLayer, input_statistics, obs_sweep, relative_error, select_layers, snr_db
 from onnxcomp.passes.layers import embedding_table, frequent_rows, solved
-from onnxcomp.passes.quantize_dynamic import _bias as gemm_bias
-from onnxcomp.passes.quantize_dynamic import _weight as matmul_weight
+from onnxcomp.passes.quantize_dynamic import gemm_bias, matmul_weight
 from onnxcomp.registry import register
 from onnxcomp.runner import Runner
 

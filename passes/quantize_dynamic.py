@@ -54,8 +54,8 @@ def quantizable(graph: gs.Graph, config) -> list[gs.Node]:
     Gathers that the int8 `config` (Int8Config) does not leave in float, in graph order."""
     from onnxcomp.passes.quantize import kept_in_float
 
-    matmuls = [n for n in graph.nodes if _weight(n) is not None]
-    candidates = [n for n in graph.nodes if _weight(n) is not None or embedding_table(n) is not None]
+    matmuls = [n for n in graph.nodes if matmul_weight(n) is not None]
+    candidates = [n for n in graph.nodes if matmul_weight(n) is not None or embedding_table(n) is not None]
     kept = kept_in_float(candidates, matmuls, config)
     return [node for node in candidates if id(node) not in kept]
 
@@ -73,7 +73,7 @@ def quantize_dynamic(graph: gs.Graph, config) -> dict[str, int | float | str]:
     stats: dict[str, int | float | str] = {"activations": "dynamic", "quantized": len(matmuls) + len(gathers)}
     stats.update({f"int8:{op}": count for op, count in sorted(Counter(n.op for n in matmuls).items())})
     stats["int8:Gather"] = len(gathers)
-    excluded = sum(1 for n in graph.nodes if _weight(n) is not None or embedding_table(n) is not None)
+    excluded = sum(1 for n in graph.nodes if matmul_weight(n) is not None or embedding_table(n) is not None)
     if excluded:
         stats["skipped:excluded"] = excluded
     if levels:
@@ -81,14 +81,14 @@ def quantize_dynamic(graph: gs.Graph, config) -> dict[str, int | float | str]:
     return stats
 
 
-def _weight(node: gs.Node) -> np.ndarray | None:
+def matmul_weight(node: gs.Node) -> np.ndarray | None:
     """The [K, N] float weight of a MatMul, or of a Gemm that is one plus a bias (no transA, alpha = beta = 1)."""
     if node.op not in ("MatMul", "Gemm") or not graphs.is_standard(node) or len(node.inputs) < 2:
         return None
     if node.op == "MatMul" and len(node.inputs) != 2:
         return None
     if node.op == "Gemm" and (int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) != 1.0
-                              or (_bias(node) is None and len(node.inputs) > 2 and node.inputs[2].name)):
+                              or (gemm_bias(node) is None and len(node.inputs) > 2 and node.inputs[2].name)):
         return None
     weight = graphs.constant_value(node.inputs[1])
     activation = node.inputs[0]
@@ -97,7 +97,7 @@ def _weight(node: gs.Node) -> np.ndarray | None:
     return weight.T if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else weight
 
 
-def _bias(node: gs.Node) -> np.ndarray | None:
+def gemm_bias(node: gs.Node) -> np.ndarray | None:
     """A Gemm's constant bias C when it adds as it is (beta = 1)."""
     if len(node.inputs) < 3 or not node.inputs[2].name or float(node.attrs.get("beta", 1.0)) != 1.0:
         return None
@@ -107,8 +107,8 @@ def _bias(node: gs.Node) -> np.ndarray | None:
 def _rewrite_matmul(graph: gs.Graph, node: gs.Node, names: graphs.Names, weight_range: str,
                     quantized_inputs: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]]) -> list[int]:
     """Replace the MatMul; an input read by several (Q, K and V projections) is quantized once."""
-    weight = _weight(node)
-    bias = _bias(node) if node.op == "Gemm" else None
+    weight = matmul_weight(node)
+    bias = gemm_bias(node) if node.op == "Gemm" else None
     columns = np.ascontiguousarray(weight.T)
     levels = weight_levels(columns, weight_range, depthwise=False)
     largest = np.abs(columns).max(axis=1)
