@@ -72,20 +72,97 @@ class Runner:
         return np.concatenate([values[name] for _, values in self.batches(dataset, samples, batch_size, [name])])
 
 
+class PrefixRuns:
+    """Runs over the same batches of successive prefixes of one model, each resuming from the tensors that the
+    earlier runs computed: for a pass that measures layer inputs in graph order while it changes the layers
+    before them (prune's sequential waves). Each run computes only what the earlier runs did not, so a model
+    measured at 50 points costs about one full run instead of 25.
+
+    Tensors computed and read later are kept per batch up to `max_bytes`; past that, the runs start from the
+    model's inputs again. The caller must not change what a kept tensor depends on: a run's model may differ
+    from the earlier ones only in nodes the earlier runs did not compute.
+    """
+
+    def __init__(self, dataset, samples: int, batch_size: int, *, provider: str = "cpu",
+                 role: str = "the model", max_bytes: int = 1 << 30):
+        self.dataset, self.samples, self.batch_size = dataset, samples, batch_size
+        self.provider, self.role, self.max_bytes = provider, role, max_bytes
+        self.kept: dict[str, list[np.ndarray]] = {}  # tensor → its value per batch
+        self.computed: set[str] = set()  # outputs of the nodes run so far
+
+    def batches(self, model: onnx.ModelProto, outputs: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(samples done, {output: value}) per batch, as Runner.batches, from the kept tensors on."""
+        available = {name: values[0].dtype for name, values in self.kept.items()}
+        cut, ran = _cut(model, outputs, available)
+        resumed = [i.name for i in cut.graph.input if i.name in available]
+        self.computed |= ran
+        later = _read_later(model, self.computed)
+        produced = [name for name in ran if name in later and name not in self.kept]
+        runner = Runner(cut, provider=self.provider, outputs=list(dict.fromkeys(outputs + produced)), role=self.role)
+        runs = self.dataset.runs(self.samples, self.batch_size)
+        new: dict[str, list[np.ndarray]] = {name: [] for name in produced}
+        for index, (start, stop) in enumerate(runs):
+            feed = self.dataset.batch(start, stop)
+            feed.update({name: self.kept[name][index] for name in resumed})
+            values = runner.run(feed)
+            for name in produced:
+                new[name].append(values[name])
+            if index == len(runs) - 1:  # before the last yield: a caller zipping two runs stops after it
+                self._keep(new, later)
+            yield stop, {name: values[name] for name in outputs}
+
+    def branch(self, model: onnx.ModelProto, outputs: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(samples done, {output: value}) per batch of `model`, resumed from the kept tensors without keeping
+        anything: a probe of a change to nodes not computed yet, the runs after it unaffected."""
+        cut, _ = _cut(model, outputs, {name: values[0].dtype for name, values in self.kept.items()})
+        resumed = [i.name for i in cut.graph.input if i.name in self.kept]
+        runner = Runner(cut, provider=self.provider, outputs=outputs, role=self.role)
+        for index, (start, stop) in enumerate(self.dataset.runs(self.samples, self.batch_size)):
+            feed = self.dataset.batch(start, stop)
+            feed.update({name: self.kept[name][index] for name in resumed})
+            yield stop, runner.run(feed)
+
+    def _keep(self, new: dict[str, list[np.ndarray]], later: set[str]) -> None:
+        self.kept = {name: values for name, values in {**self.kept, **new}.items() if name in later}
+        if sum(v.nbytes for values in self.kept.values() for v in values) > self.max_bytes:
+            self.kept, self.computed = {}, set()  # too large to keep: the next run starts from the inputs
+
+
+def _read_later(model: onnx.ModelProto, computed: set[str]) -> set[str]:
+    """The tensors that nodes not yet computed read (a node is known by its outputs)."""
+    return {name for node in model.graph.node if not computed.issuperset(filter(None, node.output))
+            for name in _reads(node)}
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads, a subgraph's reads from the outer graph included."""
+    return list(node.input) + [name for subgraph in graphs.node_subgraphs(node)
+                               for inner in graphs.all_nodes(subgraph) for name in inner.input]
+
+
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy of `model` whose outputs are `tensors`, without the nodes they do not depend on."""
+    return _cut(model, tensors, {})[0]
+
+
+def _cut(model: onnx.ModelProto, tensors: list[str], available: dict) -> tuple[onnx.ModelProto, set[str]]:
+    """(`model` cut to compute `tensors`, the outputs of the nodes it runs); the tensors of `available`
+    ({name: dtype}) become inputs, not computed again."""
     producer = {name: index for index, node in enumerate(model.graph.node) for name in node.output if name}
     kept: set[int] = set()
     needed = set(tensors)
+    inputs: list[str] = []
     pending = list(needed)  # walked back from the tensors wanted, each node once
     while pending:
-        index = producer.get(pending.pop())
+        name = pending.pop()
+        if name in available:
+            inputs.append(name)
+            continue
+        index = producer.get(name)
         if index is None or index in kept:
             continue
         kept.add(index)
-        node = model.graph.node[index]
-        reads = list(node.input) + [name for subgraph in graphs.node_subgraphs(node)  # a subgraph's outer reads
-                                    for inner in graphs.all_nodes(subgraph) for name in inner.input]
+        reads = _reads(model.graph.node[index])
         needed.update(reads)
         pending.extend(reads)
     cut = onnx.ModelProto()
@@ -95,6 +172,13 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     kept_initializers = [t for t in cut.graph.initializer if t.name in needed]
     del cut.graph.initializer[:]
     cut.graph.initializer.extend(kept_initializers)
+    resumed = set(inputs)
+    kept_info = [info for info in cut.graph.value_info if info.name not in resumed]
+    del cut.graph.value_info[:]
+    cut.graph.value_info.extend(kept_info)
+    cut.graph.input.extend(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(
+        np.dtype(available[name])), None) for name in dict.fromkeys(inputs))
     del cut.graph.output[:]
     cut.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(tensors))
-    return cut
+    ran = {name for index in kept for name in model.graph.node[index].output if name}
+    return cut, ran

@@ -63,10 +63,11 @@ from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
+from onnxcomp.runner import PrefixRuns
 from onnxcomp.passes.allocation import ModelOutputs, allocate, round_to_total
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics,
                                     WeightedLayer, expand_diagonal, held_out_samples, kept_exact_rows,
-                                    input_statistics, obs_sweep, prepare, relative_error, select_layers, snr_db,
+                                    input_statistics, obs_sweep, output_error, prepare, select_layers, snr_db,
                                     solved, unit_energy)
 from onnxcomp.passes.prune_channels import prune_channels
 from onnxcomp.registry import register
@@ -77,6 +78,7 @@ CORRECTIONS = ("none", "channel", "reconstruct")
 LEVELS = np.round(np.arange(0.0, 0.91, 0.1), 2)  # sparsities at which each layer's sensitivity is measured
 DAMPING = 0.01  # share of the mean diagonal added to H, as in OBS / SparseGPT: keeps the inverse well-posed
 PROBE_SAMPLES = 32  # calibration samples on which each layer's effect on the model's outputs is measured
+STACK_BYTES = 64 << 20  # rows swept together when one layer is pruned to several counts
 
 
 @dataclass(frozen=True)
@@ -283,13 +285,15 @@ def _prune(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, 
     names = graphs.Names(graph)
     sequential = config.sequential and correction != "none"
     waves = _waves(graph, plans) if sequential else [plans]
+    samples = min(config.samples, ctx.calibration_data.num_samples) if sequential else 0
+    prefixes = [PrefixRuns(ctx.calibration_data, samples, config.batch_size, provider=ctx.provider,
+                           role="the model for layer statistics") for _ in range(2)]
     for index, wave in enumerate(progress.each(waves, "pruning", unit="wave")):
         if index > 0:
             model = gs.export_onnx(graph, do_type_check=False)
             statistics = input_statistics(model, [plan.layer for plan in wave], ctx.calibration_data,
-                                          samples=min(config.samples, ctx.calibration_data.num_samples),
-                                          batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
-                                          reference=unpruned)
+                                          samples=samples, batch_size=config.batch_size, provider=ctx.provider,
+                                          seed=ctx.seed, reference=unpruned, prefixes=prefixes)
             for plan in wave:
                 plan.stats = statistics[id(plan.layer)][0]
         for plan in wave:
@@ -401,9 +405,9 @@ def _sensitivity(plan: LayerPlan, correction: str, cap: float) -> tuple[np.ndarr
     """The layer's relative output error on calibration data at each level up to `cap`."""
     levels = np.unique(np.concatenate([LEVELS[LEVELS < cap], [cap]]))
     size = plan.layer.values.size
-    errors = np.array([0.0 if level == 0 else _prune_layer(plan, int(round(level * size)), correction)[2]
-                       for level in levels])
-    return levels, errors
+    pruned = iter(_prune_layer_counts(plan, [int(round(level * size)) for level in levels if level > 0],
+                                      correction))
+    return levels, np.array([0.0 if level == 0 else next(pruned)[2] for level in levels])
 
 
 def _prune_layer(plan: LayerPlan, zeros: int, correction: str, stats: InputStatistics | None = None,
@@ -412,46 +416,57 @@ def _prune_layer(plan: LayerPlan, zeros: int, correction: str, stats: InputStati
 
     `stats` default to the plan's statistics over all calibration samples, `damping` to the plan's.
     """
+    return _prune_layer_counts(plan, [zeros], correction, stats, damping)[0]
+
+
+def _prune_layer_counts(plan: LayerPlan, counts: list[int], correction: str, stats: InputStatistics | None = None,
+                        damping: float | None = None) -> list[tuple[np.ndarray, np.ndarray | None, float]]:
+    """_prune_layer for each number of zeros in `counts`, sharing the work that does not depend on it."""
     layer = plan.layer
     stats = stats or plan.stats
     rows = layer.rows().astype(np.float64)
     if stats is None:
-        return layer.from_rows(_zero_smallest(rows, np.abs(rows), zeros)), None, math.nan
+        return [(layer.from_rows(_zero_smallest(rows, np.abs(rows), zeros)), None, math.nan) for zeros in counts]
     use_bias = correction != "none" and plan.can_take_bias
-    new_rows, bias_shift = _pruned_rows(layer, rows, stats, zeros, correction, use_bias,
-                                        plan.damping if damping is None else damping)
-    return layer.from_rows(new_rows), bias_shift, relative_error(layer, rows, new_rows, stats, use_bias)
+    error = output_error(layer, rows, stats, use_bias)
+    return [(layer.from_rows(new_rows), bias_shift, error(new_rows))
+            for new_rows, bias_shift in _pruned_rows(layer, rows, stats, counts, correction, use_bias,
+                                                     plan.damping if damping is None else damping)]
 
 
-def _pruned_rows(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics, zeros: int, correction: str,
-                 use_bias: bool, damping: float) -> tuple[np.ndarray, np.ndarray | None]:
+def _pruned_rows(layer: WeightedLayer, rows: np.ndarray, stats: InputStatistics, counts: list[int],
+                 correction: str, use_bias: bool, damping: float) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(new rows, bias shift or None) for each number of zeros in `counts`."""
     own = stats.moment(centered=use_bias)            # E[x xᵀ]
     cross = stats.cross_moment(centered=use_bias)    # E[x x_refᵀ]
     reference = stats.reference or stats
-    if correction == "reconstruct":
-        if layer.diagonal:  # no cross terms: keep the largest energy-weighted weights, nothing to re-solve
-            added = damping * own.mean(axis=1, keepdims=True)
-            target = rows * expand_diagonal(layer, (cross + added) / (own + added))[:, None, :]
-            new_rows = _zero_smallest(target, target ** 2 * expand_diagonal(layer, own)[:, None, :], zeros)
-        else:
-            target, upper = solved(layer, rows, stats, use_bias, damping, own, cross)
-            new_rows = _reconstruct(target, upper, zeros)
+    if correction == "reconstruct" and layer.diagonal:
+        # no cross terms: keep the largest energy-weighted weights, nothing to re-solve
+        added = damping * own.mean(axis=1, keepdims=True)
+        target = rows * expand_diagonal(layer, (cross + added) / (own + added))[:, None, :]
+        score = target ** 2 * expand_diagonal(layer, own)[:, None, :]
+        candidates = [_zero_smallest(target, score, zeros) for zeros in counts]
+    elif correction == "reconstruct":
+        target, upper = solved(layer, rows, stats, use_bias, damping, own, cross)
+        candidates = _reconstruct(target, upper, counts)
     else:
-        new_rows = _zero_smallest(rows, np.abs(rows), zeros)
+        candidates = [_zero_smallest(rows, np.abs(rows), zeros) for zeros in counts]
     if correction == "none":
-        return new_rows, None
+        return [(new_rows, None) for new_rows in candidates]
     # Restore each output unit's spread and mean on calibration data to those of the unpruned layer, as
     # re-estimating a BatchNormalization would: pruning and least squares both shrink the outputs.
     spread = unit_energy(layer, rows, reference.moment(centered=use_bias))
-    now = unit_energy(layer, new_rows, own)
-    new_rows = new_rows * np.sqrt(np.where(now > 0, spread / np.maximum(now, 1e-30), 1.0))[:, :, None]
-    if not use_bias:
-        return new_rows, None
-    bias_shift = (np.einsum("grd,gd->gr", rows, expand_diagonal(layer, reference.mean))   # w·E[x_ref] − w'·E[x]
-                  - np.einsum("grd,gd->gr", new_rows, expand_diagonal(layer, stats.mean))).reshape(-1)
-    return new_rows, bias_shift
-
-
+    if use_bias:
+        expected = np.einsum("grd,gd->gr", rows, expand_diagonal(layer, reference.mean))   # w·E[x_ref]
+    result = []
+    for new_rows in candidates:
+        now = unit_energy(layer, new_rows, own)
+        new_rows = new_rows * np.sqrt(np.where(now > 0, spread / np.maximum(now, 1e-30), 1.0))[:, :, None]
+        bias_shift = None
+        if use_bias:  # w·E[x_ref] − w'·E[x]
+            bias_shift = (expected - np.einsum("grd,gd->gr", new_rows, expand_diagonal(layer, stats.mean))).reshape(-1)
+        result.append((new_rows, bias_shift))
+    return result
 
 
 def _zero_smallest(rows: np.ndarray, score: np.ndarray, zeros: int) -> np.ndarray:
@@ -462,24 +477,42 @@ def _zero_smallest(rows: np.ndarray, score: np.ndarray, zeros: int) -> np.ndarra
     return out.reshape(rows.shape)
 
 
-def _reconstruct(rows: np.ndarray, upper: np.ndarray, zeros: int) -> np.ndarray:
-    """Zero `zeros` weights of rows (groups, units, D) and update the kept ones to keep w·x on calibration data.
+def _reconstruct(rows: np.ndarray, upper: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """For each number in `counts`, rows (groups, units, D) with that many weights zeroed and the kept ones
+    updated to keep w·x on calibration data.
 
     Column by column (layers.obs_sweep): the error of zeroing a weight is spread over the not yet visited columns
     of its row. The weights to zero in a block of columns are those with the least w² / U_jj², the saliency of
-    optimal brain surgeon, as many as the block's share of `zeros`.
+    optimal brain surgeon, as many as the block's share of the count. The counts are swept together, each a
+    copy of the rows stacked along the units: the sweep's cost is mostly per column, not per row.
     """
-    left, size_left = zeros, rows.size
+    per_sweep = max(1, STACK_BYTES // max(rows.nbytes, 1))
+    result = []
+    for first in range(0, len(counts), per_sweep):
+        result.extend(_reconstruct_stacked(rows, upper, counts[first:first + per_sweep]))
+    return result
+
+
+def _reconstruct_stacked(rows: np.ndarray, upper: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    groups, units, _ = rows.shape
+    left = np.array(counts, dtype=np.int64)       # zeros still to place, per count
+    size_left = np.full(len(counts), rows.size)   # weights not yet visited, per count
 
     def zero_in_block(block: np.ndarray, diagonal: np.ndarray):
         nonlocal left, size_left
-        saliency = block ** 2 / diagonal[:, None, :] ** 2
-        count = int(round(left * saliency.size / size_left))
-        left, size_left = left - count, size_left - saliency.size
-        mask = np.zeros(saliency.size, dtype=bool)
-        if count > 0:
-            mask[np.argpartition(saliency.reshape(-1), count - 1)[:count]] = True
-        mask = mask.reshape(saliency.shape)
+        saliency = (block ** 2 / diagonal[:, None, :] ** 2).reshape(groups, len(counts), units, -1)
+        size = saliency[:, 0].size
+        mask = np.zeros(saliency.shape, dtype=bool)
+        for index in range(len(counts)):
+            count = int(round(left[index] * size / size_left[index]))
+            left[index] -= count
+            size_left[index] -= size
+            if count > 0:
+                chosen = np.zeros(size, dtype=bool)
+                chosen[np.argpartition(saliency[:, index].reshape(-1), count - 1)[:count]] = True
+                mask[:, index] = chosen.reshape(saliency[:, index].shape)
+        mask = mask.reshape(block.shape)
         return lambda values, column: np.where(mask[:, :, column], 0.0, values)
 
-    return obs_sweep(rows, upper, zero_in_block)
+    swept = obs_sweep(np.concatenate([rows] * len(counts), axis=1), upper, zero_in_block)
+    return [swept[:, index * units:(index + 1) * units] for index in range(len(counts))]
