@@ -31,63 +31,77 @@ def kmeans_1d(values: np.ndarray, levels: int, importance: np.ndarray | None = N
 def kmeans_slices(slices: list[np.ndarray], levels: int, importances: list[np.ndarray] | None = None,
                   iterations: int = MAX_ITERATIONS) -> list[tuple[np.ndarray, np.ndarray]]:
     """kmeans_1d of each slice, the slices' Lloyd iterations done together (one codebook per output channel
-    means hundreds of small problems).
+    means hundreds of small problems)."""
+    return SortedSlices(slices, importances).kmeans(levels, iterations)
+
+
+class SortedSlices:
+    """Slices sorted once for k-means at any number of levels (share tries each layer at 1 … 8 bits).
 
     All slices are sorted at once, and slice r's values are shifted to start where slice r−1's end, plus one:
     one binary search over all of them then finds every slice's interval ends.
     """
-    if levels < 1:
-        raise ValueError("levels must be at least 1")
-    if not slices:
-        return []
-    flats = [np.asarray(v, dtype=np.float64).reshape(-1) for v in slices]
-    sizes = np.array([f.size for f in flats], dtype=np.int64)
-    count = len(flats)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    flat = np.concatenate(flats) if count else np.zeros(0)
-    owner = np.repeat(np.arange(count), sizes)
-    if importances is None:
-        weight_flat = np.ones_like(flat)
-    else:
-        weight_flat = np.concatenate([np.asarray(w, dtype=np.float64).reshape(-1) for w in importances])
-        if weight_flat.size != flat.size or np.any(weight_flat < 0):
-            raise ValueError("importance must be one non-negative value per weight")
-    filled = sizes > 0
-    low, high = np.zeros(count), np.zeros(count)
-    if flat.size:
-        low[filled] = np.minimum.reduceat(flat, starts[:-1][filled])
-        high[filled] = np.maximum.reduceat(flat, starts[:-1][filled])
-    shift = np.concatenate([[0.0], np.cumsum(high - low + 1)])[:-1] - low  # value + shift: one sorted line
-    keys = flat + shift[owner]
-    order = np.argsort(keys, kind="stable")  # the slices stay in place: slice r still fills starts[r]…
-    keys, ordered, weight = keys[order], flat[order], weight_flat[order]
-    new_value = np.ones(flat.size, dtype=bool)
-    new_value[1:] = (ordered[1:] != ordered[:-1]) | (owner[1:] != owner[:-1])
-    distinct = np.bincount(owner[new_value], minlength=count)
-    results: list = [None] * count
-    for r in np.nonzero(distinct <= levels)[0]:  # nothing to approximate
-        centroids = np.unique(flats[r])
-        results[r] = (centroids, np.searchsorted(centroids, flats[r]))
-    rows = np.nonzero(distinct > levels)[0]
-    if rows.size:
-        weight_sums = np.concatenate([[0.0], np.cumsum(weight)])
-        moment_sums = np.concatenate([[0.0], np.cumsum(weight * ordered)])
-        first, last = starts[rows][:, None], starts[rows + 1][:, None]
-        centroids = np.linspace(low[rows], high[rows], levels, axis=1)
+
+    def __init__(self, slices: list[np.ndarray], importances: list[np.ndarray] | None = None):
+        self.flats = [np.asarray(v, dtype=np.float64).reshape(-1) for v in slices]
+        sizes = np.array([f.size for f in self.flats], dtype=np.int64)
+        count = len(self.flats)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        flat = np.concatenate(self.flats) if count else np.zeros(0)
+        self.owner = np.repeat(np.arange(count), sizes)
+        if importances is None:
+            weight_flat = np.ones_like(flat)
+        else:
+            weight_flat = np.concatenate([np.asarray(w, dtype=np.float64).reshape(-1) for w in importances]) \
+                if count else np.zeros(0)
+            if weight_flat.size != flat.size or np.any(weight_flat < 0):
+                raise ValueError("importance must be one non-negative value per weight")
+        filled = sizes > 0
+        self.low, self.high = np.zeros(count), np.zeros(count)
+        if flat.size:
+            self.low[filled] = np.minimum.reduceat(flat, self.starts[:-1][filled])
+            self.high[filled] = np.maximum.reduceat(flat, self.starts[:-1][filled])
+        # value + shift: one sorted line
+        self.shift = np.concatenate([[0.0], np.cumsum(self.high - self.low + 1)])[:-1] - self.low
+        self.unsorted_keys = flat + self.shift[self.owner]
+        order = np.argsort(self.unsorted_keys, kind="stable")  # the slices stay in place: slice r fills starts[r]…
+        self.keys, ordered, weight = self.unsorted_keys[order], flat[order], weight_flat[order]
+        new_value = np.ones(flat.size, dtype=bool)
+        new_value[1:] = (ordered[1:] != ordered[:-1]) | (self.owner[1:] != self.owner[:-1])
+        self.distinct = np.bincount(self.owner[new_value], minlength=count)
+        self.weight_sums = np.concatenate([[0.0], np.cumsum(weight)])
+        self.moment_sums = np.concatenate([[0.0], np.cumsum(weight * ordered)])
+
+    def kmeans(self, levels: int, iterations: int = MAX_ITERATIONS) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(centroids, index of each value's centroid) per slice, as kmeans_1d."""
+        if levels < 1:
+            raise ValueError("levels must be at least 1")
+        results: list = [None] * len(self.flats)
+        for r in np.nonzero(self.distinct <= levels)[0]:  # nothing to approximate
+            centroids = np.unique(self.flats[r])
+            results[r] = (centroids, np.searchsorted(centroids, self.flats[r]))
+        rows = np.nonzero(self.distinct > levels)[0]
+        if not rows.size:
+            return results
+        first, last = self.starts[rows][:, None], self.starts[rows + 1][:, None]
+        centroids = np.linspace(self.low[rows], self.high[rows], levels, axis=1)
         for _ in range(iterations):
             middles = (centroids[:, :-1] + centroids[:, 1:]) / 2
-            ends = np.clip(np.searchsorted(keys, middles + shift[rows][:, None], side="right"), first, last)
+            ends = np.clip(np.searchsorted(self.keys, middles + self.shift[rows][:, None], side="right"), first, last)
             ends = np.concatenate([ends, last], axis=1)
             begins = np.concatenate([first, ends[:, :-1]], axis=1)
-            mass = weight_sums[ends] - weight_sums[begins]
-            updated = np.where(mass > 0, (moment_sums[ends] - moment_sums[begins]) / np.maximum(mass, 1e-300),
-                               centroids)
+            mass = self.weight_sums[ends] - self.weight_sums[begins]
+            updated = np.where(mass > 0, (self.moment_sums[ends] - self.moment_sums[begins]) /
+                               np.maximum(mass, 1e-300), centroids)
             if np.array_equal(updated, centroids):
                 break
             centroids = updated
-        # the same rule as the iterations: a value on a middle goes to the lower centroid
-        middles = ((centroids[:, :-1] + centroids[:, 1:]) / 2 + shift[rows][:, None]).reshape(-1)
+        # the same rule as the iterations: a value on a middle goes to the lower centroid. The rows' middles lie
+        # on the shifted line in order, so one search finds every value's centroid, less the rows before it
+        middles = ((centroids[:, :-1] + centroids[:, 1:]) / 2 + self.shift[rows][:, None]).reshape(-1)
+        before = np.zeros(len(self.flats), dtype=np.int64)
+        before[rows] = np.arange(rows.size) * (levels - 1)
+        found = np.searchsorted(middles, self.unsorted_keys, side="left") - before[self.owner]
         for j, r in enumerate(rows):
-            found = np.searchsorted(middles, flats[r] + shift[r], side="left") - j * (levels - 1)
-            results[r] = (centroids[j], found)
-    return results
+            results[r] = (centroids[j], found[self.starts[r]:self.starts[r + 1]])
+        return results

@@ -70,7 +70,7 @@ from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
-from onnxcomp.passes.kmeans import kmeans_slices
+from onnxcomp.passes.kmeans import SortedSlices
 from onnxcomp.passes.allocation import ModelOutputs, choose
 from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, WeightedLayer,
                                     held_out_samples, input_statistics, kept_exact_rows, obs_sweep, output_error,
@@ -280,14 +280,16 @@ def _allocate_bits(graph: gs.Graph, layers: list[WeightedLayer], statistics: dic
         stats = statistics[id(layer)]
         error_of = _errors(layer, stats, correct)
         candidates = []  # (stored bytes, relative error, Choice)
+        sorted_once: dict = {}
         for bits in range(1, 9):
             for granularity in granularities:
-                clustered = cluster(layer.values, bits, granularity, weights_of.get(id(layer)))
+                clustered = cluster(layer.values, bits, granularity, weights_of.get(id(layer)), sorted_once)
                 if correct:
                     clustered, _, _ = _restored(layer, clustered, stats)
                 candidates.append((sum(p.nbytes for p in _stored_parts(clustered, bits)), error_of(clustered),
                                    Choice(bits, granularity)))
-        uniform = cluster(layer.values, round(config.bits), config.granularity, weights_of.get(id(layer)))
+        uniform = cluster(layer.values, round(config.bits), config.granularity, weights_of.get(id(layer)),
+                          sorted_once)
         budget += uniform.indices.size * config.bits / 8 + _mask_bytes(uniform)
         if correct:
             uniform, bias_shift, _ = _restored(layer, uniform, stats)
@@ -363,13 +365,15 @@ def _row(layer: WeightedLayer, clustered: Clustered, bits: int) -> dict:
 
 
 def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
-            importance: np.ndarray | None = None) -> Clustered:
+            importance: np.ndarray | None = None, sorted_once: dict | None = None) -> Clustered:
     """The weight with its non-zero values replaced by at most 2^bits shared values.
 
     `row`: one codebook per slice along the first axis. `scaled`: one codebook for the slices, each divided by
     its largest magnitude, and one scale per slice. `tensor`: one codebook. `auto`: `row` where its codebooks
-    cost at most ROW_CODEBOOK_SHARE of the indices, else `scaled`.
+    cost at most ROW_CODEBOOK_SHARE of the indices, else `scaled`. `sorted_once`, a dict kept by the caller
+    across calls for the same weight and importance, keeps the sorted values for the other bits.
     """
+    sorted_once = {} if sorted_once is None else sorted_once
     levels = 2 ** bits
     zeros = weight == 0
     # a bit mask over all weights pays for itself when it saves more index bits than it costs; otherwise zeros
@@ -393,14 +397,20 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
         (list(importance.reshape(rows, -1)) if per_row else [importance.reshape(-1)])
     # entry 0 of a slice's codebook is the exact zero where the slice has zeros and no mask
     reserves = [int(not masked and zero.any()) for zero in zero_slices]
-    ordered = np.sort(np.stack(slices) if per_row else slices[0][None], axis=1)
-    distinct = 1 + np.count_nonzero(ordered[:, 1:] != ordered[:, :-1], axis=1) - np.any(ordered == 0, axis=1)
+    if (granularity, "distinct") not in sorted_once:
+        ordered = np.sort(np.stack(slices) if per_row else slices[0][None], axis=1)
+        sorted_once[granularity, "distinct"] = \
+            1 + np.count_nonzero(ordered[:, 1:] != ordered[:, :-1], axis=1) - np.any(ordered == 0, axis=1)
+    distinct = sorted_once[granularity, "distinct"]
     exact = bool(np.all(distinct <= levels - np.array(reserves)))  # nothing was approximated
     codebooks, indices = [], []
     for reserve in (0, 1):  # slices with a reserved entry get one centroid less
         chosen = [i for i, r in enumerate(reserves) if r == reserve]
-        found = kmeans_slices([slices[i][~zero_slices[i]] for i in chosen], levels - reserve,
-                              None if importance is None else [gains[i][~zero_slices[i]] for i in chosen])
+        if (granularity, tuple(chosen)) not in sorted_once:
+            sorted_once[granularity, tuple(chosen)] = SortedSlices(
+                [slices[i][~zero_slices[i]] for i in chosen],
+                None if importance is None else [gains[i][~zero_slices[i]] for i in chosen])
+        found = sorted_once[granularity, tuple(chosen)].kmeans(levels - reserve)
         for i, (centroids, index) in zip(chosen, found):
             entries = np.concatenate([np.zeros(reserve), centroids]).astype(weight.dtype)
             book = np.full(levels, entries[-1] if entries.size else 0, dtype=weight.dtype)  # unused: repeat one
