@@ -112,8 +112,8 @@ def round_to_total(targets: np.ndarray, total: int) -> np.ndarray:
     return floors
 
 
-PROBE_SECONDS = 15.0  # what a pass's layer-by-layer probes may take together before they use fewer samples
-MIN_PROBE_SAMPLES = 8
+PROBE_SECONDS = 10.0  # what a pass's layer-by-layer probes may take together before they use fewer samples
+MIN_PROBE_SAMPLES = 4  # a 320×320 detector's 4 samples hold 400 000 output values
 
 
 class ModelOutputs:
@@ -121,14 +121,16 @@ class ModelOutputs:
 
     `probes`: how many runs the caller will make. Where that many runs over `samples` would take more than
     PROBE_SECONDS (a large model, timed on its reference run), fewer samples are used, down to
-    MIN_PROBE_SAMPLES in whole batches: a layer's gain is a ratio of errors, stable over a few samples, while
-    the probes of a 70-layer detector at 320×320 took a minute on 32.
+    MIN_PROBE_SAMPLES in whole batches (of MIN_PROBE_SAMPLES at most, for several probes): a layer's gain is a
+    ratio of errors, stable over a few samples, while the probes of a 70-layer detector at 320×320 took a
+    minute on 32.
 
     A run resumes from the unchanged model's tensors before the changed layers (runner.PrefixRuns), so probing
     the layers one by one in graph order costs about half the full runs it would.
     """
 
     def __init__(self, graph: gs.Graph, ctx, data, samples: int, batch_size: int, probes: int = 1):
+        batch_size = min(batch_size, MIN_PROBE_SAMPLES) if probes > 1 else batch_size
         self.graph, self.ctx, self.data, self.samples, self.batch_size = graph, ctx, data, samples, batch_size
         self.names = [t.name for t in graph.outputs]
         self.unchanged = gs.export_onnx(graph, do_type_check=False)

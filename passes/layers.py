@@ -470,6 +470,25 @@ def input_statistics(model: onnx.ModelProto, layers: list[WeightedLayer], datase
     return {key: (fit, check if held_out_batches else None) for key, (fit, check) in result.items()}
 
 
+def damping_errors(error_of) -> dict[float, float]:
+    """`error_of(damping)` for the candidates in DAMPINGS that a descent visits: from the middle two towards the
+    lesser error while it decreases. The error over the damping's logarithm has one minimum (too little
+    overfits the calibration batches, too much leaves the plain rounding), so the rest need not be solved."""
+    errors: dict[float, float] = {}
+
+    def at(index: int) -> float:
+        if DAMPINGS[index] not in errors:
+            errors[DAMPINGS[index]] = error_of(DAMPINGS[index])
+        return errors[DAMPINGS[index]]
+
+    index = (len(DAMPINGS) - 1) // 2
+    step = 1 if at(index + 1) < at(index) else -1
+    index += step == 1
+    while 0 <= index + step < len(DAMPINGS) and at(index + step) < at(index):
+        index += step
+    return errors
+
+
 def held_out_batch(number: int, count: int, every: int) -> bool:
     """Whether batch `number` of `count` is held out: every `every`-th, or the last of 2 to `every` − 1."""
     if count >= every:

@@ -30,7 +30,7 @@ What is done about the error (`correction`):
   so that the layer's output on calibration data is reproduced, min ‖W x − W' x‖² over the mask (optimal brain
   surgeon updates, column by column with a shared inverse Hessian, as in SparseGPT, Frantar & Alistarh 2023),
   then each unit's mean and spread are restored as with `channel`. H is damped by a share of its mean
-  diagonal chosen on held-out calibration batches among DAMPINGS: a few images of many classes need a large
+  diagonal chosen on held-out calibration batches among layers.DAMPINGS: a few images of many classes need a large
   one (the fit tends to magnitude pruning), data that covers what the model sees a small one.
 - With `sequential` (the default), layers are pruned in waves in graph order and each wave's inputs are
   measured again on the partly pruned model, next to the unpruned model's: the kept weights are solved to give
@@ -65,8 +65,8 @@ from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.runner import PrefixRuns
 from onnxcomp.passes.allocation import ModelOutputs, allocate, round_to_total
-from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics,
-                                    WeightedLayer, expand_diagonal, held_out_samples, kept_exact_rows,
+from onnxcomp.passes.layers import (CHECK_EVERY, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics,
+                                    WeightedLayer, damping_errors, expand_diagonal, held_out_samples, kept_exact_rows,
                                     input_statistics, obs_sweep, output_error, prepare, select_layers, snr_db,
                                     solved, unit_energy)
 from onnxcomp.passes.prune_channels import prune_channels
@@ -245,8 +245,10 @@ def _measure(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext
                                   batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
                                   check_every=CHECK_EVERY)
     for plan in plans:
+        # the allocation measures each layer on the batches the damping is chosen with (their solves are
+        # kept); the layers are pruned on all the batches (_prune)
         plan.fit, plan.check = statistics[id(plan.layer)]
-        plan.stats = plan.fit + plan.check if plan.check is not None else plan.fit
+        plan.stats = plan.fit
     result: dict[str, int | float | str] = {"samples": samples}
     held_out = held_out_samples(ctx.calibration_data, samples, config.batch_size)
     if correction == "reconstruct":
@@ -258,7 +260,7 @@ def _measure(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext
                                               config.batch_size)
             for plan in plans:
                 plan.damping = damping
-                plan.fit.solved.clear()  # one solve per candidate damping: memory the rest does not need
+                plan.fit.solved = {key: value for key, value in plan.fit.solved.items() if key[1] == damping}
             result["held_out_snr_db"] = round(float(snr_db(errors[damping])), 1)
         result["damping"] = plans[0].damping
     return result
@@ -289,7 +291,10 @@ def _prune(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, 
     prefixes = [PrefixRuns(ctx.calibration_data, samples, config.batch_size, provider=ctx.provider,
                            role="the model for layer statistics") for _ in range(2)]
     for index, wave in enumerate(progress.each(waves, "pruning", unit="wave")):
-        if index > 0:
+        if index == 0:
+            for plan in wave:
+                plan.stats = plan.fit + plan.check if plan.check is not None else plan.fit
+        else:
             model = gs.export_onnx(graph, do_type_check=False)
             statistics = input_statistics(model, [plan.layer for plan in wave], ctx.calibration_data,
                                           samples=samples, batch_size=config.batch_size, provider=ctx.provider,
@@ -371,16 +376,18 @@ def _global_counts(weights: list[np.ndarray], target: int) -> np.ndarray:
 def _choose_damping(graph: gs.Graph, plans: list[LayerPlan], ctx: PassContext, correction: str, sparsity: float,
                     held_out, batch_size: int) -> tuple[float, dict[float, float]]:
     """The damping whose pruning, fitted on the other calibration samples with every layer at `sparsity`, gives
-    the least relative error of the model's outputs on the held-out samples; and each candidate's error."""
+    the least relative error of the model's outputs on the held-out samples; and each tried candidate's error."""
     outputs = ModelOutputs(graph, ctx, held_out, held_out.num_samples, batch_size)
-    errors = {}
-    for damping in DAMPINGS:
+
+    def error_of(damping: float) -> float:
         changes = []
         for plan in plans:
             pruned, bias_shift, _ = _prune_layer(plan, int(round(sparsity * plan.layer.values.size)), correction,
                                                  stats=plan.fit, damping=damping)
             changes.append((plan.layer, pruned, bias_shift))
-        errors[damping] = outputs.relative_error(changes)
+        return outputs.relative_error(changes)
+
+    errors = damping_errors(error_of)
     return min(errors, key=errors.get), errors
 
 

@@ -72,7 +72,7 @@ from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes.kmeans import SortedSlices
 from onnxcomp.passes.allocation import ModelOutputs, choose
-from onnxcomp.passes.layers import (CHECK_EVERY, DAMPINGS, UNCHECKED_DAMPING, WEIGHTED_OPS, WeightedLayer,
+from onnxcomp.passes.layers import (CHECK_EVERY, UNCHECKED_DAMPING, WEIGHTED_OPS, WeightedLayer, damping_errors,
                                     held_out_samples, input_statistics, kept_exact_rows, obs_sweep, output_error,
                                     prepare, select_layers, snr_db, solved, unit_energy, warn)
 from onnxcomp.registry import register
@@ -532,14 +532,15 @@ def _damping_errors(graph: gs.Graph, layers: list[WeightedLayer], clustered_of: 
     """For each candidate damping, the relative error of the model's outputs on the held-out calibration
     samples, with every layer's indices chosen and units restored on the other samples."""
     outputs = ModelOutputs(graph, ctx, held_out, held_out.num_samples, config.batch_size)
-    errors = {}
-    for damping in DAMPINGS:
+
+    def error_of(damping: float) -> float:
         changes = []
         for layer in layers:
             clustered, bias_shift = _finished(layer, clustered_of[id(layer)], fits[id(layer)], damping, correct)
             changes.append((layer, clustered.values, bias_shift))
-        errors[damping] = outputs.relative_error(changes)
-    return errors
+        return outputs.relative_error(changes)
+
+    return damping_errors(error_of)
 
 
 def _restorable(layer: WeightedLayer, clustered: Clustered) -> bool:

@@ -235,7 +235,7 @@ def test_deep_compression_recipe_prunes_then_shares(tmp_path, digits_model):
 
 
 def test_probes_use_fewer_samples_where_all_of_them_would_take_too_long(monkeypatch):
-    """Layer-by-layer probes of a large model are budgeted in time: past it, whole batches down to 8 samples."""
+    """Layer-by-layer probes of a large model are budgeted in time: past it, whole batches down to 4 samples."""
     import onnx_graphsurgeon as gs
 
     from onnxcomp import data as datasets
