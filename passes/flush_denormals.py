@@ -30,13 +30,14 @@ class FlushDenormals(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         flushed = tensors = 0
         for tensor in graphs.constant_tensors(graph):
-            count = _flush(tensor)
+            count = flush(tensor)
             flushed += count
             tensors += count > 0
         return PassResult(modified=flushed > 0, stats={"denormals_zeroed": flushed, "tensors": tensors})
 
 
-def _flush(tensor: gs.Constant) -> int:
+def flush(tensor: gs.Constant) -> int:
+    """Zero the tensor's denormal values; how many there were."""
     values = tensor.values
     if values.dtype.kind != "f" or values.dtype.itemsize < 2:
         return 0
