@@ -475,17 +475,20 @@ def damping_errors(error_of) -> dict[float, float]:
     lesser error while it decreases. The error over the damping's logarithm has one minimum (too little
     overfits the calibration batches, too much leaves the plain rounding), so the rest need not be solved."""
     errors: dict[float, float] = {}
+    shown = bar(len(DAMPINGS), "damping", unit="candidate")
 
     def at(index: int) -> float:
         if DAMPINGS[index] not in errors:
             errors[DAMPINGS[index]] = error_of(DAMPINGS[index])
+            shown.update(1)
         return errors[DAMPINGS[index]]
 
-    index = (len(DAMPINGS) - 1) // 2
-    step = 1 if at(index + 1) < at(index) else -1
-    index += step == 1
-    while 0 <= index + step < len(DAMPINGS) and at(index + step) < at(index):
-        index += step
+    with shown:
+        index = (len(DAMPINGS) - 1) // 2
+        step = 1 if at(index + 1) < at(index) else -1
+        index += step == 1
+        while 0 <= index + step < len(DAMPINGS) and at(index + step) < at(index):
+            index += step
     return errors
 
 
