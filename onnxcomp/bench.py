@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 
 @dataclass
@@ -178,3 +180,54 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: generated models of any size, and the peak resident memory of a command on them
+
+# VmHWM, the process's own peak: getrusage's ru_maxrss keeps the parent's peak across fork and exec.
+PEAK_SCRIPT = """
+import runpy, sys, time
+sys.argv = ["onnxcomp"] + sys.argv[1:]
+started = time.perf_counter()
+try:
+    runpy.run_module("onnxcomp.cli", run_name="__main__")
+except SystemExit as exit:
+    assert not exit.code, exit.code
+seconds = time.perf_counter() - started
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")), seconds)
+"""
+
+
+def matmul_bn_chain(path: Path, layers: int, width: int = 2048) -> int:
+    """x [N, width] → (MatMul → BatchNormalization → Relu) × layers, saved at `path` with its weights in external
+    data (one file); returns the weights' bytes."""
+    rng = np.random.default_rng(0)
+    nodes, weights, current = [], [], "x"
+    for i in range(layers):
+        weights.append(numpy_helper.from_array(
+            rng.standard_normal((width, width), dtype=np.float32) / np.float32(width ** 0.5), f"w{i}"))
+        for name, values in (("s", np.ones(width)), ("b", np.zeros(width)), ("m", rng.normal(0, 0.1, width)),
+                             ("v", np.ones(width))):
+            weights.append(numpy_helper.from_array(values.astype(np.float32), f"{name}{i}"))
+        nodes += [helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"]),
+                  helper.make_node("BatchNormalization", [f"mm{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"bn{i}"]),
+                  helper.make_node("Relu", [f"bn{i}"], [f"r{i}"])]
+        current = f"r{i}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=1024)
+    return sum(t.ByteSize() for t in weights)
+
+
+def peak_memory(*arguments: str, timeout: float = 3600) -> tuple[int, float]:
+    """(peak resident bytes, seconds) of `onnxcomp ARGUMENTS...` in a fresh process, which must exit 0."""
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *arguments], capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"onnxcomp {' '.join(arguments)} failed: {result.stderr.strip()[-500:]}")
+    peak, seconds = result.stdout.strip().splitlines()[-1].split()
+    return int(peak), float(seconds)

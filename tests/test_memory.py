@@ -9,56 +9,15 @@ the serialized output (before, the same run took about 6× the weights).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
-
-WIDTH = 2048
-# VmHWM, the process's own peak: getrusage's ru_maxrss keeps the parent's peak across fork and exec.
-PEAK_SCRIPT = """
-import runpy, sys
-sys.argv = ["onnxcomp"] + sys.argv[1:]
-try:
-    runpy.run_module("onnxcomp.cli", run_name="__main__")
-except SystemExit as exit:
-    assert not exit.code, exit.code
-print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
-"""
-
-
-def matmul_bn_chain(path: Path, layers: int) -> int:
-    """The model described above, saved with its weights in external data; returns the weights' bytes."""
-    rng = np.random.default_rng(0)
-    nodes, weights, current = [], [], "x"
-    for i in range(layers):
-        weights.append(numpy_helper.from_array(
-            rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.float32(WIDTH ** 0.5), f"w{i}"))
-        for name, values in (("s", np.ones(WIDTH)), ("b", np.zeros(WIDTH)), ("m", rng.normal(0, 0.1, WIDTH)),
-                             ("v", np.ones(WIDTH))):
-            weights.append(numpy_helper.from_array(values.astype(np.float32), f"{name}{i}"))
-        nodes += [helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"]),
-                  helper.make_node("BatchNormalization", [f"mm{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"bn{i}"]),
-                  helper.make_node("Relu", [f"bn{i}"], [f"r{i}"])]
-        current = f"r{i}"
-    nodes.append(helper.make_node("Identity", [current], ["y"]))
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", WIDTH])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", WIDTH])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=path.name + ".data", size_threshold=1024)
-    return sum(t.ByteSize() for t in weights)
+from onnxcomp.bench import matmul_bn_chain, peak_memory
 
 
 def peak_bytes(model: Path) -> int:
     output = model.with_name(model.stem + ".opt.onnx")
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, "optimize", str(model), "-o", str(output),
-                             "--passes", "fuse-bn", "--no-validate"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    return int(result.stdout.strip().splitlines()[-1])
+    return peak_memory("optimize", str(model), "-o", str(output), "--passes", "fuse-bn", "--no-validate",
+                       timeout=600)[0]
 
 
 def test_peak_memory_of_fuse_bn_is_at_most_2_5_times_the_weights(tmp_path):

@@ -1,0 +1,73 @@
+"""Benchmark: peak resident memory and time of each pass on a generated model of several GB, validation included.
+
+    .venv/bin/python benchmarks/memory.py [--gb 2.4] [--width 4096] [--recipes fuse-bn,int8,...] [--folder DIR]
+
+The model: x [N, width] → (MatMul → BatchNormalization → Relu) × layers, as many layers of width² float32
+weights as make --gb, saved with its weights in external data (onnxcomp.bench.matmul_bn_chain). Each recipe runs
+as `onnxcomp optimize` in a fresh process, with validation on random inputs (one sample, 5 latency runs) and,
+for int8, 8 random calibration samples; prune and share run without calibration data (magnitude pruning,
+uniform bits: their data-driven steps solve a width × width system per layer, which is time, not memory, at this
+size). The figure is the process's peak resident memory (VmHWM) over the weights' bytes, next to the same run on
+a one-layer model (the interpreter, its libraries and ORT's arenas), and the run's wall time.
+
+Results: stdout (one table) and benchmarks/results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from onnxcomp.bench import environment, log, markdown_table, matmul_bn_chain, peak_memory, write_results
+
+RECIPES = {
+    "fuse-bn": ("fuse-bn", []),
+    "int8": ("fuse-bn,int8", ["--calib-data", "random"]),
+    "prune": ("fuse-bn,prune:sparsity=0.5", []),
+    "share": ("fuse-bn,share:bits=6", []),
+    "fp16": ("fuse-bn,fp16", []),
+    "int4": ("fuse-bn,int4", []),
+}
+
+
+def run(model: Path, recipe: str) -> tuple[int, float]:
+    passes, extra = RECIPES[recipe]
+    output = model.with_name(f"{model.stem}.{recipe}.onnx")
+    try:
+        return peak_memory("optimize", str(model), "-o", str(output), "--passes", passes, "--runs", "5",
+                           "--limit", "8", *extra)
+    finally:
+        for path in output.parent.glob(output.name + "*"):
+            path.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.4)
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--folder", help="where the generated models go (default: a temporary folder)")
+    args = parser.parse_args()
+    layers = max(1, round(args.gb * 1e9 / (4 * args.width ** 2)))
+    rows, results = [], {"environment": environment(), "width": args.width, "layers": layers, "recipes": {}}
+    with tempfile.TemporaryDirectory(dir=args.folder) as work:
+        (Path(work) / "small").mkdir(), (Path(work) / "large").mkdir()
+        small_model, large_model = Path(work) / "small" / "model.onnx", Path(work) / "large" / "model.onnx"
+        matmul_bn_chain(small_model, 1, args.width)
+        weights = matmul_bn_chain(large_model, layers, args.width)
+        log(f"generated {layers} layers of {args.width}², {weights / 1e9:.2f} GB of weights")
+        for recipe in args.recipes.split(","):
+            base, _ = run(small_model, recipe)
+            peak, seconds = run(large_model, recipe)
+            results["recipes"][recipe] = {"peak_bytes": peak, "base_bytes": base, "seconds": seconds,
+                                          "weights_bytes": weights}
+            rows.append([recipe, RECIPES[recipe][0], f"{peak / 1e9:.2f}", f"{peak / weights:.2f}",
+                         f"{(peak - base) / weights:.2f}", f"{seconds:.0f}"])
+            log(" | ".join(rows[-1]))
+    markdown_table(["recipe", "passes", "peak GB", "peak / weights", "(peak − one-layer run) / weights", "s"], rows)
+    write_results(Path(__file__).parent / "results" / "memory.json", results)
+
+
+if __name__ == "__main__":
+    main()
