@@ -104,6 +104,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
         optimized, records = PassManager(pipeline).run(original, ctx)
     if output is not None:
         model_io.save(optimized, output, source=source)
+    if source is not None:  # validation reads the file: the loaded copy's weights need not stay in memory
+        original = ctx.input_model = None
     report = Report(model=source or "(in memory)", output=None if output is None else str(output), passes=records,
                     validation_skipped=skipped)
     if evaluation is not None and validate_result:

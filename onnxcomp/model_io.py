@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -26,8 +27,11 @@ EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
 EXTERNAL_TENSOR_BYTES = 1024
 
 
-def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX model and its external data; raise InputError with a clear message when it cannot."""
+def load(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model and its external data; raise InputError with a clear message when it cannot.
+
+    `weights=False` leaves tensors kept in external data unread (their files are still checked): the graph,
+    shapes and names, for a caller that hands the path itself to ONNX Runtime."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file; check the path to the ONNX model")
@@ -49,7 +53,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     base = path.resolve().parent
     for location in locations:
         _check_external_location(path, base, location)
-    if locations:
+    if locations and weights:
         try:
             onnx.load_external_data_for_model(model, str(base))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
@@ -108,6 +112,16 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
                 os.replace(previous_data, target_data)
             raise
     return path
+
+
+@contextmanager
+def on_disk(model: onnx.ModelProto) -> Iterator[str]:
+    """A path to `model` for the duration of the block: a model over protobuf's 2 GB limit cannot be handed to
+    ONNX Runtime as bytes, so it is written to a temporary folder with its weights in external data."""
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-") as folder:
+        path = Path(folder) / "model.onnx"
+        _write_external(model, path, Path(folder) / "model.onnx.data")
+        yield str(path)
 
 
 def _write_external(model: onnx.ModelProto, model_path: Path, data_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
+from onnxcomp import model_io
 from onnxcomp.errors import InputError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -45,12 +46,21 @@ def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: s
     options.log_severity_level = 4  # fatal only: failures reach the user as our one-line errors
     if not spinning:  # idle worker threads would spin and steal the cores from another session being timed
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    source = model if isinstance(model, str) else model.SerializeToString()
-    try:
-        created = ort.InferenceSession(source, options, providers=[provider_name])
-    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a model it rejects
-        raise InputError(f"onnxruntime cannot load the model on {provider}: {first_line(exc)}") from None
+    if not isinstance(model, str) and model_io.tensor_bytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
+        with model_io.on_disk(model) as path:  # over 2 GB: no bytes to hand over
+            created = _created(path, options, provider, provider_name)
+    else:
+        created = _created(model if isinstance(model, str) else model.SerializeToString(), options, provider,
+                           provider_name)
     if created.get_providers()[0] != provider_name:
         raise InputError(f"onnxruntime could not start the {provider.upper()} execution provider (no GPU, or "
                          "CUDA / cuDNN libraries missing); see onnxruntime's CUDA requirements")
     return created
+
+
+def _created(source: str | bytes, options: ort.SessionOptions, provider: str,
+             provider_name: str) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(source, options, providers=[provider_name])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a model it rejects
+        raise InputError(f"onnxruntime cannot load the model on {provider}: {first_line(exc)}") from None

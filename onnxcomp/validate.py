@@ -314,7 +314,9 @@ def _check_same_interface(reference: onnx.ModelProto, candidate: onnx.ModelProto
 
 
 def _as_model(model: onnx.ModelProto | str) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else model_io.load(model)
+    # the graph only: ORT reads a path's weights itself, and a second copy of a 2.4 GB model's weights here
+    # was a third of validation's peak memory
+    return model if isinstance(model, onnx.ModelProto) else model_io.load(model, weights=False)
 
 
 def _source(original, loaded: onnx.ModelProto):

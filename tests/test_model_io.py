@@ -431,3 +431,43 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
         os.umask(umask)
     for name in ("plain.onnx", "external.onnx", "external.onnx.data", "report.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_sessions_of_models_over_the_protobuf_limit_are_made_from_a_file(monkeypatch):
+    """A model over 2 GB has no bytes to hand ONNX Runtime: it is written with external data to a temporary
+    folder, the session made from there, and the folder removed (the 2 GB limit stands in as a few bytes)."""
+    import tempfile
+
+    from onnxcomp.runner import Runner
+
+    weight = np.arange(8 * 1024, dtype=np.float32).reshape(8, 1024)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    folders = []
+    made = model_io.on_disk
+
+    def recorded(m):
+        context = made(m)
+        path = context.__enter__()
+        folders.append(os.path.dirname(path))
+        assert os.path.getsize(path + ".data") == weight.nbytes and os.path.getsize(path) < 1024
+        return _Exiting(context, path)
+
+    class _Exiting:
+        def __init__(self, context, path):
+            self.context, self.path = context, path
+
+        def __enter__(self):
+            return self.path
+
+        def __exit__(self, *exc):
+            return self.context.__exit__(*exc)
+
+    monkeypatch.setattr(model_io, "on_disk", recorded)
+    x = np.ones((1, 8), np.float32)
+    np.testing.assert_allclose(Runner(model).run({"x": x})["y"], x @ weight)
+    assert folders and not os.path.exists(folders[0]) and folders[0].startswith(tempfile.gettempdir())
