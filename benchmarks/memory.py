@@ -59,14 +59,19 @@ def main() -> None:
         log(f"generated {layers} layers of {args.width}², {weights / 1e9:.2f} GB of weights")
         for recipe in args.recipes.split(","):
             base, _ = run(small_model, recipe)
-            peak, seconds = run(large_model, recipe)
-            results["recipes"][recipe] = {"peak_bytes": peak, "base_bytes": base, "seconds": seconds,
-                                          "weights_bytes": weights}
-            rows.append([recipe, RECIPES[recipe][0], f"{peak / 1e9:.2f}", f"{peak / weights:.2f}",
-                         f"{(peak - base) / weights:.2f}", f"{seconds:.0f}"])
+            try:
+                peak, seconds = run(large_model, recipe)
+            except RuntimeError as exc:  # killed for memory, most often: a row, and the next recipe
+                results["recipes"][recipe] = {"error": str(exc)[-300:], "weights_bytes": weights}
+                rows.append([recipe, RECIPES[recipe][0], "failed", "", "", ""])
+            else:
+                results["recipes"][recipe] = {"peak_bytes": peak, "base_bytes": base, "seconds": seconds,
+                                              "weights_bytes": weights}
+                rows.append([recipe, RECIPES[recipe][0], f"{peak / 1e9:.2f}", f"{peak / weights:.2f}",
+                             f"{(peak - base) / weights:.2f}", f"{seconds:.0f}"])
             log(" | ".join(rows[-1]))
+            write_results(Path(__file__).parent / "results" / "memory.json", results)
     markdown_table(["recipe", "passes", "peak GB", "peak / weights", "(peak − one-layer run) / weights", "s"], rows)
-    write_results(Path(__file__).parent / "results" / "memory.json", results)
 
 
 if __name__ == "__main__":
