@@ -92,35 +92,36 @@ class PrefixRuns:
 
     def batches(self, model: onnx.ModelProto, outputs: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(samples done, {output: value}) per batch, as Runner.batches, from the kept tensors on."""
-        available = {name: values[0].dtype for name, values in self.kept.items()}
-        cut, ran = _cut(model, outputs, available)
-        resumed = [i.name for i in cut.graph.input if i.name in available]
+        cut, ran = _cut(model, outputs, self._available())
         self.computed |= ran
         later = _read_later(model, self.computed)
         produced = [name for name in ran if name in later and name not in self.kept]
-        runner = Runner(cut, provider=self.provider, outputs=list(dict.fromkeys(outputs + produced)), role=self.role)
-        runs = self.dataset.runs(self.samples, self.batch_size)
         new: dict[str, list[np.ndarray]] = {name: [] for name in produced}
-        for index, (start, stop) in enumerate(runs):
-            feed = self.dataset.batch(start, stop)
-            feed.update({name: self.kept[name][index] for name in resumed})
-            values = runner.run(feed)
+        last = len(self.dataset.runs(self.samples, self.batch_size)) - 1
+        for index, stop, values in self._resumed(cut, list(dict.fromkeys(outputs + produced))):
             for name in produced:
                 new[name].append(values[name])
-            if index == len(runs) - 1:  # before the last yield: a caller zipping two runs stops after it
+            if index == last:  # before the last yield: a caller zipping two runs stops after it
                 self._keep(new, later)
             yield stop, {name: values[name] for name in outputs}
 
     def branch(self, model: onnx.ModelProto, outputs: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(samples done, {output: value}) per batch of `model`, resumed from the kept tensors without keeping
         anything: a probe of a change to nodes not computed yet, the runs after it unaffected."""
-        cut, _ = _cut(model, outputs, {name: values[0].dtype for name, values in self.kept.items()})
+        for _, stop, values in self._resumed(_cut(model, outputs, self._available())[0], outputs):
+            yield stop, values
+
+    def _available(self) -> dict[str, np.dtype]:
+        return {name: values[0].dtype for name, values in self.kept.items()}
+
+    def _resumed(self, cut: onnx.ModelProto, outputs: list[str]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """(batch index, samples done, values) of the cut model, fed the kept tensors it reads."""
         resumed = [i.name for i in cut.graph.input if i.name in self.kept]
         runner = Runner(cut, provider=self.provider, outputs=outputs, role=self.role)
         for index, (start, stop) in enumerate(self.dataset.runs(self.samples, self.batch_size)):
             feed = self.dataset.batch(start, stop)
             feed.update({name: self.kept[name][index] for name in resumed})
-            yield stop, runner.run(feed)
+            yield index, stop, runner.run(feed)
 
     def _keep(self, new: dict[str, list[np.ndarray]], later: set[str]) -> None:
         self.kept = {name: values for name, values in {**self.kept, **new}.items() if name in later}

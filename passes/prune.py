@@ -287,9 +287,10 @@ def _prune(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, 
     names = graphs.Names(graph)
     sequential = config.sequential and correction != "none"
     waves = _waves(graph, plans) if sequential else [plans]
-    samples = min(config.samples, ctx.calibration_data.num_samples) if sequential else 0
-    prefixes = [PrefixRuns(ctx.calibration_data, samples, config.batch_size, provider=ctx.provider,
-                           role="the model for layer statistics") for _ in range(2)]
+    if len(waves) > 1:  # the pruned model and the unpruned one
+        samples = min(config.samples, ctx.calibration_data.num_samples)
+        prefixes = [PrefixRuns(ctx.calibration_data, samples, config.batch_size, provider=ctx.provider,
+                               role="the model for layer statistics") for _ in range(2)]
     for index, wave in enumerate(progress.each(waves, "pruning", unit="wave")):
         if index == 0:
             for plan in wave:
