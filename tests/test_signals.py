@@ -48,8 +48,11 @@ def matmul_chain(path: Path, width: int, layers: int) -> Path:
 
 
 def start(*args) -> subprocess.Popen:
+    # SIGINT at its default in the child, as in a terminal: a suite started in the background (`cmd &` in a
+    # script) ignores SIGINT, the children inherit that, and Python then installs no KeyboardInterrupt at all
     return subprocess.Popen([sys.executable, "-m", "onnxcomp.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, process: subprocess.Popen, what: str) -> None:
