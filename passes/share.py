@@ -397,20 +397,19 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
         (list(importance.reshape(rows, -1)) if per_row else [importance.reshape(-1)])
     # entry 0 of a slice's codebook is the exact zero where the slice has zeros and no mask
     reserves = [int(not masked and zero.any()) for zero in zero_slices]
-    if (granularity, "distinct") not in sorted_once:
-        ordered = np.sort(np.stack(slices) if per_row else slices[0][None], axis=1)
-        sorted_once[granularity, "distinct"] = \
-            1 + np.count_nonzero(ordered[:, 1:] != ordered[:, :-1], axis=1) - np.any(ordered == 0, axis=1)
-    distinct = sorted_once[granularity, "distinct"]
-    exact = bool(np.all(distinct <= levels - np.array(reserves)))  # nothing was approximated
-    codebooks, indices = [], []
+    groups = {}  # reserve → (the slices with it, their non-zero values sorted)
     for reserve in (0, 1):  # slices with a reserved entry get one centroid less
         chosen = [i for i, r in enumerate(reserves) if r == reserve]
         if (granularity, tuple(chosen)) not in sorted_once:
             sorted_once[granularity, tuple(chosen)] = SortedSlices(
                 [slices[i][~zero_slices[i]] for i in chosen],
                 None if importance is None else [gains[i][~zero_slices[i]] for i in chosen])
-        found = sorted_once[granularity, tuple(chosen)].kmeans(levels - reserve)
+        groups[reserve] = chosen, sorted_once[granularity, tuple(chosen)]
+    # nothing was approximated: every slice has no more distinct non-zero values than its centroids
+    exact = all(bool(np.all(values.distinct <= levels - reserve)) for reserve, (_, values) in groups.items())
+    codebooks, indices = [], []
+    for reserve, (chosen, values) in groups.items():
+        found = values.kmeans(levels - reserve)
         for i, (centroids, index) in zip(chosen, found):
             entries = np.concatenate([np.zeros(reserve), centroids]).astype(weight.dtype)
             book = np.full(levels, entries[-1] if entries.size else 0, dtype=weight.dtype)  # unused: repeat one
