@@ -188,6 +188,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> None:
 # VmHWM, the process's own peak: getrusage's ru_maxrss keeps the parent's peak across fork and exec.
 PEAK_SCRIPT = """
 import runpy, sys, time
+exec(sys.argv.pop(1))
 sys.argv = ["onnxcomp"] + sys.argv[1:]
 started = time.perf_counter()
 try:
@@ -223,10 +224,11 @@ def matmul_bn_chain(path: Path, layers: int, width: int = 2048) -> int:
     return sum(t.ByteSize() for t in weights)
 
 
-def peak_memory(*arguments: str, timeout: float = 3600) -> tuple[int, float]:
-    """(peak resident bytes, seconds) of `onnxcomp ARGUMENTS...` in a fresh process, which must exit 0."""
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *arguments], capture_output=True, text=True,
-                            timeout=timeout)
+def peak_memory(*arguments: str, timeout: float = 3600, prelude: str = "") -> tuple[int, float]:
+    """(peak resident bytes, seconds) of `onnxcomp ARGUMENTS...` in a fresh process, which must exit 0;
+    `prelude` is Python run in that process first (a module setting for a test)."""
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, prelude, *arguments], capture_output=True,
+                            text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"onnxcomp {' '.join(arguments)} failed: {result.stderr.strip()[-500:]}")
     peak, seconds = result.stdout.strip().splitlines()[-1].split()

@@ -197,7 +197,7 @@ def _optimize(args) -> int:
                              latency_runs=args.runs, optimization=args.ort_opt,
                              max_accuracy_drop=args.max_accuracy_drop, max_latency_ratio=args.max_latency_ratio,
                              input_shapes=_input_shapes(args), tokenizer=args.tokenizer,
-                             optimize_for=args.optimize_for)
+                             optimize_for=args.optimize_for, return_model=False)
     return _finish(report, args)
 
 

@@ -6,6 +6,8 @@ graphsurgeon names edges from the tensor's point of view: `tensor.inputs` are th
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -13,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from onnxcomp import model_io
 from onnxcomp.errors import first_line
 
 
@@ -235,3 +238,55 @@ def constant_tensors(graph: gs.Graph) -> list[gs.Constant]:
             if isinstance(value, gs.Constant):
                 found.setdefault(id(value), value)
     return list(found.values())
+
+
+@contextmanager
+def weights_as_inputs(graph: gs.Graph):
+    """Within the block, the graph's large constants are graph inputs of their type and shape: an export of the
+    graph then holds no copy of its weights, which is all onnx.checker and shape inference need."""
+    swapped = [(tensor, tensor._values, tensor.data_location)  # _values, as .values would load them
+               for tensor in graph.tensors().values()
+               if isinstance(tensor, gs.Constant) and _nbytes(tensor) >= model_io.EXTERNAL_TENSOR_BYTES]
+    inputs = list(graph.inputs)
+    for tensor, *_ in swapped:
+        tensor.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))
+        tensor.type = "tensor_type"  # what Variable() sets and to_variable() leaves out
+    graph.inputs.extend(tensor for tensor, *_ in swapped)
+    try:
+        yield swapped  # what the block takes out of this list stays a graph input
+    finally:
+        graph.inputs = inputs
+        for tensor, values, location in swapped:
+            del tensor.type
+            tensor.to_constant(values)
+            tensor.data_location = location
+
+
+def _nbytes(tensor: gs.Constant) -> int:
+    try:
+        return math.prod(tensor.shape) * np.dtype(tensor.dtype).itemsize
+    except TypeError:  # a type numpy lacks (bfloat16 and others): count one byte an element
+        return math.prod(tensor.shape)
+
+
+def inferred_types(graph: gs.Graph) -> dict[str, onnx.TypeProto]:
+    """{tensor name: type} from ONNX shape inference, for the graph's tensors and outputs; empty where inference
+    fails. The graph is exported without its weights (weights_as_inputs): inferring on a full export of a 1.2 GB
+    model took 5 GB."""
+    with weights_as_inputs(graph):
+        model = gs.export_onnx(graph, do_type_check=False)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference is a help; what it cannot type stays unknown
+        return {}
+    return {value.name: value.type for value in list(inferred.graph.value_info) + list(inferred.graph.output)}
+
+
+def inferred_rank(tensor: gs.Tensor, types: dict[str, onnx.TypeProto]) -> int | None:
+    """The rank of `tensor`, stated in the model or else inferred."""
+    if tensor.shape is not None:
+        return len(tensor.shape)
+    value = types.get(tensor.name)
+    if value is None or not value.HasField("tensor_type") or not value.tensor_type.HasField("shape"):
+        return None
+    return len(value.tensor_type.shape.dim)

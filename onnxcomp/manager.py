@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -64,7 +61,7 @@ class PassManager:
             record.automatic = automatic
             records.append(record)
             if record.modified and check:
-                with _large_constants_as_inputs(graph):
+                with graphs.weights_as_inputs(graph):
                     error = _check_error(export())
                 if error:
                     raise PostconditionError(f"pass '{current.name}' produced an invalid model: {error}")
@@ -129,28 +126,6 @@ class PassManager:
         return PassRecord(current.name, result.modified, seconds, stats, layers=list(result.layers))
 
 
-@contextmanager
-def _large_constants_as_inputs(graph: gs.Graph):
-    """Within the block, the graph's large weights are graph inputs of their type and shape: the model checked
-    after each pass is exported without a copy of its weights (all onnx.checker needs; see _check_error)."""
-    swapped = [(tensor, tensor._values, tensor.data_location)  # _values, as .values would load them
-               for tensor in graph.tensors().values()
-               if isinstance(tensor, gs.Constant) and _nbytes(tensor) >= model_io.EXTERNAL_TENSOR_BYTES]
-    inputs = list(graph.inputs)
-    for tensor, *_ in swapped:
-        tensor.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))
-        tensor.type = "tensor_type"  # what Variable() sets and to_variable() leaves out
-    graph.inputs.extend(tensor for tensor, *_ in swapped)
-    try:
-        yield swapped  # what the block takes out of this list stays a graph input
-    finally:
-        graph.inputs = inputs
-        for tensor, values, location in swapped:
-            del tensor.type
-            tensor.to_constant(values)
-            tensor.data_location = location
-
-
 def _final_export(graph: gs.Graph, export) -> onnx.ModelProto:
     """The model of `graph`, whose large weights are moved in one at a time, each array let go once copied: an
     export of the whole graph holds every weight three times at its peak (arrays, tensors, the model's copies).
@@ -158,7 +133,7 @@ def _final_export(graph: gs.Graph, export) -> onnx.ModelProto:
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-    with _large_constants_as_inputs(graph) as swapped:
+    with graphs.weights_as_inputs(graph) as swapped:
         model = export()
         moved = {tensor.name for tensor, *_ in swapped}
         if model.ir_version >= 4:  # IR 3 lists every initializer among the inputs too
@@ -179,13 +154,6 @@ def _final_export(graph: gs.Graph, export) -> onnx.ModelProto:
             del values
             tensor.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))  # lets the array go
     return model
-
-
-def _nbytes(tensor: gs.Constant) -> int:
-    try:
-        return math.prod(tensor.shape) * np.dtype(tensor.dtype).itemsize
-    except TypeError:  # a type numpy lacks (bfloat16 and others): count one byte an element
-        return math.prod(tensor.shape)
 
 
 def _require_runnable(model: onnx.ModelProto, complaint: str) -> None:

@@ -30,15 +30,18 @@ EXTERNAL_TENSOR_BYTES = 1024
 def load(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
     """Read an ONNX model and its external data; raise InputError with a clear message when it cannot.
 
-    `weights=False` leaves tensors kept in external data unread (their files are still checked): the graph,
-    shapes and names, for a caller that hands the path itself to ONNX Runtime."""
+    `weights=False` gives the graph, shapes and names without the weights, for a caller that hands the path
+    itself to ONNX Runtime: tensors kept in external data are not read (their files are still checked), and
+    the main graph's large inline initializers are read without their values (the model is then not runnable).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file; check the path to the ONNX model")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected an .onnx model file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = None if weights else _graph_only(path)
+        model = model or onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
         raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)}); is the file complete?") from None
     if not model.graph.node and not model.graph.output:
@@ -59,6 +62,80 @@ def load(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise InputError(f"{path}: cannot read its external data ({first_line(exc)})") from None
     return model
+
+
+# TensorProto's value fields: float_data, int32_data, int64_data, raw_data, double_data, uint64_data.
+_TENSOR_VALUE_FIELDS = frozenset({4, 5, 7, 9, 10, 11})
+
+
+def _graph_only(path: Path) -> onnx.ModelProto | None:
+    """The model in `path` parsed without the values of its main graph's large initializers, or None where the
+    file is not a protobuf this reads (the full parse then says what is wrong).
+
+    The file is mapped, not read, and the values are skipped over in the wire format, so the pages that hold
+    them are never touched: parsing a 1.2 GB model whole, to look at its graph, took 2.4 GB at its peak."""
+    import mmap
+
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            return None
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
+            try:
+                kept = _without_values(data)
+            except (IndexError, ValueError):
+                return None
+    return onnx.ModelProto.FromString(kept)
+
+
+def _without_values(data: memoryview) -> bytes:
+    kept = bytearray()
+    for number, wire, start, value_start, end in _wire_fields(data, 0, len(data)):
+        if number != _GRAPH_FIELD or wire != 2:
+            kept += data[start:end]
+            continue
+        graph = bytearray()
+        for inner, inner_wire, inner_start, inner_value_start, inner_end in _wire_fields(data, value_start, end):
+            if inner == _INITIALIZER_FIELD and inner_wire == 2 and inner_end - inner_value_start >= EXTERNAL_TENSOR_BYTES:
+                tensor = bytearray()
+                for field, _, field_start, _, field_end in _wire_fields(data, inner_value_start, inner_end):
+                    if field not in _TENSOR_VALUE_FIELDS:
+                        tensor += data[field_start:field_end]
+                graph += _field_header(_INITIALIZER_FIELD, len(tensor)) + tensor
+            else:
+                graph += data[inner_start:inner_end]
+        kept += _field_header(_GRAPH_FIELD, len(graph)) + graph
+    return bytes(kept)
+
+
+def _wire_fields(data: memoryview, position: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, start, value start, end) of each field of the message in data[position:end]."""
+    while position < end:
+        key, value_start = _read_varint(data, position)
+        wire = key & 7
+        if wire == 0:
+            value_end = _read_varint(data, value_start)[1]
+        elif wire in (1, 5):
+            value_end = value_start + (8 if wire == 1 else 4)
+        elif wire == 2:
+            length, value_start = _read_varint(data, value_start)
+            value_end = value_start + length
+        else:
+            raise ValueError(f"wire type {wire}: not an ONNX model")
+        if value_end > end:
+            raise ValueError("a field runs past the end of its message")
+        yield key >> 3, wire, position, value_start, value_end
+        position = value_end
+
+
+def _read_varint(data: memoryview, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if byte < 0x80:
+            return value, position
+        shift += 7
 
 
 def external_data_locations(model: onnx.ModelProto) -> list[str]:
@@ -291,7 +368,7 @@ def file_size(path: str | os.PathLike) -> int:
     """Bytes on disk of a model file plus the external-data files it refers to."""
     path = Path(path)
     total = path.stat().st_size
-    model = onnx.load(str(path), load_external_data=False)
+    model = load(path, weights=False)
     for location in external_data_locations(model):
         total += (path.resolve().parent / location).stat().st_size
     return total

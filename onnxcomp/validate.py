@@ -1,7 +1,8 @@
 """Reference vs candidate under ONNX Runtime: accuracy, agreement, numerical error, latency and size.
 
 Both models see the same samples on each execution provider. Errors are accumulated batch by batch, so memory
-does not grow with the data set. Accuracy is measured only against labels; without labels, agreement (same
+does not grow with the data set, except for models too large to hold two sessions of (ONE_SESSION_AT_A_TIME_BYTES):
+there the reference's outputs are kept while the candidate runs. Accuracy is measured only against labels; without labels, agreement (same
 top-1 class as the reference) is reported instead; with random inputs, only agreement and error are meaningful.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -18,6 +20,10 @@ from onnxcomp import model_io, runtime
 from onnxcomp.bench import Latency, interleaved_latency
 from onnxcomp.errors import InputError
 from onnxcomp.runner import Runner
+
+# Above this size of the two models together, their sessions open one after the other instead of side by side:
+# on a generated 2.4 GB model, two sessions at once were most of validation's peak memory.
+ONE_SESSION_AT_A_TIME_BYTES = 2**30
 
 
 @dataclass
@@ -139,33 +145,66 @@ def validate(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
                      "sample(s) were not used")
     result = Validation(dataset.source, dataset.is_random, dataset.labels is not None,
                         _size(reference, reference_model), _size(candidate, candidate_model), notes=notes)
+    one_at_a_time = result.reference_bytes + result.candidate_bytes > ONE_SESSION_AT_A_TIME_BYTES
+    if one_at_a_time:
+        notes.append(f"the two models hold {(result.reference_bytes + result.candidate_bytes) / 2**30:.1f} GiB: "
+                     "their sessions were opened one after the other, and each was timed alone (not in turns)")
     for provider in providers:
         result.providers.append(_compare_on(provider, reference, reference_model, candidate, candidate_model,
-                                            dataset, runs, latency_runs, warmup, optimization))
+                                            dataset, runs, latency_runs, warmup, optimization, one_at_a_time))
     return result
 
 
 def _compare_on(provider, reference, reference_model, candidate, candidate_model, dataset, runs,
-                latency_runs, warmup, optimization) -> ProviderResult:
-    # The two sessions take turns; with spinning threads, each would slow the other one down.
-    ref_runner = Runner(_source(reference, reference_model), provider=provider, optimization=optimization,
-                        spinning=False, role="the reference model")
-    cand_runner = Runner(_source(candidate, candidate_model), provider=provider, optimization=optimization,
-                         spinning=False, role="the candidate model")
+                latency_runs, warmup, optimization, one_at_a_time: bool) -> ProviderResult:
     output_names = tensor_outputs(reference_model)
+    one = dataset.batch(0, dataset.fixed_batch or 1)  # batch 1, unless the model only takes its fixed batch
+
+    def opened(source, role) -> Runner:  # spinning off: idle threads would steal the cores of a session being timed
+        return Runner(source, provider=provider, optimization=optimization, spinning=False, role=role)
+
+    ref_runner = opened(_source(reference, reference_model), "the reference model")
+    ref_outputs = _outputs(ref_runner, dataset, runs, output_names)
+    ref_latency = cand_latency = None
+    if one_at_a_time:
+        # Two sessions of a large model at once were most of validation's peak memory: the reference runs
+        # first, its outputs are kept, and each model is timed alone.
+        ref_outputs = list(ref_outputs)
+        if latency_runs > 0:
+            ref_latency, = interleaved_latency([ref_runner.session], one, runs=latency_runs, warmup=warmup)
+        ref_runner = None  # its session's memory is let go before the candidate's session opens
+        cand_runner = opened(_source(candidate, candidate_model), "the candidate model")
+        if latency_runs > 0:
+            cand_latency, = interleaved_latency([cand_runner.session], one, runs=latency_runs, warmup=warmup)
+    else:
+        cand_runner = opened(_source(candidate, candidate_model), "the candidate model")
+        if latency_runs > 0:  # the two sessions take turns: background noise falls on both alike
+            ref_latency, cand_latency = interleaved_latency([ref_runner.session, cand_runner.session], one,
+                                                            runs=latency_runs, warmup=warmup)
+    pairs = zip(ref_outputs, _outputs(cand_runner, dataset, runs, output_names))
+    return _compared(provider, reference_model, output_names, pairs, runs, dataset.labels, ref_latency,
+                     cand_latency)
+
+
+def _outputs(runner: Runner, dataset, runs, names: list[str]) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """(rows, outputs in `names` order) of each batch of `runs`, run as they are asked for."""
+    for start, stop in runs:
+        yield stop - start, list(runner.run(dataset.batch(start, stop), names).values())
+
+
+def _compared(provider, reference_model, output_names, pairs, runs, labels, ref_latency,
+              cand_latency) -> ProviderResult:
+    """The errors, agreement and accuracy of the candidate's outputs against the reference's, batch by batch."""
     producers = output_producers(reference_model)
     errors = {name: _ErrorAccumulator(producers.get(name)) for name in output_names}
     scores = None  # the first [N, C] float output: top-1 against labels, and agreement
     ref_top1, cand_top1 = [], []
     usable = runs[-1][1]
-    for start, stop in runs:
-        feed = dataset.batch(start, stop)
-        ref_out = list(ref_runner.run(feed, output_names).values())
-        cand_out = list(cand_runner.run(feed, output_names).values())
+    for (rows, ref_out), (_, cand_out) in pairs:
         for name, r, c in zip(output_names, ref_out, cand_out):
-            errors[name].add(r, c, stop - start)
+            errors[name].add(r, c, rows)
         scores = scores if scores is not None else next(
-            (i for i, r in enumerate(ref_out) if _is_scores(r, stop - start)), -1)
+            (i for i, r in enumerate(ref_out) if _is_scores(r, rows)), -1)
         if scores >= 0:
             ref_top1.append(ref_out[scores].argmax(axis=1))
             cand_top1.append(cand_out[scores].argmax(axis=1))
@@ -174,16 +213,10 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
     agreement = min((o.agreement for o in results if o.agreement is not None), default=None)
     if ref_top1 and sum(map(len, ref_top1)) == usable:
         agreement = results[scores].agreement  # the scores output's top-1 agreement, per sample
-        if dataset.labels is not None:
+        if labels is not None:
             ref_classes, cand_classes = np.concatenate(ref_top1), np.concatenate(cand_top1)
-            labels = dataset.labels[:usable]
-            ref_acc = 100.0 * float(np.mean(ref_classes == labels))
-            cand_acc = 100.0 * float(np.mean(cand_classes == labels))
-    ref_latency = cand_latency = None
-    if latency_runs > 0:
-        one = dataset.batch(0, dataset.fixed_batch or 1)  # batch 1, unless the model only takes its fixed batch
-        ref_latency, cand_latency = interleaved_latency([ref_runner.session, cand_runner.session], one,
-                                                        runs=latency_runs, warmup=warmup)
+            ref_acc = 100.0 * float(np.mean(ref_classes == labels[:usable]))
+            cand_acc = 100.0 * float(np.mean(cand_classes == labels[:usable]))
     return ProviderResult(provider, usable, ref_acc, cand_acc, agreement, results, ref_latency, cand_latency)
 
 

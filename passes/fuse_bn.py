@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcomp import graph as graphs
@@ -44,8 +45,9 @@ class FuseBatchNorm(Pass):
         fused: Counter[str] = Counter()
         skipped: Counter[str] = Counter()
         names = graphs.Names(graph)
+        types = _types_if_needed(graph)
         for bn in [node for node in graph.nodes if node.op == "BatchNormalization"]:
-            plan = _plan(graph, bn)
+            plan = _plan(graph, bn, types)
             if isinstance(plan, str):
                 skipped[plan] += 1
                 ctx.log.info("fuse-bn: kept %s (%s)", bn.name or bn.outputs[0].name, plan)
@@ -58,12 +60,21 @@ class FuseBatchNorm(Pass):
 
     def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
         for bn in graph.nodes:
-            if bn.op == "BatchNormalization" and not isinstance(_plan(graph, bn), str):
+            if bn.op == "BatchNormalization" and not isinstance(_plan(graph, bn, _types_if_needed(graph)), str):
                 raise PostconditionError(f"fuse-bn left a foldable BatchNormalization: {bn.name}")
 
 
-def _plan(graph: gs.Graph, bn: gs.Node) -> Callable[[graphs.Names], str] | str:
-    """A function that performs the fold and returns the layer's op type, or the reason it cannot be done."""
+def _types_if_needed(graph: gs.Graph) -> dict[str, onnx.TypeProto]:
+    """Inferred types where a MatMul's input has no stated shape (exports often state none between nodes):
+    whether MatMul → BatchNormalization folds depends on the input's rank."""
+    if any(node.op == "MatMul" and node.inputs[0].shape is None for node in graph.nodes):
+        return graphs.inferred_types(graph)
+    return {}
+
+
+def _plan(graph: gs.Graph, bn: gs.Node, types: dict[str, onnx.TypeProto]) -> Callable[[graphs.Names], str] | str:
+    """A function that performs the fold and returns the layer's op type, or the reason it cannot be done;
+    `types` are inferred types for tensors whose shape the model does not state."""
     if not graphs.is_standard(bn):
         return "custom-domain"
     if bn.attrs.get("training_mode", 0) == 1:
@@ -88,8 +99,8 @@ def _plan(graph: gs.Graph, bn: gs.Node) -> Callable[[graphs.Names], str] | str:
     if layer.op == "Gemm":
         return _plan_gemm(graph, bn, layer, params)
     if layer.op == "MatMul":
-        return _plan_matmul(graph, bn, layer, None, params)
-    return _plan_matmul_add(graph, bn, layer, params)
+        return _plan_matmul(graph, bn, layer, None, params, types)
+    return _plan_matmul_add(graph, bn, layer, params, types)
 
 
 def _batch_norm_params(bn: gs.Node) -> BatchNormParams | None:
@@ -160,7 +171,7 @@ def _plan_gemm(graph, bn, gemm, params: BatchNormParams):
     return _fold_into(gemm, bn, new_weight.astype(weight.dtype), new_bias.astype(weight.dtype), {"beta": 1.0})
 
 
-def _plan_matmul_add(graph, bn, add, params: BatchNormParams):
+def _plan_matmul_add(graph, bn, add, params: BatchNormParams, types):
     """MatMul(x, B) → Add(·, c) → BatchNormalization, the usual export of Linear + BatchNorm1d."""
     for position in (0, 1):
         bias = graphs.constant_value(add.inputs[1 - position])
@@ -168,11 +179,11 @@ def _plan_matmul_add(graph, bn, add, params: BatchNormParams):
         if bias is not None and matmul is not None and matmul.op == "MatMul":
             if len(graphs.consumers(add.inputs[position])) != 1 or graphs.is_graph_output(graph, add.inputs[position]):
                 return "layer-output-shared"
-            return _plan_matmul(graph, bn, matmul, (add, 1 - position, bias), params)
+            return _plan_matmul(graph, bn, matmul, (add, 1 - position, bias), params, types)
     return "nothing-foldable-before"
 
 
-def _plan_matmul(graph, bn, matmul, add_and_bias, params: BatchNormParams):
+def _plan_matmul(graph, bn, matmul, add_and_bias, params: BatchNormParams, types):
     weight = graphs.constant_value(matmul.inputs[1])
     if weight is None or weight.ndim != 2:
         return "non-constant-weight"
@@ -180,8 +191,7 @@ def _plan_matmul(graph, bn, matmul, add_and_bias, params: BatchNormParams):
         return "channel-mismatch"
     # BatchNormalization normalises axis 1; MatMul's output channels are its last axis. They coincide only
     # for rank-2 outputs, which needs a rank-2 input.
-    x_shape = matmul.inputs[0].shape
-    if x_shape is None or len(x_shape) != 2:
+    if graphs.inferred_rank(matmul.inputs[0], types) != 2:
         return "unknown-or-not-2d-input"
     if add_and_bias is not None:
         add, bias_position, bias = add_and_bias

@@ -661,15 +661,12 @@ def _is_float(tensor: gs.Tensor) -> bool:
 
 def _infer_types(graph: gs.Graph) -> None:
     """Fill in element types the model does not state, with ONNX shape inference: int64 shape arithmetic
-    (Shape → Gather → Concat → Reshape) must not be mistaken for activations."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(gs.export_onnx(graph, do_type_check=False))
-    except Exception:  # noqa: BLE001 - inference is a help; tensors it cannot type stay unquantized
-        return
+    (Shape → Gather → Concat → Reshape) must not be mistaken for activations. Tensors it cannot type stay
+    unquantized."""
     tensors = graph.tensors()
-    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
-        tensor = tensors.get(value.name)
-        elem_type = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
+    for name, value in graphs.inferred_types(graph).items():
+        tensor = tensors.get(name)
+        elem_type = value.tensor_type.elem_type if value.HasField("tensor_type") else 0
         if isinstance(tensor, gs.Variable) and tensor.dtype is None and elem_type:
             tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
 

@@ -134,6 +134,21 @@ def test_matmul_on_3d_input_is_skipped_because_channels_differ():
     assert_same_outputs(original, fused, image(2, 4, 4))
 
 
+@pytest.mark.parametrize("rank", [2, 3])
+def test_matmul_input_rank_is_inferred_where_the_model_states_no_shape(rank):
+    # Exports often state no shape between nodes: the MatMul after a Relu folds when inference gives rank 2
+    # (before, every such layer was skipped as "unknown"), and a rank-3 one is still kept.
+    dims = [3, 7] if rank == 2 else [2, 5, 7]  # rank 3: BatchNormalization reads axis 1 (5), not the features
+    inits = [weight("W0", 7, 7), weight("W", 7, 5)] + bn_params("bn", 5)
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W"], ["m"]), bn_node("bn", "m", "y")]
+    original = model(nodes, inits, [("x", dims)], ["y"])
+    assert not original.graph.value_info
+    fused, record = fuse(original)
+    assert record.stats.get("fused:MatMul", 0) == (1 if rank == 2 else 0)
+    assert_same_outputs(original, fused, image(*dims))
+
+
 def test_weights_in_constant_nodes_are_folded():
     w = numpy_helper.from_array(RNG.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "Wv")
     params = bn_params("bn", 4)

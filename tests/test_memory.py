@@ -1,4 +1,4 @@
-"""Peak memory of `onnxcomp optimize` grows with the model by at most 2.5 times its weights.
+"""Peak memory of `onnxcomp optimize` grows with the model by at most 2.5 times its weights (3 with validation).
 
 The model: x [N, 2048] → (MatMul → BatchNormalization → Relu) × 10, 168 MB of weights in external data; fuse-bn
 replaces every weight. The peak resident memory of the run over that of the same run on a one-layer model of the
@@ -11,18 +11,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from onnxcomp.bench import matmul_bn_chain, peak_memory
 
 
-def peak_bytes(model: Path) -> int:
+# Models over ONE_SESSION_AT_A_TIME_BYTES (1 GiB) are validated one session at a time; these 144 MiB stand in.
+ONE_SESSION_AT_A_TIME = "import importlib; importlib.import_module('onnxcomp.validate').ONE_SESSION_AT_A_TIME_BYTES = 0"
+
+
+def peak_bytes(model: Path, validation: list[str]) -> int:
     output = model.with_name(model.stem + ".opt.onnx")
-    return peak_memory("optimize", str(model), "-o", str(output), "--passes", "fuse-bn", "--no-validate",
-                       timeout=600)[0]
+    return peak_memory("optimize", str(model), "-o", str(output), "--passes", "fuse-bn", *validation,
+                       timeout=600, prelude=ONE_SESSION_AT_A_TIME)[0]
 
 
-def test_peak_memory_of_fuse_bn_is_at_most_2_5_times_the_weights(tmp_path):
+# Validated on 8 random samples with 3 timed runs: ONNX Runtime opens each model from its file while the other's
+# session is closed, the files are read here as graphs only, and the optimized model is let go once saved (with
+# both sessions open at once, this took 4.3 times the weights). One ORT session of these 144 MiB takes 1.9 to 2.9
+# times the weights (its graph optimizations copy some), against 1.1 times for the 2.4 GB model of
+# benchmarks/memory.py: validation's bound here is 3 times.
+@pytest.mark.parametrize("validation, bound", [(["--no-validate"], 2.5), (["--limit", "8", "--runs", "3"], 3.0)],
+                         ids=["alone", "validated"])
+def test_peak_memory_of_fuse_bn_is_bounded_by_the_weights(tmp_path, validation, bound):
     (tmp_path / "small").mkdir(), (tmp_path / "large").mkdir()
     small = matmul_bn_chain(tmp_path / "small" / "model.onnx", 1)
     weights = matmul_bn_chain(tmp_path / "large" / "model.onnx", 10) - small
-    growth = peak_bytes(tmp_path / "large" / "model.onnx") - peak_bytes(tmp_path / "small" / "model.onnx")
-    assert growth <= 2.5 * weights, f"peak grew by {growth / weights:.2f}× the weights ({weights / 2**20:.0f} MiB)"
+    growth = peak_bytes(tmp_path / "large" / "model.onnx", validation) - \
+        peak_bytes(tmp_path / "small" / "model.onnx", validation)
+    assert growth <= bound * weights, f"peak grew by {growth / weights:.2f}× the weights ({weights / 2**20:.0f} MiB)"

@@ -406,19 +406,36 @@ def test_load_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"not a model\n", bytes(range(256)) * 8])
-def test_load_non_model(tmp_path, content):
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_load_non_model(tmp_path, content, with_weights):
     path = tmp_path / "model.onnx"
     path.write_bytes(content)
     with pytest.raises(InputError, match="ONNX model"):
-        model_io.load(path)
+        model_io.load(path, weights=with_weights)
 
 
-def test_load_truncated_model(tmp_path):
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_load_truncated_model(tmp_path, with_weights):
     content = dense_model().SerializeToString()
     path = tmp_path / "model.onnx"
     path.write_bytes(content[: len(content) // 2])
     with pytest.raises(InputError, match="ONNX model"):
-        model_io.load(path)
+        model_io.load(path, weights=with_weights)
+
+
+def test_loading_the_graph_only_skips_the_values_of_large_inline_weights(tmp_path):
+    # Validation reads the graph of a model whose path it hands to ONNX Runtime: a model's inline weights are
+    # skipped in the file's bytes, not parsed, and everything else (the small bias, nodes, names, shapes) is kept.
+    model = dense_model()
+    model.graph.node.append(helper.make_node("Constant", [], ["unused"], value=numpy_helper.from_array(WEIGHT)))
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph_only = model_io.load(path, weights=False)
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    expected.graph.initializer[0].ClearField("raw_data")  # W, 4 KiB
+    assert graph_only == expected
+    assert numpy_helper.to_array(graph_only.graph.initializer[1]).tolist() == BIAS.tolist()
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path):

@@ -56,6 +56,39 @@ def test_disagreement_and_accuracy_drop():
     assert result.accuracy_drop == provider.accuracy_drop
 
 
+def test_large_models_are_validated_one_session_at_a_time_with_the_same_figures(monkeypatch):
+    # Above ONE_SESSION_AT_A_TIME_BYTES the reference's session is let go before the candidate's opens (two
+    # sessions of a large model at once were most of validation's peak memory); the comparison is unchanged.
+    import gc
+    import importlib
+    import weakref
+
+    validation = importlib.import_module("onnxcomp.validate")  # the package's `validate` is the function
+
+    x = np.random.default_rng(2).normal(size=(100, 4)).astype(np.float32)
+    data = {"x": x, "labels": x.argmax(1)}
+    side_by_side = validate(scaled(1.0), scaled(1.0, offset=0.5), data, latency_runs=3, batch_size=16)
+    opened, most_alive = [], []
+
+    class CountedRunner(validation.Runner):
+        def __init__(self, *args, **kwargs):
+            gc.collect()
+            most_alive.append(1 + sum(ref() is not None for ref in opened))
+            super().__init__(*args, **kwargs)
+            opened.append(weakref.ref(self))
+
+    monkeypatch.setattr(validation, "Runner", CountedRunner)
+    monkeypatch.setattr(validation, "ONE_SESSION_AT_A_TIME_BYTES", 0)
+    one_at_a_time = validate(scaled(1.0), scaled(1.0, offset=0.5), data, latency_runs=3, batch_size=16)
+    assert most_alive == [1, 1]
+    before, after = side_by_side.providers[0], one_at_a_time.providers[0]
+    assert (after.agreement, after.accuracy_drop, after.samples) == (before.agreement, before.accuracy_drop, 100)
+    assert after.outputs[0].max_abs_error == before.outputs[0].max_abs_error
+    assert after.reference_latency.runs == after.candidate_latency.runs == 3
+    assert any("one after the other" in note for note in one_at_a_time.notes)
+    assert not any("one after the other" in note for note in side_by_side.notes)
+
+
 def test_random_inputs_say_accuracy_was_not_measured():
     result = validate(scaled(1.0), scaled(1.0), None, latency_runs=0)
     assert result.random_data
