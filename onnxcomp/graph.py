@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxcomp import model_io
 from onnxcomp.errors import first_line
@@ -159,12 +160,17 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(tensor is out for out in graph.outputs)
 
 
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+def constant_value(tensor: gs.Tensor, *, keep: bool = True) -> np.ndarray | None:
     """The value of a tensor known before inference: an initializer or the output of a Constant node.
 
     Returns None when the value depends on inputs. Weights live in Constant nodes in some exporters (Paddle).
+    `keep=False` reads a weight still in the input model without keeping the array in the graph, for a pass
+    that replaces it: kept, the arrays of the replaced weights stayed in memory until the pass ended.
     """
     if isinstance(tensor, gs.Constant):
+        lazy = tensor._values  # .values would load it and keep the array
+        if not keep and isinstance(lazy, LazyValues):
+            return np.asarray(lazy.load())
         return np.asarray(tensor.values)
     node = producer(tensor)
     if node is None or node.op != "Constant" or not is_standard(node):

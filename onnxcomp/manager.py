@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -114,6 +115,9 @@ class PassManager:
             raise PostconditionError(f"pass '{current.name}' returned {type(result).__name__}, not PassResult")
         if result.modified:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            # the nodes and tensors a pass removed are cycles, which hold the arrays of the weights it replaced
+            # until a collection: 1.2 GB after fuse-bn on a 1.2 GB model
+            gc.collect()
         current.ensures(graph, ctx)
         seconds = time.perf_counter() - started
         stats = dict(result.stats)

@@ -274,11 +274,12 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def copy_fields(source, target, *, skip: str) -> None:
-    """Copy every set field of protobuf message `source` into `target` except the field named `skip`: a model
-    without its weights, or a tensor without its payload, at the cost of the rest only."""
+def copy_fields(source, target, *, skip: str | tuple[str, ...]) -> None:
+    """Copy every set field of protobuf message `source` into `target` except the field(s) named in `skip`: a
+    model without its weights, or a tensor without its payload, at the cost of the rest only."""
+    skipped = (skip,) if isinstance(skip, str) else skip
     for field, value in source.ListFields():
-        if field.name != skip:
+        if field.name not in skipped:
             _copy_field(target, field, value)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import graph as graphs
-from onnxcomp import runtime
+from onnxcomp import model_io, runtime
 from onnxcomp.errors import InputError, first_line
 
 
@@ -166,13 +166,11 @@ def _cut(model: onnx.ModelProto, tensors: list[str], available: dict) -> tuple[o
         reads = _reads(model.graph.node[index])
         needed.update(reads)
         pending.extend(reads)
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
-    del cut.graph.node[:]
+    cut = onnx.ModelProto()  # copied field by field: a CopyFrom and a filter held the weights three times
+    model_io.copy_fields(model, cut, skip="graph")
+    model_io.copy_fields(model.graph, cut.graph, skip=("node", "initializer"))
     cut.graph.node.extend(node for index, node in enumerate(model.graph.node) if index in kept)
-    kept_initializers = [t for t in cut.graph.initializer if t.name in needed]
-    del cut.graph.initializer[:]
-    cut.graph.initializer.extend(kept_initializers)
+    cut.graph.initializer.extend(t for t in model.graph.initializer if t.name in needed)
     resumed = set(inputs)
     kept_info = [info for info in cut.graph.value_info if info.name not in resumed]
     del cut.graph.value_info[:]

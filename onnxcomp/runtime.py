@@ -8,6 +8,11 @@ import onnxruntime as ort
 from onnxcomp import model_io
 from onnxcomp.errors import InputError, first_line
 
+# A model in memory with more weights than this reaches ONNX Runtime as files with external data, not as bytes:
+# over 2 GB there are no bytes (protobuf's limit), and below it the bytes are a copy of the weights that ORT
+# parses into a second one (a 1.2 GB model's calibration session took 5.9 GB, 1.3 GB from files).
+ON_DISK_BYTES = 256 * 2**20
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -46,8 +51,8 @@ def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: s
     options.log_severity_level = 4  # fatal only: failures reach the user as our one-line errors
     if not spinning:  # idle worker threads would spin and steal the cores from another session being timed
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not isinstance(model, str) and model_io.tensor_bytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
-        with model_io.on_disk(model) as path:  # over 2 GB: no bytes to hand over
+    if not isinstance(model, str) and model_io.tensor_bytes(model) > ON_DISK_BYTES:
+        with model_io.on_disk(model) as path:
             created = _created(path, options, provider, provider_name)
     else:
         created = _created(model if isinstance(model, str) else model.SerializeToString(), options, provider,

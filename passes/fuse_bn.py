@@ -119,7 +119,7 @@ def _batch_norm_params(bn: gs.Node) -> BatchNormParams | None:
 
 
 def _plan_conv(graph, bn, conv, params: BatchNormParams):
-    weight = graphs.constant_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    weight = graphs.constant_value(conv.inputs[1], keep=False) if len(conv.inputs) > 1 else None
     if weight is None or weight.ndim < 3:
         return "non-constant-weight"
     has_bias = len(conv.inputs) > 2 and conv.inputs[2].name != ""
@@ -150,7 +150,7 @@ def _plan_conv(graph, bn, conv, params: BatchNormParams):
 
 
 def _plan_gemm(graph, bn, gemm, params: BatchNormParams):
-    weight = graphs.constant_value(gemm.inputs[1])
+    weight = graphs.constant_value(gemm.inputs[1], keep=False)
     if weight is None or weight.ndim != 2:
         return "non-constant-weight"
     trans_b = int(gemm.attrs.get("transB", 0))
@@ -184,7 +184,7 @@ def _plan_matmul_add(graph, bn, add, params: BatchNormParams, types):
 
 
 def _plan_matmul(graph, bn, matmul, add_and_bias, params: BatchNormParams, types):
-    weight = graphs.constant_value(matmul.inputs[1])
+    weight = graphs.constant_value(matmul.inputs[1], keep=False)
     if weight is None or weight.ndim != 2:
         return "non-constant-weight"
     if weight.shape[1] != params.scale.shape[0]:

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import run_model
-from onnxcomp import model_io
+from onnxcomp import model_io, runtime
 from onnxcomp.errors import InputError
 
 OPSET = [helper.make_opsetid("", 17)]
@@ -450,9 +450,10 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
-def test_sessions_of_models_over_the_protobuf_limit_are_made_from_a_file(monkeypatch):
-    """A model over 2 GB has no bytes to hand ONNX Runtime: it is written with external data to a temporary
-    folder, the session made from there, and the folder removed (the 2 GB limit stands in as a few bytes)."""
+def test_sessions_of_large_models_are_made_from_a_file(monkeypatch):
+    """A model over 2 GB has no bytes to hand ONNX Runtime, and below that its bytes would be one more copy of
+    the weights: it is written with external data to a temporary folder, the session made from there, and the
+    folder removed (runtime.ON_DISK_BYTES, 256 MiB, stands in as a few bytes)."""
     import tempfile
 
     from onnxcomp.runner import Runner
@@ -463,7 +464,7 @@ def test_sessions_of_models_over_the_protobuf_limit_are_made_from_a_file(monkeyp
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])],
                               [numpy_helper.from_array(weight, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr(runtime, "ON_DISK_BYTES", 1024)
     folders = []
     made = model_io.on_disk
 

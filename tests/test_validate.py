@@ -122,3 +122,20 @@ def test_outputs_that_are_not_one_row_per_sample_give_no_accuracy():
     x = np.random.default_rng(4).normal(size=(100, 4)).astype(np.float32)
     provider = validate(reduce, reduce, {"x": x, "labels": x.argmax(1)}, latency_runs=0).providers[0]
     assert provider.reference_accuracy is None and provider.agreement is None
+
+
+def test_optimize_can_let_the_saved_model_go_before_validating(tmp_path):
+    # The CLI's way (return_model=False): the optimized model is not held while ONNX Runtime opens the two files.
+    from onnxcomp import api
+    from onnxcomp.errors import InputError
+
+    source = tmp_path / "model.onnx"
+    onnx.save(scaled(2.0), str(source))
+    kept, _ = api.optimize(str(source), "fold-constants", output=tmp_path / "kept.onnx", latency_runs=0)
+    dropped, report = api.optimize(str(source), "fold-constants", output=tmp_path / "out.onnx", latency_runs=0,
+                                   return_model=False)
+    assert dropped is None and kept is not None
+    assert onnx.load(str(tmp_path / "out.onnx")) == kept
+    assert report.validation.providers[0].outputs[0].max_abs_error == 0
+    with pytest.raises(InputError, match="needs output="):
+        api.optimize(str(source), "fold-constants", return_model=False)
