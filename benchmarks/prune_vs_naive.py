@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/prune_vs_naive.py [--models effnet,resnet20] [--assets DIR]
                                                   [--sparsities 0.3,0.5,0.7] [--runs 200] [--keep DIR]
+                                                  [--calibration-offset K]
 
 Data: the fixed calibration / evaluation split that every benchmark takes from onnxcomp.bench (effnet_data,
 cifar_data). The evaluation images are never used for calibration:
 
   effnet    models/efficientnet_lite0_imagenet.onnx on data/imagenet/dev500 (labels.csv order): calibration =
-            every 5th image (rows 0, 5, ..., 495; 100 images), evaluation = the other 400.
+            every 5th image (rows 0, 5, ..., 495; 100 images), evaluation = the other 400; with
+            --calibration-offset K, rows K, K+5, ... instead (disjoint sets of 100 for K = 0..4).
   resnet20  models/resnet20_cifar10.onnx on data/cifar10/cifar10_test_2000.npz: calibration = images 0..99,
             evaluation = images 500..1999 (1500).
 
@@ -133,6 +135,12 @@ def benchmark_model(key: str, assets: Path, args) -> dict:
     model = onnx.load(str(model_path))
     started = time.perf_counter()
     data = loader(assets, model)
+    if args.calibration_offset:  # another of the disjoint calibration sets: every 5th image from this offset
+        everything = np.arange(len(data["images"]))
+        data["calibration"] = everything[args.calibration_offset::5][:len(data["calibration"])]
+        data["evaluation"] = np.setdiff1d(everything, data["calibration"])
+        data["split"] += f"; --calibration-offset {args.calibration_offset}: calibration rows " \
+                         f"{args.calibration_offset}, {args.calibration_offset + 5}, ..., evaluation the others"
     log(f"{name}: {len(data['images'])} images preprocessed in {time.perf_counter() - started:.1f} s; "
         f"calibration {len(data['calibration'])}, evaluation {len(data['evaluation'])}")
     calib = {data["input"]: data["images"][data["calibration"]]}
@@ -284,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="sparsity of the `ours` row that gets the storage check (default 0.5)")
     parser.add_argument("--runs", type=int, default=200,
                         help="timed batch-1 runs of each session in the storage check (default 200)")
+    parser.add_argument("--calibration-offset", type=int, default=0,
+                        help="calibrate on every 5th image from this offset (0-4; 0 is the standard split), "
+                             "evaluate on the rest: disjoint calibration sets for the same model")
     parser.add_argument("--keep", help="save the pruned models in this folder")
     parser.add_argument("--output", default=str(RESULTS), help=f"JSON results file (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -301,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         fail("--sparsities: each must be in [0, 1)")
     if args.runs < 1:
         fail("--runs must be at least 1")
+    if not 0 <= args.calibration_offset <= 4:
+        fail("--calibration-offset must be 0 to 4")
     assets = assets_folder(args.assets, [MODELS[key][1] for key in keys])
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
