@@ -59,15 +59,17 @@ class FuseBatchNorm(Pass):
         return PassResult(modified=bool(fused), stats=stats)
 
     def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
+        types = _types_if_needed(graph)
         for bn in graph.nodes:
-            if bn.op == "BatchNormalization" and not isinstance(_plan(graph, bn, _types_if_needed(graph)), str):
+            if bn.op == "BatchNormalization" and not isinstance(_plan(graph, bn, types), str):
                 raise PostconditionError(f"fuse-bn left a foldable BatchNormalization: {bn.name}")
 
 
 def _types_if_needed(graph: gs.Graph) -> dict[str, onnx.TypeProto]:
     """Inferred types where a MatMul's input has no stated shape (exports often state none between nodes):
     whether MatMul → BatchNormalization folds depends on the input's rank."""
-    if any(node.op == "MatMul" and node.inputs[0].shape is None for node in graph.nodes):
+    has_bn = any(node.op == "BatchNormalization" for node in graph.nodes)
+    if has_bn and any(node.op == "MatMul" and node.inputs[0].shape is None for node in graph.nodes):
         return graphs.inferred_types(graph)
     return {}
 
