@@ -57,6 +57,17 @@ def test_identity_from_graph_input_to_graph_output_is_kept():
     assert not record.modified
 
 
+def test_identity_between_two_graph_outputs_is_kept():
+    """Letting Relu write y directly would take the graph output r away."""
+    original = build([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"])], [],
+                     outputs=("r", "y"))
+    cleaned, record = cleanup(original)
+    assert [n.op_type for n in cleaned.graph.node] == ["Relu", "Identity"]
+    assert not record.modified
+    for got, expected in zip(run_model(cleaned, FEED), run_model(original, FEED)):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_identical_initializers_are_stored_once():
     a = numpy_helper.from_array(np.full(3, 2.0, np.float32), "a")
     b = numpy_helper.from_array(np.full(3, 2.0, np.float32), "b")

@@ -102,3 +102,10 @@ def test_python_api_returns_model_and_report(tmp_path, digits_model, digits_data
     assert report.validation.accuracy_drop == 0.0
     assert report.validation.size_ratio < 1.0
     assert "validation on" in report.render()
+
+
+def test_the_report_names_the_model_file_or_says_it_was_in_memory(digits_model):
+    """The report's first line and its JSON name the model it was made from."""
+    _, from_file = onnxcomp.optimize(str(digits_model), "cleanup", validate_result=False)
+    _, from_memory = onnxcomp.optimize(onnxcomp.load(digits_model), "cleanup", validate_result=False)
+    assert (from_file.model, from_memory.model) == (str(digits_model), "(in memory)")

@@ -302,3 +302,32 @@ def test_minilm_embeddings_stay_within_cosine_0_9999_in_half_the_file(assets, tm
     cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosine.mean() >= 0.9999
     assert out.stat().st_size <= 0.51 * model.stat().st_size
+
+
+def test_fp16_stores_a_weight_of_zeros_and_ones_in_half():
+    """passes/fp16.py: `values[values != 0]` → `values[values != 1]`: the non-zero values that decide whether a
+    weight survives half precision became the zeros, and a 0/1 weight stayed float32."""
+    mask = numpy_helper.from_array(RNG.integers(0, 2, (16, 8)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [mask])
+    optimized, _ = onnxcomp.optimize(helper.make_model(graph, opset_imports=OPSET, ir_version=8), "fp16",
+                                     validate_result=False)
+    assert [t.data_type for t in optimized.graph.initializer] == [TensorProto.FLOAT16]
+
+
+def test_fp16_keeps_max_pool_indices_int64_in_a_half_max_pool():
+    """passes/fp16.py: the formal parameter of an output past the schema's last was read one too early, and
+    MaxPool's Indices (type I) were given the half type of its Y (type T)."""
+    nodes = [helper.make_node("Mul", ["x", "two"], ["doubled"]),
+             helper.make_node("MaxPool", ["doubled"], ["y", "indices"], kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2]),
+                               helper.make_tensor_value_info("indices", TensorProto.INT64, [1, 2, 2, 2])],
+                              [numpy_helper.from_array(np.full((1, 2, 1, 1), 2.0, np.float32), "two")])
+    model = helper.make_model(graph, opset_imports=OPSET, ir_version=8)
+    optimized, report = onnxcomp.optimize(model, "fp16:provider=cuda", validate_result=False)
+    onnx.checker.check_model(optimized, full_check=True)
+    assert report.passes[0].stats["half_nodes"] == 2
+    x = RNG.permutation(32).reshape(1, 2, 4, 4).astype(np.float32)  # whole numbers: exact in half, no ties
+    np.testing.assert_array_equal(run_model(optimized, {"x": x})[1], run_model(model, {"x": x})[1])

@@ -123,6 +123,28 @@ def test_matmul_bn_folds_into_matmul_and_add(with_add):
     assert_same_outputs(original, fused, image(3, 7))
 
 
+def test_matmul_bn_folds_when_the_add_reads_the_bias_first():
+    inits = [weight("W", 7, 5), weight("c", 5)] + bn_params("bn", 5)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["c", "m"], ["a"]),
+             bn_node("bn", "a", "y")]
+    original = model(nodes, inits, [("x", [3, 7])], ["y"])
+    fused, record = fuse(original)
+    assert record.stats["fused:MatMul"] == 1
+    assert_same_outputs(original, fused, image(3, 7))
+
+
+def test_matmul_bias_that_adds_an_axis_is_skipped():
+    """A [4, 1, 3] bias makes the Add's output [4, 3, 3]: BatchNormalization's channels (axis 1) are then not
+    the MatMul's outputs (the last axis)."""
+    inits = [weight("W", 7, 3), weight("c", 4, 1, 3)] + bn_params("bn", 3)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "c"], ["a"]),
+             bn_node("bn", "a", "y")]
+    original = model(nodes, inits, [("x", [3, 7])], ["y"])
+    fused, record = fuse(original)
+    assert record.stats["skipped:channel-mismatch"] == 1
+    assert_same_outputs(original, fused, image(3, 7))
+
+
 def test_matmul_on_3d_input_is_skipped_because_channels_differ():
     # BatchNormalization normalises axis 1; a rank-3 MatMul output has its features on axis 2.
     inits = [weight("W", 4, 4)] + bn_params("bn", 4)
@@ -208,6 +230,17 @@ def test_conv_output_that_is_a_graph_output_is_skipped():
     assert_same_outputs(original, fused, image(1, 3, 4, 4))
 
 
+def test_matmul_output_that_is_a_graph_output_is_skipped():
+    """Folding into the MatMul's weight would change the output m as well."""
+    inits = [weight("W", 7, 5), weight("c", 5)] + bn_params("bn", 5)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "c"], ["a"]),
+             bn_node("bn", "a", "y")]
+    original = model(nodes, inits, [("x", [3, 7])], ["m", "y"])
+    fused, record = fuse(original)
+    assert record.stats["skipped:layer-output-shared"] == 1
+    assert_same_outputs(original, fused, image(3, 7))
+
+
 def test_training_mode_batch_norm_is_skipped():
     inits = [weight("W", 3, 3, 1, 1)] + bn_params("bn", 3)
     training = bn_node("bn", "c", "y", training_mode=1)
@@ -241,6 +274,17 @@ def test_conv_weight_computed_at_run_time_is_skipped():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
     original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     fused, record = fuse(original)
+    assert record.stats["skipped:non-constant-weight"] == 1
+    assert op_count(fused, "BatchNormalization") == 1
+
+
+def test_gemm_weight_computed_at_run_time_is_skipped():
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["g"]), bn_node("bn", "g", "y")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 7]),
+                                           helper.make_tensor_value_info("w", TensorProto.FLOAT, [7, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=bn_params("bn", 5))
+    fused, record = fuse(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
     assert record.stats["skipped:non-constant-weight"] == 1
     assert op_count(fused, "BatchNormalization") == 1
 

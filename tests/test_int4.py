@@ -129,6 +129,7 @@ def test_gather_table(bits, symmetric):
                   and t.dims[0] == 300 and t.dims[1] == 64 * bits // 8)
     assert packed.dims == [300, 64 * bits // 8]  # bits/8 bytes a weight: the table really shrank
     assert report.passes[0].stats["int4:Gather"] == 1
+    assert report.passes[0].layers[0]["stored_bytes"] == sum(numpy_helper.to_array(t).nbytes for t in stored.values())
 
 
 def test_rows_in_most_calibration_samples_are_exact():
@@ -232,6 +233,15 @@ def test_symmetric_grid_reaches_the_largest_magnitude_exactly():
     assert decoded[0, 1] == -2.0 and decoded[1, 0] == 3.0
     scales, _, _ = block_grid(units, 4, 32, True)
     assert np.all(np.abs(decoded - units) <= np.abs(scales) / 2 + 1e-6)
+
+
+def test_asymmetric_grid_spreads_the_block_over_every_code():
+    """[min, max] over all 2^bits levels: the ends of an evenly spread block decode exactly."""
+    units = np.linspace(-1.0, 2.0, 32, dtype=np.float32)[None]
+    blocked = quantize_rtn(units, 4, 32, False)
+    assert (blocked.codes.min(), blocked.codes.max()) == (0, 15)
+    decoded = blocked.decoded(32)
+    assert decoded[0, 0] == pytest.approx(-1.0, abs=1e-6) and decoded[0, -1] == pytest.approx(2.0, abs=1e-6)
 
 
 def test_gptq_keeps_the_layer_output_better_than_rounding():

@@ -107,6 +107,15 @@ def test_save_replaces_existing_file(tmp_path):
     assert listing(tmp_path) == ["model.onnx"]
 
 
+def test_save_over_a_file_keeps_its_permissions(tmp_path):
+    """The temporary file renamed over the output takes the mode the user gave the output before."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"old content")
+    path.chmod(0o640)
+    model_io.save(dense_model(), path)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
 def test_save_does_not_change_the_model(tmp_path):
     model = dense_model()
     before = model.SerializeToString()

@@ -303,6 +303,30 @@ def test_a_type_error_is_refused_before_any_pass_writes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
 
 
+def test_a_shape_error_is_refused_before_any_pass_writes(tmp_path):
+    """[N, 4] times a [5, 4] weight: the plain checker and lenient shape inference let it through."""
+    model = _matmul_model()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((5, 4), np.float32), "w"))
+    source = tmp_path / "model.onnx"
+    source.write_bytes(model.SerializeToString())
+    result = run_cli("optimize", source, "-o", tmp_path / "out.onnx", "--runs", "0")
+    assert_input_error(result, "not valid ONNX", "Incompatible dimensions")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
+def test_a_type_no_kernel_takes_is_refused_before_any_pass_writes(tmp_path):
+    """Sigmoid of int64, cast to float: the types agree from node to node; only the operator's type constraints
+    (shape inference's type check) refuse it."""
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    source = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8), source)
+    result = run_cli("optimize", source, "-o", tmp_path / "out.onnx", "--runs", "0")
+    assert_input_error(result, "not valid ONNX", "unsupported type")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
 @GRAPHS
 @given(model=graphs(), passes=st.sampled_from(["short-names", "fuse-bn,short-names", "cleanup"]))
 def test_the_input_model_is_never_changed(model, passes):

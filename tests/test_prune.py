@@ -146,7 +146,7 @@ def test_model_without_prunable_weights_is_not_modified(tmp_path):
 
 
 @pytest.mark.parametrize("option", ["sparsity=1.0", "sparsity=-0.1", "sparsity=half", "allocation=best",
-                                    "correction=magic", "encoding=csr", "ops=Relu"])
+                                    "correction=magic", "encoding=csr", "ops=Relu", "max-layer-sparsity=1.0"])
 def test_bad_options_are_usage_errors(tmp_path, option):
     onnx.save(net(), tmp_path / "net.onnx")
     check_rejected(tmp_path, ["optimize", tmp_path / "net.onnx", "--passes", f"prune:{option}", "-o",
@@ -284,6 +284,13 @@ def test_sensitivity_allocation_spares_the_layer_that_matters():
     assert rows["quiet"]["output_gain"] < 0.01 * rows["loud"]["output_gain"]
     assert (rows["quiet"]["sparsity"] + rows["loud"]["sparsity"]) / 2 == pytest.approx(0.5, abs=0.001)
     assert records[0].stats["allocation"] == "sensitivity" and records[0].stats["correction"] == "reconstruct"
+
+
+def test_sensitivity_allocation_leaves_the_loud_layer_whole_while_the_quiet_one_takes_the_target():
+    """Each layer's error curve starts at no pruning, no error: pruning the loud layer is never free."""
+    _, records = run(loud_and_quiet(), "prune:sparsity=0.2,min-size=0", images(40, seed=1))
+    rows = {row["layer"]: row for row in records[0].layers}
+    assert rows["loud"]["sparsity"] == 0 and rows["quiet"]["sparsity"] == pytest.approx(0.4, abs=0.002)
 
 
 def test_per_layer_report_in_the_cli(tmp_path, digits_model):

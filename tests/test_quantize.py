@@ -438,3 +438,27 @@ def test_denormal_weights_are_zeroed_before_calibration():
     assert sqnr_db(expected, actual) > 20
     _, plain = quantize(conv_net())
     assert "denormals_zeroed" not in plain.stats
+
+
+@pytest.mark.parametrize("holdout", ["0", "1"])
+def test_int8_holdout_must_leave_samples_on_both_sides(holdout):
+    """passes/quantize.py: `0.0 < holdout` → `0.0 <= holdout`, and `holdout < 1.0` → `holdout < 2.0`."""
+    with pytest.raises(InputError, match="holdout"):
+        parse(f"int8:holdout={holdout}")
+
+
+def test_int8_leaves_sequence_values_untyped():
+    """passes/quantize.py: a value that shape inference types as a sequence was given elem_type 1 (float), and
+    the quantized model declared it a float tensor, which ONNX Runtime refuses."""
+    weight = numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("SequenceConstruct", ["r", "r"], ["pair"]),
+             helper.make_node("ConcatFromSequence", ["pair"], ["y"], axis=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 4, 8, 8])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = RNG.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    quantized, _ = onnxcomp.optimize(model, "int8", calib_data={"x": x}, validate_result=False)
+    got, = run_model(quantized, {"x": x})
+    expected, = run_model(model, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=0, atol=0.05 * np.abs(expected).max())

@@ -118,6 +118,16 @@ def test_random_token_ids_stay_inside_the_table_and_masks_are_ones():
     assert result.providers[0].samples == dataset.num_samples
 
 
+def test_a_table_in_a_constant_node_bounds_the_random_token_ids_too():
+    """Exporters write an embedding table as an initializer or as a Constant node's value."""
+    model = token_model(rows=5)
+    table = next(t for t in model.graph.initializer if t.name == "table")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["table"], value=table))
+    model.graph.initializer.remove(table)
+    dataset = datasets.random_data(model, input_shapes={"input_ids": (1, 7), "attention_mask": (1, 7)})
+    assert dataset.batch(0, dataset.num_samples)["input_ids"].max() == 4
+
+
 def test_an_integer_scalar_without_known_values_skips_validation_naming_it(tmp_path):
     model = save(stateful_model(), tmp_path / "m.onnx")
     result = run_cli("optimize", model, "-o", tmp_path / "out.onnx", "--input-shape", "x:1,4",
