@@ -36,7 +36,7 @@ The codebooks and scales are stored in float16 where float16 holds them exactly 
 compact_table), and cast to the weight's dtype inside the decoder: 2 bytes per entry instead of 4.
 
 decoded (Codebook) by Range → Div/Mod 8 (byte and bit offset of each index) → Gather two bytes → Div by
-2^offset → Mod 2^b → Gather(W.codebook at row · K + index). With the mask (SparseCodebook), only the non-zero
+2^offset → Mod 2^b → GatherElements(W.codebook, the indices as R rows). With the mask (SparseCodebook), only the non-zero
 elements carry an index and the mask places them, so pruning and sharing compose: b/8 bytes per kept weight
 plus 1 bit per weight.
 """
@@ -216,14 +216,15 @@ def _decoder(graph: gs.Graph, dtype, *, codebook: bool, scaled: bool, sparse: bo
         index = _unpack(body)
         index = body.node("Gather", [index, positions]) if sparse else \
             body.node("Slice", [index, np.array([0], i64), body.node("Reshape", [count, np.array([1], i64)])])
-        table_shape = body.node("Shape", [body["codebook"]])
-        rows = body.node("Gather", [table_shape, np.array(0, i64)])
-        entries = body.node("Gather", [table_shape, np.array(1, i64)])
-        row = body.node("Div", [body.node("Range", [np.array(0, i64), count, np.array(1, i64)]),
-                                body.node("Div", [count, rows])])
+        # Row r of the codebook serves the r-th of R equal runs of elements: the indices, as R rows, pick from
+        # their own row (GatherElements). Computing each element's row and flat offset instead took 5 more
+        # int64 tensors of one element per weight, which ONNX Runtime holds until its constant folding ends.
         table = body.node("Cast", [body["codebook"]], to=element_type)  # a no-op unless stored in float16
-        flat_table = body.node("Reshape", [table, np.array([-1], i64)])
-        values = body.node("Gather", [flat_table, body.node("Add", [index, body.node("Mul", [row, entries])])])
+        by_table_row = body.node("Concat", [body.node("Slice", [body.node("Shape", [body["codebook"]]),
+                                                                np.array([0], i64), np.array([1], i64)]),
+                                            np.array([-1], i64)], axis=0)
+        picked = body.node("GatherElements", [table, body.node("Reshape", [index, by_table_row])], axis=1)
+        values = body.node("Reshape", [picked, np.array([-1], i64)])
     else:
         values = body.node("Gather", [body["values"], positions])
     if scaled:
