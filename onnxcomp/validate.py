@@ -18,7 +18,7 @@ import onnx
 from onnxcomp import data as datasets
 from onnxcomp import model_io, runtime
 from onnxcomp.bench import Latency, interleaved_latency
-from onnxcomp.errors import InputError
+from onnxcomp.errors import InputError, first_line
 from onnxcomp.runner import Runner
 
 # Above this size of the two models together, their sessions open one after the other instead of side by side:
@@ -165,25 +165,38 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
 
     ref_runner = opened(_source(reference, reference_model), "the reference model")
     ref_outputs = _outputs(ref_runner, dataset, runs, output_names)
-    ref_latency = cand_latency = None
+    # Outputs are compared before any latency run: data the model rejects is then an InputError from the
+    # runner, not an error of a timed run.
     if one_at_a_time:
         # Two sessions of a large model at once were most of validation's peak memory: the reference runs
-        # first, its outputs are kept, and each model is timed alone.
+        # first, its outputs are kept, its session is let go before the candidate's opens, and each model is
+        # timed alone.
         ref_outputs = list(ref_outputs)
-        if latency_runs > 0:
-            ref_latency, = interleaved_latency([ref_runner.session], one, runs=latency_runs, warmup=warmup)
-        ref_runner = None  # its session's memory is let go before the candidate's session opens
+        ref_latency = _timed([ref_runner], one, latency_runs, warmup)[0]
+        ref_runner = None
         cand_runner = opened(_source(candidate, candidate_model), "the candidate model")
-        if latency_runs > 0:
-            cand_latency, = interleaved_latency([cand_runner.session], one, runs=latency_runs, warmup=warmup)
-    else:
-        cand_runner = opened(_source(candidate, candidate_model), "the candidate model")
-        if latency_runs > 0:  # the two sessions take turns: background noise falls on both alike
-            ref_latency, cand_latency = interleaved_latency([ref_runner.session, cand_runner.session], one,
-                                                            runs=latency_runs, warmup=warmup)
-    pairs = zip(ref_outputs, _outputs(cand_runner, dataset, runs, output_names))
-    return _compared(provider, reference_model, output_names, pairs, runs, dataset.labels, ref_latency,
-                     cand_latency)
+        result = _compared(provider, reference_model, output_names,
+                           zip(ref_outputs, _outputs(cand_runner, dataset, runs, output_names)), runs, dataset.labels)
+        result.reference_latency = ref_latency
+        result.candidate_latency = _timed([cand_runner], one, latency_runs, warmup)[0]
+        return result
+    cand_runner = opened(_source(candidate, candidate_model), "the candidate model")
+    result = _compared(provider, reference_model, output_names,
+                       zip(ref_outputs, _outputs(cand_runner, dataset, runs, output_names)), runs, dataset.labels)
+    # the two sessions take turns: background noise falls on both alike
+    result.reference_latency, result.candidate_latency = _timed([ref_runner, cand_runner], one, latency_runs, warmup)
+    return result
+
+
+def _timed(runners: list[Runner], feed, runs: int, warmup: int) -> list[Latency | None]:
+    """Latency of each runner's session on `feed`, in turns; None for each where no runs were asked for."""
+    if runs <= 0:
+        return [None] * len(runners)
+    try:
+        return interleaved_latency([runner.session for runner in runners], feed, runs=runs, warmup=warmup)
+    except Exception as exc:  # noqa: BLE001 - ORT's own types; batch 1 can fail where the compared batches ran
+        raise InputError(f"onnxruntime could not time {' and '.join(r.role for r in runners)} at batch 1: "
+                         f"{first_line(exc)}") from None
 
 
 def _outputs(runner: Runner, dataset, runs, names: list[str]) -> Iterator[tuple[int, list[np.ndarray]]]:
@@ -192,9 +205,9 @@ def _outputs(runner: Runner, dataset, runs, names: list[str]) -> Iterator[tuple[
         yield stop - start, list(runner.run(dataset.batch(start, stop), names).values())
 
 
-def _compared(provider, reference_model, output_names, pairs, runs, labels, ref_latency,
-              cand_latency) -> ProviderResult:
-    """The errors, agreement and accuracy of the candidate's outputs against the reference's, batch by batch."""
+def _compared(provider, reference_model, output_names, pairs, runs, labels) -> ProviderResult:
+    """The errors, agreement and accuracy of the candidate's outputs against the reference's, batch by batch;
+    latency is left for the caller."""
     producers = output_producers(reference_model)
     errors = {name: _ErrorAccumulator(producers.get(name)) for name in output_names}
     scores = None  # the first [N, C] float output: top-1 against labels, and agreement
@@ -217,7 +230,7 @@ def _compared(provider, reference_model, output_names, pairs, runs, labels, ref_
             ref_classes, cand_classes = np.concatenate(ref_top1), np.concatenate(cand_top1)
             ref_acc = 100.0 * float(np.mean(ref_classes == labels[:usable]))
             cand_acc = 100.0 * float(np.mean(cand_classes == labels[:usable]))
-    return ProviderResult(provider, usable, ref_acc, cand_acc, agreement, results, ref_latency, cand_latency)
+    return ProviderResult(provider, usable, ref_acc, cand_acc, agreement, results, None, None)
 
 
 def _is_scores(output: np.ndarray, rows: int) -> bool:

@@ -109,6 +109,22 @@ def check_rejected(folder: Path, args: list, *keywords: str, cwd: Path | None = 
 # ------------------------------------------------------------------------------------------------ model files
 
 
+def test_a_model_onnx_runtime_loads_but_cannot_run_is_an_input_error(tmp_path):
+    """A Gemm bias that does not broadcast passes onnx.checker and ORT's session creation, and fails at the
+    first run. Validation compares outputs before it times anything, so the runner reports it in one line (a
+    latency run first made it an internal error, exit 3)."""
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(np.ones((7, 5), np.float32), "w"),
+                               numpy_helper.from_array(np.ones(2, np.float32), "b")])
+    source = _save(_make_model(graph), tmp_path / "model.onnx")
+    before = source.read_bytes()
+    result = run_cli("optimize", source, "-o", tmp_path / "out.onnx")
+    assert_input_error(result, "could not run", "bias")
+    assert source.read_bytes() == before
+
+
 def test_missing_model_file(tmp_path):
     result = check_rejected(tmp_path, ["optimize", tmp_path / "nope.onnx", "-o", tmp_path / "out.onnx"],
                             "no such file")
