@@ -67,7 +67,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     The report lists the candidates tried, and its validation is on the samples the budget was checked on.
 
     `return_model=False` (with `output`) lets the optimized model go once it is saved and returns None in its
-    place: validating a 1.2 GB model then peaks at 2.1 times its size instead of 3.1 (ONNX Runtime's own load of
+    place: validating a 1.2 GB model then peaked at 2.3 times its size instead of 3.1 (ONNX Runtime's own load of
     a model file takes twice its size for a moment).
     """
     if not return_model and output is None:
