@@ -41,7 +41,8 @@ def load(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
         raise InputError(f"{path}: is a folder, expected an .onnx model file")
     try:
         model = None if weights else _graph_only(path)
-        model = model or onnx.load(str(path), load_external_data=False)
+        if model is None:
+            model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
         raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)}); is the file complete?") from None
     if not model.graph.node and not model.graph.output:

@@ -2,8 +2,9 @@
 
 Both models see the same samples on each execution provider. Errors are accumulated batch by batch, so memory
 does not grow with the data set, except for models too large to hold two sessions of (ONE_SESSION_AT_A_TIME_BYTES):
-there the reference's outputs are kept while the candidate runs. Accuracy is measured only against labels; without labels, agreement (same
-top-1 class as the reference) is reported instead; with random inputs, only agreement and error are meaningful.
+there the reference's outputs are kept while the candidate runs. Accuracy is measured only against labels;
+without labels, agreement (same top-1 class as the reference) is reported instead; with random inputs, only
+agreement and error are meaningful.
 """
 
 from __future__ import annotations
@@ -165,26 +166,23 @@ def _compare_on(provider, reference, reference_model, candidate, candidate_model
 
     ref_runner = opened(_source(reference, reference_model), "the reference model")
     ref_outputs = _outputs(ref_runner, dataset, runs, output_names)
-    # Outputs are compared before any latency run: data the model rejects is then an InputError from the
-    # runner, not an error of a timed run.
     if one_at_a_time:
         # Two sessions of a large model at once were most of validation's peak memory: the reference runs
-        # first, its outputs are kept, its session is let go before the candidate's opens, and each model is
-        # timed alone.
+        # first, its outputs are kept, and its session is let go before the candidate's opens.
         ref_outputs = list(ref_outputs)
         ref_latency = _timed([ref_runner], one, latency_runs, warmup)[0]
         ref_runner = None
-        cand_runner = opened(_source(candidate, candidate_model), "the candidate model")
-        result = _compared(provider, reference_model, output_names,
-                           zip(ref_outputs, _outputs(cand_runner, dataset, runs, output_names)), runs, dataset.labels)
-        result.reference_latency = ref_latency
-        result.candidate_latency = _timed([cand_runner], one, latency_runs, warmup)[0]
-        return result
     cand_runner = opened(_source(candidate, candidate_model), "the candidate model")
+    # Outputs are compared before any latency run: data the model rejects is then an InputError from the
+    # runner, not an error of a timed run.
     result = _compared(provider, reference_model, output_names,
                        zip(ref_outputs, _outputs(cand_runner, dataset, runs, output_names)), runs, dataset.labels)
-    # the two sessions take turns: background noise falls on both alike
-    result.reference_latency, result.candidate_latency = _timed([ref_runner, cand_runner], one, latency_runs, warmup)
+    if one_at_a_time:
+        result.reference_latency = ref_latency
+        result.candidate_latency = _timed([cand_runner], one, latency_runs, warmup)[0]
+    else:  # the two sessions take turns: background noise falls on both alike
+        result.reference_latency, result.candidate_latency = _timed([ref_runner, cand_runner], one, latency_runs,
+                                                                    warmup)
     return result
 
 

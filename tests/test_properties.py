@@ -279,16 +279,21 @@ def _matmul_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
 
 
+def assert_refused_before_writing(folder, data: bytes, *keywords: str) -> None:
+    """`data` as a model file in `folder`: optimize refuses it in one line, before any pass writes an output."""
+    source = folder / "model.onnx"
+    source.write_bytes(data)
+    result = run_cli("optimize", source, "-o", folder / "out.onnx", "--runs", "0")
+    assert_input_error(result, *keywords)
+    assert sorted(os.listdir(folder)) == ["model.onnx"]
+
+
 def test_a_name_that_is_not_utf8_is_an_input_error(tmp_path):
     """A flipped byte inside a name: protobuf hands it over as bytes, and the first pass to copy it crashed."""
     model = _matmul_model()
     model.producer_name = "ABCDEFGH"
     data = model.SerializeToString().replace(b"ABCDEFGH", b"AB\xadDEFGH")
-    source = tmp_path / "model.onnx"
-    source.write_bytes(data)
-    result = run_cli("optimize", source, "-o", tmp_path / "out.onnx", "--runs", "0")
-    assert_input_error(result, "UTF-8")
-    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    assert_refused_before_writing(tmp_path, data, "UTF-8")
 
 
 def test_a_type_error_is_refused_before_any_pass_writes(tmp_path):
@@ -296,22 +301,14 @@ def test_a_type_error_is_refused_before_any_pass_writes(tmp_path):
     and only validation refused it."""
     model = _matmul_model()
     model.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
-    source = tmp_path / "model.onnx"
-    source.write_bytes(model.SerializeToString())
-    result = run_cli("optimize", source, "-o", tmp_path / "out.onnx", "--runs", "0")
-    assert_input_error(result, "not valid ONNX", "type")
-    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    assert_refused_before_writing(tmp_path, model.SerializeToString(), "not valid ONNX", "type")
 
 
 def test_a_shape_error_is_refused_before_any_pass_writes(tmp_path):
     """[N, 4] times a [5, 4] weight: the plain checker and lenient shape inference let it through."""
     model = _matmul_model()
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((5, 4), np.float32), "w"))
-    source = tmp_path / "model.onnx"
-    source.write_bytes(model.SerializeToString())
-    result = run_cli("optimize", source, "-o", tmp_path / "out.onnx", "--runs", "0")
-    assert_input_error(result, "not valid ONNX", "Incompatible dimensions")
-    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    assert_refused_before_writing(tmp_path, model.SerializeToString(), "not valid ONNX", "Incompatible dimensions")
 
 
 def test_a_type_no_kernel_takes_is_refused_before_any_pass_writes(tmp_path):
@@ -320,11 +317,8 @@ def test_a_type_no_kernel_takes_is_refused_before_any_pass_writes(tmp_path):
     nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
-    source = tmp_path / "model.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8), source)
-    result = run_cli("optimize", source, "-o", tmp_path / "out.onnx", "--runs", "0")
-    assert_input_error(result, "not valid ONNX", "unsupported type")
-    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    assert_refused_before_writing(tmp_path, model.SerializeToString(), "not valid ONNX", "unsupported type")
 
 
 @GRAPHS
@@ -343,8 +337,4 @@ def test_a_large_initializer_with_short_raw_data_is_an_input_error(tmp_path):
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((4, 512), np.float32), "w"))
     model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 512
     model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:4096]
-    source = tmp_path / "model.onnx"
-    source.write_bytes(model.SerializeToString())
-    result = run_cli("optimize", source, "-o", tmp_path / "out.onnx", "--runs", "0")
-    assert_input_error(result, "not valid ONNX", "raw_data size")
-    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    assert_refused_before_writing(tmp_path, model.SerializeToString(), "not valid ONNX", "raw_data size")
