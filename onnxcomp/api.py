@@ -80,9 +80,14 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
         raise InputError(f"a tokenizer ({tokenizer}) turns sentences into token ids, but no data given is "
                          "sentences (.txt/.tsv)")
     source = None if isinstance(model, onnx.ModelProto) else str(model)
-    original = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
     pipeline = resolve_passes(passes, recipe_file)
     free = _free_strengths(passes, recipe_file) if max_accuracy_drop is not None else {}
+    # The passes read the weights of a model file from the file, as they need them (manager's `folder`), so a
+    # large model is never held whole; heal (its teacher) and the budget search still take it loaded.
+    folder = None
+    if source is not None and not free and not any(current.name == "heal" for current in pipeline):
+        folder = str(Path(source).resolve().parent)
+    original = model if source is None else model_io.load(source, weights=folder is None)
     if free and (data is None or (isinstance(data, str) and data == "random")):
         raise InputError("max_accuracy_drop= chooses how strongly prune and share compress by measuring "
                          "accuracy on data: give data= (labelled, or unlabelled for agreement)")
@@ -109,7 +114,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
                                               max_accuracy_drop, optimize_for, providers, optimization, latency_runs)
         optimized, records = found.model, found.records
     else:
-        optimized, records = PassManager(pipeline).run(original, ctx)
+        optimized, records = PassManager(pipeline).run(original, ctx, folder=folder)
     if output is not None:
         model_io.save(optimized, output, source=source)
     if not return_model:

@@ -17,14 +17,17 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxcomp import model_io
+from onnxcomp.runtime import ON_DISK_BYTES
 from onnxcomp.errors import first_line
 
 
-def import_model(model: onnx.ModelProto) -> gs.Graph:
+def import_model(model: onnx.ModelProto, folder: str | None = None) -> gs.Graph:
     """A graphsurgeon graph of `model` (which this may edit: pass a copy).
 
     From IR 4 on, an initializer that is also a graph input is a default the caller may override: it enters
     the graph as a plain input, so no pass folds it as a constant. `export_model` gives it back its value.
+    `folder` is where the external data of a model read without its weights lies (model_io.load with
+    weights=False): each such constant is read from there when a pass asks for it, never all at once.
     """
     _densify_sparse_initializers(model)
     overridable = _overridable_initializers(model) if model.ir_version >= 4 else set()
@@ -32,7 +35,36 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
         kept = [t for t in model.graph.initializer if t.name not in overridable]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    if folder is not None:
+        for constant in constant_tensors(graph):
+            lazy = constant._values
+            if isinstance(lazy, LazyValues) and lazy.tensor.data_location == onnx.TensorProto.EXTERNAL:
+                constant._values = StoredValues(lazy.tensor, folder)
+                constant.data_location = None  # graphsurgeon would write it into an export of changed values
+    return graph
+
+
+class StoredValues(LazyValues):
+    """The values of a constant that lie in a file (external data, or a model file's own bytes), read on each
+    use: `load()` gives the array, `tensor` a TensorProto holding the values (what graphsurgeon exports). The
+    weights a pass leaves alone are thus never all in memory at once, however large the model."""
+
+    def __init__(self, reference: onnx.TensorProto, folder: str):
+        stated = LazyValues(reference)  # its shape and type, without reading `tensor`
+        self.reference, self.folder = reference, folder
+        self.shape, self.dtype, self.nbytes = stated.shape, stated.dtype, stated.nbytes
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        return model_io.read_tensor(self.reference, self.folder)
+
+    @tensor.setter
+    def tensor(self, reference: onnx.TensorProto) -> None:
+        self.reference = reference
+
+    def load(self) -> np.ndarray:
+        return np.array(numpy_helper.to_array(self.tensor))
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -266,6 +298,65 @@ def weights_as_inputs(graph: gs.Graph):
             del tensor.type
             tensor.to_constant(values)
             tensor.data_location = location
+
+
+@contextmanager
+def runnable(graph: gs.Graph) -> Iterator[onnx.ModelProto | str]:
+    """The model of `graph` as runner.Runner takes it, for the block: an export when its weights are small,
+    else a file in a temporary folder, its weights written one at a time straight from the graph (an export
+    would hold them all once more, and ORT's session built from it a third time). The graph may change in the
+    block; the model does not."""
+    if not _worth_a_file(graph):
+        yield gs.export_onnx(graph, do_type_check=False)
+        return
+    with weights_as_inputs(graph) as swapped:
+        skeleton = gs.export_onnx(graph, do_type_check=False)
+        stored = [(tensor.name, values) for tensor, values, _ in swapped]
+        del swapped
+    moved = {name for name, _ in stored}
+    if skeleton.ir_version >= 4:  # IR 3 lists every initializer among the inputs too
+        kept = [value for value in skeleton.graph.input if value.name not in moved]
+        del skeleton.graph.input[:]
+        skeleton.graph.input.extend(kept)
+
+    def written() -> Iterator[tuple[onnx.TensorProto, bytes | memoryview]]:
+        while stored:  # each let go once written: the block may replace the graph's weights
+            yield _stored_tensor(*stored.pop(0))
+
+    with model_io.on_disk(skeleton, written()) as path:
+        yield path
+
+
+def _worth_a_file(graph: gs.Graph) -> bool:
+    """Whether the graph's large constants (kept out of an export by weights_as_inputs) pass
+    runtime.ON_DISK_BYTES and can all go to external data (strings cannot)."""
+    large = [t for t in graph.tensors().values()
+             if isinstance(t, gs.Constant) and _nbytes(t) >= model_io.EXTERNAL_TENSOR_BYTES]
+    return sum(_nbytes(t) for t in large) > ON_DISK_BYTES and not any(_is_text(t) for t in large)
+
+
+def _is_text(tensor: gs.Constant) -> bool:
+    """Whether a constant holds strings, which ONNX does not keep in external data."""
+    try:
+        return np.dtype(tensor.dtype).kind in "OSU"
+    except TypeError:
+        return False
+
+
+def _stored_tensor(name: str, values) -> tuple[onnx.TensorProto, bytes | memoryview]:
+    """(a TensorProto stating the name, type and shape of a constant's values, the bytes of its values)."""
+    tensor = values.tensor if isinstance(values, LazyValues) else None  # read once: StoredValues reads a file
+    if tensor is not None and not tensor.HasField("raw_data"):
+        values = values.load()  # float_data and the like: numbers, not bytes to copy
+    elif tensor is not None:
+        header = onnx.TensorProto()
+        model_io.copy_fields(tensor, header, skip="raw_data")
+        header.name = name
+        return header, tensor.raw_data
+    array = np.ascontiguousarray(values)
+    header = onnx.TensorProto(name=name, dims=array.shape,
+                              data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+    return header, array.data.cast("B")
 
 
 def _nbytes(tensor: gs.Constant) -> int:

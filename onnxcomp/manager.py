@@ -38,23 +38,27 @@ class PassManager:
         self.final_cleanup = final_cleanup
         self.check = check
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None, *,
+            folder: str | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
+        """The optimized model and a record of each pass. `folder` is where the weights of a model read without
+        them lie (model_io.load with weights=False): the passes read each weight from there when they need it,
+        and the result holds them all."""
         # The run's own context: what the manager and the passes note in it stays out of the caller's object.
         ctx = dataclasses.replace(ctx or PassContext(), input_model=model)
         # Check outputs only against a valid input: a pass is not to blame for a model the checker already rejects.
         input_error = _check_error(model)
         if input_error is not None:
-            _require_runnable(model, f"onnx.checker says {input_error}")
+            _require_runnable(model, f"onnx.checker says {input_error}", folder)
         else:  # a type error (an int64 tensor into Conv) passes the plain checker; ORT has the last word
             type_error = _type_error(model)
             if type_error is not None:
-                _require_runnable(model, f"type inference says {type_error}")
+                _require_runnable(model, f"type inference says {type_error}", folder)
         check = self.check and input_error is None
         if self.check and not check:
             ctx.log.warning("the input model does not pass onnx.checker (%s); outputs are not checked either",
                             input_error)
         ctx.unused_initializers = graphs.unused_initializer_count(model)
-        graph, export = self._import(model)
+        graph, export = self._import(model, folder)
         records: list[PassRecord] = []
 
         def step(current: Pass, automatic: bool) -> None:
@@ -74,13 +78,15 @@ class PassManager:
             from onnxcomp.registry import get
 
             step(get("cleanup")(), automatic=True)
-        if not modified:
+        if not modified:  # byte for byte the input: a no-op pipeline must not reformat the model
+            if folder is not None:
+                return model_io.with_weights(model, folder), records
             unchanged = onnx.ModelProto()
             unchanged.CopyFrom(model)
-            return unchanged, records  # byte for byte the input: a no-op pipeline must not reformat the model
+            return unchanged, records
         return _final_export(graph, export), records
 
-    def _import(self, model: onnx.ModelProto):
+    def _import(self, model: onnx.ModelProto, folder: str | None):
         """The graph the passes edit, and the function that exports it, without copying `model`'s weights where
         that is safe: graphsurgeon reads the weights it does not change straight from `model`'s tensors and,
         exporting, writes only their names, which are put back. import_model edits the model it imports (sparse
@@ -88,12 +94,13 @@ class PassManager:
         inputs = {value.name for value in model.graph.input}
         overridable = model.ir_version >= 4 and any(tensor.name in inputs for tensor in model.graph.initializer)
         if model.graph.sparse_initializer or overridable or any(current.name == "heal" for current in self.passes):
+            template = model if folder is None else model_io.with_weights(model, folder)
             working = onnx.ModelProto()
-            working.CopyFrom(model)
+            working.CopyFrom(template)
             graph = graphs.import_model(working)
-            return graph, lambda: graphs.export_model(graph, model)
+            return graph, lambda: graphs.export_model(graph, template)
         names = [tensor.name if tensor.HasField("name") else None for tensor in model_io.all_tensors(model)]
-        graph = graphs.import_model(model)
+        graph = graphs.import_model(model, folder)
 
         def export() -> onnx.ModelProto:
             exported = graphs.export_model(graph, model)
@@ -160,13 +167,13 @@ def _final_export(graph: gs.Graph, export) -> onnx.ModelProto:
     return model
 
 
-def _require_runnable(model: onnx.ModelProto, complaint: str) -> None:
+def _require_runnable(model: onnx.ModelProto, complaint: str, folder: str | None) -> None:
     """A model the checker rejects is still a user's model if ONNX Runtime runs it; if neither takes it, it is
     bad input, said in one line before any pass trips over it."""
     from onnxcomp import runtime
 
     try:
-        runtime.session(model, "cpu", optimization="disable")
+        runtime.session(model, "cpu", optimization="disable", folder=folder)
     except InputError as exc:  # each names some problems more plainly than the other: say both
         raise InputError(f"the model is not valid ONNX: {complaint.rstrip('.')}; {exc}; "
                          "fix or re-export it") from None

@@ -30,9 +30,10 @@ EXTERNAL_TENSOR_BYTES = 1024
 def load(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
     """Read an ONNX model and its external data; raise InputError with a clear message when it cannot.
 
-    `weights=False` gives the graph, shapes and names without the weights, for a caller that hands the path
-    itself to ONNX Runtime: tensors kept in external data are not read (their files are still checked), and
-    the main graph's large inline initializers are read without their values (the model is then not runnable).
+    `weights=False` gives the graph, shapes and names without reading the weights: tensors kept in external
+    data are not read (their files are still checked), and the main graph's large inline initializers become
+    references into the model file itself, in the external-data form (location, offset, length). The model is
+    then runnable from the file's folder (runtime.session's `folder`), and its weights are read where needed.
     """
     path = Path(path)
     if not path.exists():
@@ -62,11 +63,67 @@ def load(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
             onnx.load_external_data_for_model(model, str(base))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise InputError(f"{path}: cannot read its external data ({first_line(exc)})") from None
+    elif locations:
+        _check_extents(path, model)
     return model
+
+
+def _check_extents(path: Path, model: onnx.ModelProto) -> None:
+    """Raise InputError for an external tensor whose bytes its file does not hold (what reading it would find),
+    so that a model read without its weights is refused as early as one read whole."""
+    base, sizes = path.resolve().parent, {}
+    for tensor in all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        place = {entry.key: entry.value for entry in tensor.external_data}
+        location = place.get("location", "")
+        if location not in sizes:
+            file = base / location
+            sizes[location] = file.stat().st_size if location and file.is_file() else None
+        size, needed = sizes[location], _payload_bytes(tensor)
+        try:
+            offset = int(place.get("offset", 0))
+            length = int(place["length"]) if "length" in place else (size or 0) - offset
+        except ValueError:
+            size = None
+        if size is None:
+            raise InputError(f"{path}: cannot read its external data (tensor '{tensor.name}' refers to "
+                             f"'{location}', which is not a readable file beside the model)")
+        if offset < 0 or offset + length > size or (needed is not None and length < needed):
+            raise InputError(f"{path}: cannot read its external data (tensor '{tensor.name}' needs "
+                             f"{needed} bytes at offset {offset} of '{location}', which holds {size}); the data "
+                             "file is incomplete: copy or export it again")
+
+
+def read_tensor(tensor: onnx.TensorProto, folder: str | os.PathLike) -> onnx.TensorProto:
+    """A copy of `tensor`, whose values lie in external data in `folder`, with the values read in."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    try:
+        load_external_data_for_tensor(copy, str(folder))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the external data of tensor '{tensor.name}' from {folder} "
+                         f"({first_line(exc)}); was the data file changed or removed during the run?") from None
+    copy.ClearField("data_location")  # absent, as in a tensor that was never external (not set to DEFAULT)
+    del copy.external_data[:]
+    return copy
+
+
+def with_weights(model: onnx.ModelProto, folder: str | os.PathLike) -> onnx.ModelProto:
+    """A copy of `model` (read with weights=False from a file in `folder`) holding all its weights."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in all_tensors(copy):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.CopyFrom(read_tensor(tensor, folder))
+    return copy
 
 
 # TensorProto's value fields: float_data, int32_data, int64_data, raw_data, double_data, uint64_data.
 _TENSOR_VALUE_FIELDS = frozenset({4, 5, 7, 9, 10, 11})
+_RAW_DATA_FIELD = 9
 
 
 def _graph_only(path: Path) -> onnx.ModelProto | None:
@@ -82,30 +139,54 @@ def _graph_only(path: Path) -> onnx.ModelProto | None:
             return None
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
             try:
-                kept = _without_values(data)
+                kept, places = _without_values(data)
             except (IndexError, ValueError):
                 return None
-    return onnx.ModelProto.FromString(kept)
+            model = onnx.ModelProto.FromString(kept)
+            for index, (offset, length) in places.items():
+                tensor = model.graph.initializer[index]
+                needed = _payload_bytes(tensor)
+                if needed is not None and length < needed:  # kept whole, for the checks to name what is wrong
+                    tensor.raw_data = bytes(data[offset:offset + length])
+                else:
+                    _refer(tensor, path.name, offset, length)
+    return model
 
 
-def _without_values(data: memoryview) -> bytes:
-    kept = bytearray()
+def _without_values(data: memoryview) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """The message in `data` without the raw_data of its main graph's large initializers, and where each of
+    those lies in `data` ({initializer index: (offset, length)}); initializers with other value fields (float_data
+    and the like, not raw bytes a reference can point at) are kept whole."""
+    kept, places = bytearray(), {}
     for number, wire, start, value_start, end in _wire_fields(data, 0, len(data)):
         if number != _GRAPH_FIELD or wire != 2:
             kept += data[start:end]
             continue
-        graph = bytearray()
+        graph, index = bytearray(), 0
         for inner, inner_wire, inner_start, inner_value_start, inner_end in _wire_fields(data, value_start, end):
             if inner == _INITIALIZER_FIELD and inner_wire == 2 and inner_end - inner_value_start >= EXTERNAL_TENSOR_BYTES:
-                tensor = bytearray()
-                for field, _, field_start, _, field_end in _wire_fields(data, inner_value_start, inner_end):
-                    if field not in _TENSOR_VALUE_FIELDS:
-                        tensor += data[field_start:field_end]
-                graph += _field_header(_INITIALIZER_FIELD, len(tensor)) + tensor
+                fields = list(_wire_fields(data, inner_value_start, inner_end))
+                values = [f for f in fields if f[0] in _TENSOR_VALUE_FIELDS]
+                if len(values) == 1 and values[0][0] == _RAW_DATA_FIELD:
+                    tensor = b"".join(bytes(data[f[2]:f[4]]) for f in fields if f[0] != _RAW_DATA_FIELD)
+                    graph += _field_header(_INITIALIZER_FIELD, len(tensor)) + tensor
+                    places[index] = (values[0][3], values[0][4] - values[0][3])
+                else:
+                    graph += data[inner_start:inner_end]
             else:
                 graph += data[inner_start:inner_end]
+            index += inner == _INITIALIZER_FIELD
         kept += _field_header(_GRAPH_FIELD, len(graph)) + graph
-    return bytes(kept)
+    return bytes(kept), places
+
+
+def _refer(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` refer to `length` bytes at `offset` of the file `location` (external data)."""
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def _wire_fields(data: memoryview, position: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
@@ -193,17 +274,26 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
 
 
 @contextmanager
-def on_disk(model: onnx.ModelProto) -> Iterator[str]:
+def on_disk(model: onnx.ModelProto, weights: Iterable[tuple[onnx.TensorProto, Buffer]] = ()) -> Iterator[str]:
     """A path to `model` for the duration of the block: a model over protobuf's 2 GB limit cannot be handed to
-    ONNX Runtime as bytes, so it is written to a temporary folder with its weights in external data."""
+    ONNX Runtime as bytes, so it is written to a temporary folder with its weights in external data.
+
+    `weights` are more initializers, each a TensorProto that states name, type and shape without values and
+    the bytes of its values: they are written one at a time, so a caller holding its weights as arrays never
+    builds a second copy of them in a model."""
     with tempfile.TemporaryDirectory(prefix="onnxcomp-") as folder:
         path = Path(folder) / "model.onnx"
-        _write_external(model, path, Path(folder) / "model.onnx.data")
+        _write_external(model, path, Path(folder) / "model.onnx.data", weights, durable=False)
         yield str(path)
 
 
-def _write_external(model: onnx.ModelProto, model_path: Path, data_path: Path) -> None:
-    """Save `model` with its large initializers in `data_path`, written one tensor at a time.
+Buffer = bytes | memoryview
+
+
+def _write_external(model: onnx.ModelProto, model_path: Path, data_path: Path,
+                    weights: Iterable[tuple[onnx.TensorProto, Buffer]] = (), *, durable: bool = True) -> None:
+    """Save `model` (and `weights`, see on_disk) with its large initializers in `data_path`, written one tensor
+    at a time; `durable` syncs the data to disk before the model refers to it.
 
     The model itself is not changed, and no second copy of its weights is made (onnx.save_model would need a
     copy of the whole model to move the weights out of)."""
@@ -217,18 +307,25 @@ def _write_external(model: onnx.ModelProto, model_path: Path, data_path: Path) -
                 stored.CopyFrom(tensor)
                 continue
             copy_fields(tensor, stored, skip="raw_data")
-            offset = data.tell()
-            data.write(tensor.raw_data)
-            stored.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_path.name), ("offset", str(offset)),
-                               ("length", str(data.tell() - offset))):
-                entry = stored.external_data.add()
-                entry.key, entry.value = key, value
+            _write_refer(stored, data, tensor.raw_data)
+        for header, values in weights:
+            stored = skeleton.graph.initializer.add()
+            stored.CopyFrom(header)
+            _write_refer(stored, data, values)
+            del values  # the caller's buffer may be the only copy of a weight read for this write
         data.flush()
-        os.fsync(data.fileno())
+        if durable:
+            os.fsync(data.fileno())
     if data_path.stat().st_size == 0:
         data_path.unlink()
-    _write_atomically(model_path, skeleton.SerializeToString())
+    _write_atomically(model_path, skeleton.SerializeToString(), durable=durable)
+
+
+def _write_refer(tensor: onnx.TensorProto, data, values: Buffer) -> None:
+    """Append `values` to the open external-data file `data` and make `tensor` refer to them there."""
+    offset = data.tell()
+    data.write(values)
+    _refer(tensor, Path(data.name).name, offset, data.tell() - offset)
 
 
 def serialized_parts(model: onnx.ModelProto) -> Iterator[bytes]:
@@ -303,7 +400,7 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     copy_fields(model.graph, skeleton.graph, skip="initializer")
     inputs = {value.name for value in model.graph.input}
     for tensor in model.graph.initializer:
-        if len(tensor.raw_data) < EXTERNAL_TENSOR_BYTES:
+        if len(tensor.raw_data) < EXTERNAL_TENSOR_BYTES and tensor.data_location != onnx.TensorProto.EXTERNAL:
             skeleton.graph.initializer.add().CopyFrom(tensor)
         elif tensor.name not in inputs:
             skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
@@ -372,7 +469,8 @@ def file_size(path: str | os.PathLike) -> int:
     total = path.stat().st_size
     model = load(path, weights=False)
     for location in external_data_locations(model):
-        total += (path.resolve().parent / location).stat().st_size
+        if location != path.name:  # inline weights, which load(weights=False) refers to in the file itself
+            total += (path.resolve().parent / location).stat().st_size
     return total
 
 
@@ -446,8 +544,9 @@ def _refuse_overwrite(source: Path, target: Path) -> None:
                     "Choose another output path with -o")
 
 
-def _write_atomically(path: Path, payload: bytes | Iterable[bytes]) -> None:
-    """Write `payload` (bytes, or pieces of bytes) to a temporary file beside `path`, then rename it there."""
+def _write_atomically(path: Path, payload: bytes | Iterable[bytes], *, durable: bool = True) -> None:
+    """Write `payload` (bytes, or pieces of bytes) to a temporary file beside `path`, then rename it there;
+    `durable` syncs it to disk first (a temporary file that dies with the process need not be)."""
     pieces = [payload] if isinstance(payload, bytes) else payload
     if path.exists() and not path.is_file():
         # /dev/null, /dev/stdout, a pipe: the user asked to stream there; renaming over it would replace it
@@ -463,7 +562,8 @@ def _write_atomically(path: Path, payload: bytes | Iterable[bytes]) -> None:
             for piece in pieces:
                 handle.write(piece)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(temp_name, mode)  # mkstemp makes 0600; a saved model should be as readable as any new file
         os.replace(temp_name, path)
     except BaseException:

@@ -7,6 +7,7 @@ everywhere.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -22,10 +23,15 @@ class Runner:
     model is cut to what they depend on), by default the model's outputs. `role` names the run in errors."""
 
     def __init__(self, model: onnx.ModelProto | str, *, provider: str = "cpu", optimization: str = "all",
-                 outputs: list[str] | None = None, spinning: bool = True, role: str = "the model"):
+                 outputs: list[str] | None = None, spinning: bool = True, role: str = "the model",
+                 folder: str | None = None):
+        """`model` is a model or the path of one; `folder` is where the external data of a model in memory lies
+        (see runtime.session)."""
         if outputs is not None:
-            model = with_outputs(model if isinstance(model, onnx.ModelProto) else onnx.load(model), outputs)
-        self.session = runtime.session(model, provider, optimization, spinning=spinning)
+            if isinstance(model, str):
+                model, folder = graph_of(model)
+            model = with_outputs(model, outputs)
+        self.session = runtime.session(model, provider, optimization, spinning=spinning, folder=folder)
         self.outputs = list(outputs) if outputs is not None else [o.name for o in self.session.get_outputs()]
         self.provider, self.role = provider, role
 
@@ -90,34 +96,37 @@ class PrefixRuns:
         self.kept: dict[str, list[np.ndarray]] = {}  # tensor → its value per batch
         self.computed: set[str] = set()  # outputs of the nodes run so far
 
-    def batches(self, model: onnx.ModelProto, outputs: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def batches(self, model: onnx.ModelProto | str, outputs: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(samples done, {output: value}) per batch, as Runner.batches, from the kept tensors on."""
+        model, folder = graph_of(model)
         cut, ran = _cut(model, outputs, self._available())
         self.computed |= ran
         later = _read_later(model, self.computed)
         produced = [name for name in ran if name in later and name not in self.kept]
         new: dict[str, list[np.ndarray]] = {name: [] for name in produced}
         last = len(self.dataset.runs(self.samples, self.batch_size)) - 1
-        for index, stop, values in self._resumed(cut, list(dict.fromkeys(outputs + produced))):
+        for index, stop, values in self._resumed(cut, list(dict.fromkeys(outputs + produced)), folder):
             for name in produced:
                 new[name].append(values[name])
             if index == last:  # before the last yield: a caller zipping two runs stops after it
                 self._keep(new, later)
             yield stop, {name: values[name] for name in outputs}
 
-    def branch(self, model: onnx.ModelProto, outputs: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def branch(self, model: onnx.ModelProto | str, outputs: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(samples done, {output: value}) per batch of `model`, resumed from the kept tensors without keeping
         anything: a probe of a change to nodes not computed yet, the runs after it unaffected."""
-        for _, stop, values in self._resumed(_cut(model, outputs, self._available())[0], outputs):
+        model, folder = graph_of(model)
+        for _, stop, values in self._resumed(_cut(model, outputs, self._available())[0], outputs, folder):
             yield stop, values
 
     def _available(self) -> dict[str, np.dtype]:
         return {name: values[0].dtype for name, values in self.kept.items()}
 
-    def _resumed(self, cut: onnx.ModelProto, outputs: list[str]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    def _resumed(self, cut: onnx.ModelProto, outputs: list[str],
+                 folder: str | None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
         """(batch index, samples done, values) of the cut model, fed the kept tensors it reads."""
         resumed = [i.name for i in cut.graph.input if i.name in self.kept]
-        runner = Runner(cut, provider=self.provider, outputs=outputs, role=self.role)
+        runner = Runner(cut, provider=self.provider, outputs=outputs, role=self.role, folder=folder)
         for index, (start, stop) in enumerate(self.dataset.runs(self.samples, self.batch_size)):
             feed = self.dataset.batch(start, stop)
             feed.update({name: self.kept[name][index] for name in resumed})
@@ -139,6 +148,14 @@ def _reads(node: onnx.NodeProto) -> list[str]:
     """The tensors a node reads, a subgraph's reads from the outer graph included."""
     return list(node.input) + [name for subgraph in graphs.node_subgraphs(node)
                                for inner in graphs.all_nodes(subgraph) for name in inner.input]
+
+
+def graph_of(model: onnx.ModelProto | str) -> tuple[onnx.ModelProto, str | None]:
+    """(`model`, None) for a model in memory; for the path of one, (its graph without the weights, the folder
+    ORT reads them from): a cut of it then holds no weights, and its session reads only those it keeps."""
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    return model_io.load(model, weights=False), str(Path(model).resolve().parent)
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:

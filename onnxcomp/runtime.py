@@ -40,8 +40,11 @@ def require_available(providers: list[str]) -> None:
 
 
 def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: str = "all",
-            spinning: bool = True) -> ort.InferenceSession:
-    """An inference session on exactly the provider asked for; never a silent fallback to the CPU."""
+            spinning: bool = True, folder: str | None = None) -> ort.InferenceSession:
+    """An inference session on exactly the provider asked for; never a silent fallback to the CPU.
+
+    `folder` is where the external data of an in-memory `model` lies (a model read by model_io.load with
+    weights=False, or cut from one): ORT reads the weights from there, and the model's bytes are its graph."""
     if optimization not in OPTIMIZATION_LEVELS:
         raise InputError(f"unknown ORT optimization level '{optimization}'; valid: {', '.join(OPTIMIZATION_LEVELS)}")
     provider_name = PROVIDERS[parse_providers([provider])[0]]
@@ -51,7 +54,9 @@ def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: s
     options.log_severity_level = 4  # fatal only: failures reach the user as our one-line errors
     if not spinning:  # idle worker threads would spin and steal the cores from another session being timed
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not isinstance(model, str) and model_io.tensor_bytes(model) > ON_DISK_BYTES:
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    if not isinstance(model, str) and folder is None and model_io.tensor_bytes(model) > ON_DISK_BYTES:
         with model_io.on_disk(model) as path:
             created = _created(path, options, provider, provider_name)
     else:

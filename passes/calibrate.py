@@ -187,7 +187,7 @@ def _entropy_threshold(stats: TensorStats, levels: int, nonnegative: bool) -> fl
     return best * width
 
 
-def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int, batch_size: int,
+def collect(model: onnx.ModelProto | str, tensors: list[str], dataset, *, samples: int, batch_size: int,
             provider: str = "cpu", progress: bool | None = None,
             means_of: set[str] | None = None) -> dict[str, TensorStats]:
     """Run `model` on up to `samples` samples of `dataset` and gather statistics of `tensors`, batch by batch;
@@ -208,16 +208,21 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, *, samples: int
     return stats
 
 
-def activation_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: list[str], dataset, *,
+def activation_sqnr(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str, tensors: list[str], dataset, *,
                     samples: int = 2, provider: str = "cpu") -> dict[str, float]:
     """SQNR (dB) of each tensor of the quantized model against the float model, on the first samples (a
     figure for the report: a few samples hold thousands of values of each activation)."""
     signal = dict.fromkeys(tensors, 0.0)
     noise = dict.fromkeys(tensors, 0.0)
     # the two models fetch tensors of the same shapes, so their batches are cut into the same parts
-    runs = [Runner(m, provider=provider, outputs=tensors, role=role).batches(dataset, samples, 4, max_bytes=RUN_BYTES)
-            for m, role in ((reference, "the float model"), (quantized, "the quantized model"))]
-    for (_, expected), (_, actual) in zip(*runs):
+    def run(model: onnx.ModelProto | str, role: str):
+        return Runner(model, provider=provider, outputs=tensors, role=role).batches(dataset, samples, 4,
+                                                                                    max_bytes=RUN_BYTES)
+
+    float_runs = run(reference, "the float model")
+    if isinstance(reference, str):  # weights large enough to be on disk: one session at a time, a few samples kept
+        float_runs = list(float_runs)
+    for (_, expected), (_, actual) in zip(float_runs, run(quantized, "the quantized model")):
         for name in list(tensors):
             # float32 products summed by BLAS: a detector's activations are 280 MB a sample, and widening them to
             # float64 took longer than running both models

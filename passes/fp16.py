@@ -46,6 +46,7 @@ from onnx import TensorProto
 
 from onnxcomp import data as datasets
 from onnxcomp import graph as graphs
+from onnxcomp import model_io
 from onnxcomp.errors import InputError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes import calibrate
@@ -153,10 +154,11 @@ class Fp16(Pass):
         config = self.config
         provider = config.provider or ctx.provider
         half_type = TYPES[config.type]
-        model = gs.export_onnx(graph, do_type_check=False)
-        floats = _float32_names(model)
-        data, stats = _calibration_data(model, ctx, config)
-        ranges = _ranges(model, graph, floats, data, config, ctx.provider)
+        with graphs.runnable(graph) as model:  # on disk for a large model: not a copy in memory
+            structure = model if isinstance(model, onnx.ModelProto) else model_io.load(model, weights=False)
+            floats = _float32_names(structure)
+            data, stats = _calibration_data(structure, ctx, config)
+            ranges = _ranges(model, graph, floats, data, config, ctx.provider)
         limit = _largest(half_type) / config.headroom
         backup = graph.copy()
         reverted: set[str] = set()
@@ -229,7 +231,7 @@ def _float32_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def _ranges(model: onnx.ModelProto, graph: gs.Graph, floats: set[str], data, config: HalfConfig,
+def _ranges(model: onnx.ModelProto | str, graph: gs.Graph, floats: set[str], data, config: HalfConfig,
             provider: str) -> dict[str, float]:
     """Largest |x| of every float32 tensor of the main graph that depends on the inputs, on the data."""
     tensors = [name for name, t in graph.tensors().items()
@@ -524,13 +526,13 @@ def _overflowing_subgraphs(graph: gs.Graph, plan: Plan, data, config: HalfConfig
     if not outputs:
         return set()
     names = [name for names in outputs.values() for name in names]
-    runner = Runner(gs.export_onnx(graph, do_type_check=False), provider=provider, outputs=names,
-                    role="the half-precision model")
     failed: set[str] = set()
-    for _, values in runner.batches(data, min(config.samples, data.num_samples), config.batch_size):
-        for key, names in outputs.items():
-            if any(values[n].dtype.kind == "f" and not np.all(np.isfinite(values[n])) for n in names):
-                failed.add(key)
+    with graphs.runnable(graph) as model:
+        runner = Runner(model, provider=provider, outputs=names, role="the half-precision model")
+        for _, values in runner.batches(data, min(config.samples, data.num_samples), config.batch_size):
+            for key, names in outputs.items():
+                if any(values[n].dtype.kind == "f" and not np.all(np.isfinite(values[n])) for n in names):
+                    failed.add(key)
     return failed
 
 

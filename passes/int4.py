@@ -279,11 +279,11 @@ def _tables(graph: gs.Graph, exclude: tuple[str, ...], bits: int) -> list[gs.Nod
 
 def _statistics(graph: gs.Graph, targets: list[Target], ctx: PassContext, config: Int4Config) -> dict:
     """E[x xᵀ] of each layer's input on calibration data, keyed by id(layer), for GPTQ."""
-    model = gs.export_onnx(graph, do_type_check=False)
     layers = [target.layer for target in targets]
-    found = input_statistics(model, layers, ctx.calibration_data,
-                             samples=min(config.samples, ctx.calibration_data.num_samples),
-                             batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed)
+    with graphs.runnable(graph) as model:
+        found = input_statistics(model, layers, ctx.calibration_data,
+                                 samples=min(config.samples, ctx.calibration_data.num_samples),
+                                 batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed)
     return {key: fit for key, (fit, _) in found.items()}
 
 
@@ -401,11 +401,10 @@ def _calibrate(graph: gs.Graph, targets: list[Target], tables: list[gs.Node], ct
     if not layer_inputs:
         return Calibration({}, rows, samples)
     names = sorted(set(layer_inputs.values()))
-    runner = Runner(gs.export_onnx(graph, do_type_check=False), provider=ctx.provider, outputs=names,
-                    role="the model for int4's calibration")
     sums: dict[str, np.ndarray] = {}
     vectors: Counter = Counter()
-    with progress.bar(samples, "int4 calibration", unit="sample") as shown:
+    with graphs.runnable(graph) as model, progress.bar(samples, "int4 calibration", unit="sample") as shown:
+        runner = Runner(model, provider=ctx.provider, outputs=names, role="the model for int4's calibration")
         for done, values in runner.batches(ctx.calibration_data, samples, config.batch_size):
             for name in names:
                 x = values[name].reshape(-1, values[name].shape[-1]).astype(np.float64)

@@ -271,9 +271,9 @@ def frequent_rows(graph: gs.Graph, tables: list[gs.Node], data, *, samples: int,
     ids = {id(node): node.inputs[1].name for node in tables}
     sizes = {id(node): embedding_table(node).shape[0] for node in tables}
     counts = {key: np.zeros(sizes[key], np.int64) for key in ids}
-    runner = Runner(gs.export_onnx(graph, do_type_check=False), provider=provider, outputs=sorted(set(ids.values())),
-                    role="the model, counting the table rows it reads")
-    with bar(samples, "table rows", unit="sample") as shown:
+    with graphs.runnable(graph) as model, bar(samples, "table rows", unit="sample") as shown:
+        runner = Runner(model, provider=provider, outputs=sorted(set(ids.values())),
+                        role="the model, counting the table rows it reads")
         for done, values in runner.batches(data, samples, batch_size):
             for key, name in ids.items():
                 counts[key] += np.bincount(values[name].reshape(-1) % sizes[key], minlength=sizes[key])
@@ -415,7 +415,7 @@ def _accumulate(stats: InputStatistics, left: np.ndarray, right: np.ndarray, dia
         target += left.transpose(1, 2, 0) @ right.transpose(1, 0, 2)  # (g, D, P) @ (g, P, D)
 
 
-def input_statistics(model: onnx.ModelProto, layers: list[WeightedLayer], dataset, *, samples: int,
+def input_statistics(model: onnx.ModelProto | str, layers: list[WeightedLayer], dataset, *, samples: int,
                      batch_size: int, provider: str = "cpu", vectors_per_sample: int = 256, seed: int = 0,
                      reference: onnx.ModelProto | None = None, check_every: int = 0,
                      progress: bool | None = None, prefixes: list[PrefixRuns] | None = None,

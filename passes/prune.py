@@ -192,20 +192,20 @@ class Prune(Pass):
         if not layers:
             return _result(graph, [plan for plan, _ in tables], config, stats, skipped)
         plans = [LayerPlan(layer, can_take_bias=layer.can_take_bias) for layer in layers]
-        unpruned = gs.export_onnx(graph, do_type_check=False)
-        if allocation == "sensitivity" or correction != "none":
-            stats.update(_measure(graph, unpruned, plans, ctx, config, correction))
-        sizes = np.array([plan.layer.values.size for plan in plans])
-        target = int(round(config.sparsity * sizes.sum()))
-        if allocation == "uniform":
-            counts = round_to_total(config.sparsity * sizes, target)
-        elif allocation == "global":
-            counts = _global_counts([plan.layer.values for plan in plans], target)
-        else:
-            counts = _sensitivity_counts(graph, plans, ctx, config, correction, target)
-        for plan, count in zip(plans, counts):
-            plan.zeros = int(count)
-        _prune(graph, unpruned, plans, ctx, config, correction)
+        with graphs.runnable(graph) as unpruned:  # on disk for a large model: not a copy in memory
+            if allocation == "sensitivity" or correction != "none":
+                stats.update(_measure(graph, unpruned, plans, ctx, config, correction))
+            sizes = np.array([plan.layer.values.size for plan in plans])
+            target = int(round(config.sparsity * sizes.sum()))
+            if allocation == "uniform":
+                counts = round_to_total(config.sparsity * sizes, target)
+            elif allocation == "global":
+                counts = _global_counts([plan.layer.values for plan in plans], target)
+            else:
+                counts = _sensitivity_counts(graph, plans, ctx, config, correction, target)
+            for plan, count in zip(plans, counts):
+                plan.zeros = int(count)
+            _prune(graph, unpruned, plans, ctx, config, correction)
         zeros = sum(int(np.count_nonzero(plan.layer.values == 0)) for plan in plans)
         stats.update({"sparsity": round(float(zeros / sizes.sum()), 4), "target": config.sparsity,
                       "allocation": allocation, "correction": correction})
@@ -296,10 +296,10 @@ def _prune(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, 
             for plan in wave:
                 plan.stats = plan.fit + plan.check if plan.check is not None else plan.fit
         else:
-            model = gs.export_onnx(graph, do_type_check=False)
-            statistics = input_statistics(model, [plan.layer for plan in wave], ctx.calibration_data,
-                                          samples=samples, batch_size=config.batch_size, provider=ctx.provider,
-                                          seed=ctx.seed, reference=unpruned, prefixes=prefixes)
+            with graphs.runnable(graph) as model:
+                statistics = input_statistics(model, [plan.layer for plan in wave], ctx.calibration_data,
+                                              samples=samples, batch_size=config.batch_size, provider=ctx.provider,
+                                              seed=ctx.seed, reference=unpruned, prefixes=prefixes)
             for plan in wave:
                 plan.stats = statistics[id(plan.layer)][0]
         for plan in wave:

@@ -30,6 +30,7 @@ Depthwise convolutions never go through that kernel and always get ±127.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -151,35 +152,38 @@ class QuantizeInt8(Pass):
         budget = _budget(config, ctx)
         data = ctx.calibration_data
         calibration, holdout = _split(data, config, budget is not None)
-        float_model = gs.export_onnx(graph, do_type_check=False)
-        observed = _observed(plan)
-        stats = calibrate.collect(float_model, observed, calibration, samples=config.samples,
-                                  batch_size=config.batch_size, provider=ctx.provider,
-                                  means_of={node.inputs[0].name for node in plan.nodes if node.op in WEIGHTED})
-        stats_out.update({"method": config.method, "samples": min(config.samples, calibration.num_samples)})
-        if budget is not None:
-            def quantized(trial: gs.Graph, kept: list[str]) -> None:
-                trial_config = replace(config, exclude=config.exclude + tuple(kept))
-                trial_plan = _plan(trial, trial_config)
-                _rewrite(trial, trial_plan, _params(trial_plan, stats, trial_config), trial_config, _means(stats))
+        with graphs.runnable(graph) as float_model:  # on disk for a large model: not a copy in memory
+            observed = _observed(plan)
+            stats = calibrate.collect(float_model, observed, calibration, samples=config.samples,
+                                      batch_size=config.batch_size, provider=ctx.provider,
+                                      means_of={node.inputs[0].name for node in plan.nodes if node.op in WEIGHTED})
+            stats_out.update({"method": config.method, "samples": min(config.samples, calibration.num_samples)})
+            if budget is not None:
+                def quantized(trial: gs.Graph, kept: list[str]) -> None:
+                    trial_config = replace(config, exclude=config.exclude + tuple(kept))
+                    trial_plan = _plan(trial, trial_config)
+                    _rewrite(trial, trial_plan, _params(trial_plan, stats, trial_config), trial_config,
+                             _means(stats))
 
-            candidates = [n.name for n in plan.nodes if n.op in WEIGHTED and n.name]
-            kept, drop = _fit_budget(graph, candidates, quantized, float_model, holdout, budget, ctx)
-            if kept:
-                config = replace(config, exclude=config.exclude + tuple(kept))
-                plan = _plan(graph, config)
-            stats_out.update(_budget_stats(budget, holdout, kept, drop))
-        levels = _rewrite(graph, plan, _params(plan, stats, config), config, _means(stats))
-        counts = Counter(node.op for node in plan.nodes)
-        stats_out.update({"quantized": len(plan.nodes), "tensors": len(plan.activations)})
-        if levels:
-            stats_out["weight_levels_min"] = int(min(levels))
-            stats_out["weight_levels_mean"] = round(float(np.mean(levels)), 1)
-        stats_out.update({f"int8:{op}": n for op, n in sorted(counts.items())})
-        stats_out.update({f"skipped:{reason}": n for reason, n in sorted(plan.skipped.items())})
-        graph.cleanup()
-        sqnr = calibrate.activation_sqnr(float_model, gs.export_onnx(graph, do_type_check=False), _observed(plan),
-                                         calibration, provider=ctx.provider)
+                candidates = [n.name for n in plan.nodes if n.op in WEIGHTED and n.name]
+                kept, drop = _fit_budget(graph, candidates, quantized, float_model, holdout, budget, ctx)
+                if kept:
+                    config = replace(config, exclude=config.exclude + tuple(kept))
+                    plan = _plan(graph, config)
+                stats_out.update(_budget_stats(budget, holdout, kept, drop))
+            levels = _rewrite(graph, plan, _params(plan, stats, config), config, _means(stats))
+            counts = Counter(node.op for node in plan.nodes)
+            stats_out.update({"quantized": len(plan.nodes), "tensors": len(plan.activations)})
+            if levels:
+                stats_out["weight_levels_min"] = int(min(levels))
+                stats_out["weight_levels_mean"] = round(float(np.mean(levels)), 1)
+            stats_out.update({f"int8:{op}": n for op, n in sorted(counts.items())})
+            stats_out.update({f"skipped:{reason}": n for reason, n in sorted(plan.skipped.items())})
+            graph.cleanup()
+            gc.collect()  # the replaced float weights, held by cycles of removed nodes and tensors
+            with graphs.runnable(graph) as quantized_model:
+                sqnr = calibrate.activation_sqnr(float_model, quantized_model, _observed(plan), calibration,
+                                                 provider=ctx.provider)
         worst = sorted(sqnr.items(), key=lambda kv: kv[1])[:SQNR_REPORTED]
         stats_out.update({f"sqnr_db:{name}": round(value, 1) for name, value in worst})
         if getattr(data, "is_random", False):
@@ -207,8 +211,8 @@ def _run_dynamic(graph: gs.Graph, config: Int8Config, ctx: PassContext) -> dict[
         def quantized(trial: gs.Graph, kept: list[str]) -> None:
             quantize_dynamic(trial, replace(config, exclude=config.exclude + tuple(kept)))
 
-        kept, drop = _fit_budget(graph, [n.name for n in layers], quantized, gs.export_onnx(graph, do_type_check=False),
-                                 holdout, budget, ctx)
+        with graphs.runnable(graph) as float_model:
+            kept, drop = _fit_budget(graph, [n.name for n in layers], quantized, float_model, holdout, budget, ctx)
         config = replace(config, exclude=config.exclude + tuple(kept))
         stats = _budget_stats(budget, holdout, kept, drop)
     return {**quantize_dynamic(graph, config), **stats}
@@ -356,7 +360,8 @@ def _fit_budget(graph: gs.Graph, candidates: list[str], quantized, float_model, 
         trial = graph.copy()
         quantized(trial, kept)
         trial.cleanup().toposort()
-        outputs = _outputs(gs.export_onnx(trial, do_type_check=False), holdout, ctx.provider, optimization="all")
+        with graphs.runnable(trial) as model:
+            outputs = _outputs(model, holdout, ctx.provider, optimization="all")
         return _drop(reference, outputs, holdout.labels), float(np.mean((reference - outputs) ** 2))
 
     drop, error = measure([])

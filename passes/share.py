@@ -195,8 +195,14 @@ class Share(Pass):
         if allocation == "sensitivity":
             free = [layer for layer in layers if id(layer) not in fixed]
             plans.update(_allocate_bits(graph, free, statistics, weights_of, ctx, config, correct))
-        clustered_of = {id(layer): cluster(layer.values, plans[id(layer)].bits, plans[id(layer)].granularity,
-                                           weights_of.get(id(layer))) for layer in layers}
+
+        def clustering(layer: WeightedLayer) -> Clustered:
+            return cluster(layer.values, plans[id(layer)].bits, plans[id(layer)].granularity,
+                           weights_of.get(id(layer)))
+
+        # all at once only where feedback's damping is chosen on them; else one layer at a time, each let go once
+        # stored (together they held three times the weights)
+        clustered_of = {id(layer): clustering(layer) for layer in layers} if feedback and held_out is not None else {}
         if feedback:
             if held_out is None:
                 stats["damping"] = UNCHECKED_DAMPING
@@ -214,7 +220,8 @@ class Share(Pass):
         for layer in layers:
             plan = plans[id(layer)]
             stats_of = statistics.get(id(layer))
-            clustered, bias_shift = _finished(layer, clustered_of.pop(id(layer)), stats_of, feedback and
+            found = clustered_of.pop(id(layer)) if id(layer) in clustered_of else clustering(layer)
+            clustered, bias_shift = _finished(layer, found, stats_of, feedback and
                                               stats["damping"], correct)
             totals["corrected"] += int(correct and _restorable(layer, clustered))
             if bias_shift is not None:
@@ -414,7 +421,9 @@ def cluster(weight: np.ndarray, bits: int, granularity: str = "auto",
             entries = np.concatenate([np.zeros(reserve), centroids]).astype(weight.dtype)
             book = np.full(levels, entries[-1] if entries.size else 0, dtype=weight.dtype)  # unused: repeat one
             book[:entries.size] = entries
-            full = np.zeros(slices[i].size, dtype=np.int64)  # zeros: entry 0, which is 0 when reserved
+            # zeros: entry 0, which is 0 when reserved; the smallest integers that hold every index (int64 took
+            # twice a float32 weight's memory)
+            full = np.zeros(slices[i].size, dtype=np.min_scalar_type(levels - 1))
             full[~zero_slices[i]] = index + reserve
             codebooks.append((i, book))
             indices.append((i, full))
@@ -600,11 +609,11 @@ def _stored_parts(clustered: Clustered, bits: int) -> list[np.ndarray]:
 def _statistics(graph: gs.Graph, layers: list[WeightedLayer], ctx: PassContext, config: ShareConfig):
     """(each layer's input statistics on the calibration data, the same without the held-out batches, the
     held-out samples or None), the statistics by id(layer)."""
-    model = gs.export_onnx(graph, do_type_check=False)
     samples = min(config.samples, ctx.calibration_data.num_samples)
-    statistics = input_statistics(model, layers, ctx.calibration_data, samples=samples,
-                                  batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
-                                  check_every=CHECK_EVERY)
+    with graphs.runnable(graph) as model:
+        statistics = input_statistics(model, layers, ctx.calibration_data, samples=samples,
+                                      batch_size=config.batch_size, provider=ctx.provider, seed=ctx.seed,
+                                      check_every=CHECK_EVERY)
     every = {key: fit + check if check is not None else fit for key, (fit, check) in statistics.items()}
     fits = {key: fit for key, (fit, _) in statistics.items()}
     return every, fits, held_out_samples(ctx.calibration_data, samples, config.batch_size)

@@ -432,19 +432,31 @@ def test_load_truncated_model(tmp_path, with_weights):
         model_io.load(path, weights=with_weights)
 
 
-def test_loading_the_graph_only_skips_the_values_of_large_inline_weights(tmp_path):
-    # Validation reads the graph of a model whose path it hands to ONNX Runtime: a model's inline weights are
-    # skipped in the file's bytes, not parsed, and everything else (the small bias, nodes, names, shapes) is kept.
+def test_loading_the_graph_only_refers_to_large_inline_weights_in_the_file(tmp_path):
+    # Validation and the passes read the graph of a model whose weights ONNX Runtime reads from the file: a
+    # model's inline weights are skipped in the file's bytes, not parsed, and become references to where they lie
+    # in the file; everything else (the small bias, nodes, names, shapes) is kept, and the model still runs.
     model = dense_model()
     model.graph.node.append(helper.make_node("Constant", [], ["unused"], value=numpy_helper.from_array(WEIGHT)))
     path = tmp_path / "model.onnx"
-    path.write_bytes(model.SerializeToString())
+    content = model.SerializeToString()
+    path.write_bytes(content)
     graph_only = model_io.load(path, weights=False)
+    weight = graph_only.graph.initializer[0]
+    place = {entry.key: entry.value for entry in weight.external_data}
+    offset, length = int(place["offset"]), int(place["length"])
+    assert weight.data_location == TensorProto.EXTERNAL and place["location"] == "model.onnx"
+    assert content[offset:offset + length] == WEIGHT.tobytes()
     expected = onnx.ModelProto()
     expected.CopyFrom(model)
     expected.graph.initializer[0].ClearField("raw_data")  # W, 4 KiB
+    weight.ClearField("data_location")
+    del weight.external_data[:]
     assert graph_only == expected
     assert numpy_helper.to_array(graph_only.graph.initializer[1]).tolist() == BIAS.tolist()
+    x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    session = runtime.session(model_io.load(path, weights=False), folder=str(tmp_path))
+    np.testing.assert_allclose(session.run(["y"], {"x": x})[0], x @ WEIGHT + BIAS, rtol=1e-5)
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path):

@@ -1,0 +1,98 @@
+"""Weights read from and written to files as they are needed, so a large model is never held whole.
+
+The passes read a model file's weights from the file (manager's `folder`); the models that calibration and
+statistics run are written to a temporary folder straight from the graph (graph.runnable). Each case checks the
+numbers through ONNX Runtime against the model loaded whole; runtime.ON_DISK_BYTES, 256 MiB, stands in as a
+few bytes so that these small models take the large-model path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import run_model
+from onnxcomp import data as datasets
+from onnxcomp import graph as graphs
+from onnxcomp import model_io, runtime
+from onnxcomp.errors import InputError
+from onnxcomp.manager import PassManager
+from onnxcomp.recipe import parse
+from onnxcomp.pass_base import PassContext
+from onnxcomp.runner import Runner
+
+WIDTH = 64
+
+
+def matmul_bn_model(layers: int = 3) -> onnx.ModelProto:
+    """x [N, 64] → (MatMul → BatchNormalization → Relu) × layers, every weight over 1 KiB."""
+    rng = np.random.default_rng(0)
+    nodes, initializers, previous = [], [], "x"
+    for i in range(layers):
+        initializers += [numpy_helper.from_array(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32), f"w{i}")]
+        initializers += [numpy_helper.from_array(v.astype(np.float32), f"{name}{i}") for name, v in
+                         (("scale", rng.uniform(0.5, 2, WIDTH)), ("bias", rng.standard_normal(WIDTH)),
+                          ("mean", rng.standard_normal(WIDTH)), ("var", rng.uniform(0.5, 2, WIDTH)))]
+        nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+                  helper.make_node("BatchNormalization", [f"m{i}", f"scale{i}", f"bias{i}", f"mean{i}", f"var{i}"],
+                                   [f"b{i}"], name=f"bn{i}"),
+                  helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}")]
+        previous = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", WIDTH])],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", WIDTH])],
+                              initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def x() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((4, WIDTH)).astype(np.float32)
+
+
+@pytest.fixture
+def small_on_disk_bytes(monkeypatch):
+    monkeypatch.setattr(runtime, "ON_DISK_BYTES", 1024)
+    monkeypatch.setattr(graphs, "ON_DISK_BYTES", 1024)
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+@pytest.mark.parametrize("recipe", ["fuse-bn", "fuse-bn,int8", "fuse-bn,fp16", "cleanup"])
+def test_passes_reading_weights_from_the_file_give_the_model_of_a_whole_load(tmp_path, small_on_disk_bytes,
+                                                                            external, recipe):
+    path = tmp_path / "model.onnx"
+    model_io.save(matmul_bn_model(), path, external_data=external)
+    data = datasets.random_data(matmul_bn_model(), samples=8)
+    whole, _ = PassManager(parse(recipe)).run(model_io.load(path), PassContext(calibration_data=data))
+    graph_only = model_io.load(path, weights=False)
+    assert not any(t.HasField("raw_data") for t in graph_only.graph.initializer if t.name.startswith("w"))
+    streamed, _ = PassManager(parse(recipe)).run(graph_only, PassContext(calibration_data=data),
+                                                 folder=str(tmp_path))
+    assert model_io.external_data_locations(streamed) == []  # every weight is in the result, none refers to a file
+    np.testing.assert_array_equal(run_model(streamed, {"x": x()})[0], run_model(whole, {"x": x()})[0])
+    if recipe == "cleanup" and not external:  # nothing to change: the input, byte for byte
+        assert streamed.SerializeToString() == model_io.load(path).SerializeToString()
+
+
+def test_a_data_file_shorter_than_its_references_is_refused_when_the_graph_is_read(tmp_path):
+    path = tmp_path / "model.onnx"
+    model_io.save(matmul_bn_model(), path, external_data=True)
+    data = tmp_path / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(InputError, match="model.onnx.data.*incomplete"):
+        model_io.load(path, weights=False)
+
+
+def test_a_graph_runs_from_a_temporary_file_and_later_changes_do_not_reach_it(small_on_disk_bytes):
+    model = matmul_bn_model(1)
+    expected = run_model(model, {"x": x()})[0]
+    graph = graphs.import_model(model)
+    with graphs.runnable(graph) as on_disk:
+        assert isinstance(on_disk, str) and os.path.getsize(on_disk + ".data") >= WIDTH * WIDTH * 4
+        weight = graph.tensors()["w0"]
+        weight.values = np.zeros_like(weight.values)  # a pass changing the graph inside the block
+        outputs = Runner(on_disk, outputs=["r0"]).run({"x": x()})
+    assert not os.path.exists(on_disk)
+    np.testing.assert_allclose(outputs["r0"], expected, rtol=1e-5, atol=1e-5)  # not the zeroed weight's output
