@@ -1,14 +1,17 @@
 """Benchmark: peak resident memory and time of each pass on a generated model of several GB, validation included.
 
     .venv/bin/python benchmarks/memory.py [--gb 2.4] [--width 4096] [--recipes fuse-bn,int8,...] [--folder DIR]
+    .venv/bin/python benchmarks/memory.py --sessions MODEL...   (one ORT session of each file, its peak)
 
 The model: x [N, width] → (MatMul → BatchNormalization → Relu) × layers, as many layers of width² float32
 weights as make --gb, saved with its weights in external data (onnxcomp.bench.matmul_bn_chain). Each recipe runs
-as `onnxcomp optimize` in a fresh process, with validation on random inputs (one sample, 5 latency runs) and,
+as `onnxcomp optimize` in a fresh process, with validation on random inputs (8 samples, 5 latency runs) and,
 for int8, 8 random calibration samples; prune and share run without calibration data (magnitude pruning,
 uniform bits: their data-driven steps solve a width × width system per layer, which is time, not memory, at this
-size). The figure is the process's peak resident memory (VmHWM) over the weights' bytes, next to the same run on
-a one-layer model (the interpreter, its libraries and ORT's arenas), and the run's wall time.
+size); their compact layouts are validated from a copy with the weights decoded (validate.py: ONNX Runtime's
+own decoding at session creation would take 9 to 26 times the weights). The figure is the process's peak
+resident memory (VmHWM) over the weights' bytes, next to the same run on a one-layer model (the interpreter, its
+libraries and ORT's arenas), and the run's wall time.
 
 Results: stdout (one table) and benchmarks/results/memory.json.
 """
@@ -16,6 +19,9 @@ Results: stdout (one table) and benchmarks/results/memory.json.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,13 +48,39 @@ def run(model: Path, recipe: str) -> tuple[int, float]:
             path.unlink()
 
 
+# The peak of one ORT session of a model file over the interpreter's, in a fresh process.
+SESSION_SCRIPT = """
+import sys, onnxruntime as ort
+def peak():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+before = peak()
+ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+print(peak() - before)
+"""
+
+
+def session_peaks(paths: list[str]) -> None:
+    """Print the ORT session peak of each model file (the compact layouts' folding, README: peak memory)."""
+    rows = []
+    for path in paths:
+        result = subprocess.run([sys.executable, "-c", SESSION_SCRIPT, path], capture_output=True, text=True,
+                                check=True)
+        rows.append([path, f"{os.path.getsize(path) / 1e6:.1f} MB", f"{int(result.stdout) / 1e9:.2f} GB"])
+    markdown_table(["model", "file", "ORT session peak over the interpreter"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.4)
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--folder", help="where the generated models go (default: a temporary folder)")
+    parser.add_argument("--sessions", nargs="+", metavar="MODEL",
+                        help="instead: the ORT session peak of each model file, each in a fresh process")
     args = parser.parse_args()
+    if args.sessions:
+        session_peaks(args.sessions)
+        return
     layers = max(1, round(args.gb * 1e9 / (4 * args.width ** 2)))
     rows, results = [], {"environment": environment(), "width": args.width, "layers": layers, "recipes": {}}
     with tempfile.TemporaryDirectory(dir=args.folder) as work:

@@ -16,27 +16,24 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from onnxcomp import data as datasets  # noqa: E402
-from onnxcomp import graph as graphs  # noqa: E402
-from onnxcomp import registry, runtime  # noqa: E402
-from onnxcomp.bench import interleaved_latency  # noqa: E402
-from onnxcomp.distillation import distill  # noqa: E402
-from onnxcomp.manager import PassManager  # noqa: E402
-from onnxcomp.pass_base import PassContext  # noqa: E402
-from onnxcomp.passes.channels import ChannelGraph  # noqa: E402
-from onnxcomp.passes.heal import HealConfig  # noqa: E402
-from onnxcomp.passes.prune_channels import GroupPlan, Macs, pruned_copy  # noqa: E402
-from onnxcomp.recipe import parse  # noqa: E402
-from onnxcomp.runner import Runner  # noqa: E402
+from onnxcomp import data as datasets
+from onnxcomp import graph as graphs
+from onnxcomp import registry, runtime
+from onnxcomp.bench import interleaved_latency
+from onnxcomp.distillation import distill
+from onnxcomp.manager import PassManager
+from onnxcomp.pass_base import PassContext
+from onnxcomp.passes.channels import ChannelGraph
+from onnxcomp.passes.heal import HealConfig
+from onnxcomp.passes.prune_channels import GroupPlan, Macs, pruned_copy
+from onnxcomp.recipe import parse
+from onnxcomp.runner import Runner
 
 ROOT = Path(__file__).resolve().parent
 CIFAR_PREPROCESS = "scale=1/255,mean=0.485|0.456|0.406,std=0.229|0.224|0.225"

@@ -44,6 +44,7 @@ plus 1 bit per weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -51,6 +52,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxcomp import graph as graphs
+from onnxcomp import model_io
 
 SPARSE_MIN_OPSET = 11
 DOMAIN = "onnxcomp.decode"  # of the decoding functions, model-local functions (ONNX IR 8) defined here
@@ -98,8 +100,10 @@ def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
     """`indices` (each below 2**bits) as one bit stream, least significant bit first: index i occupies bits
     i·bits … i·bits + bits − 1. A zero byte is appended, so reading two bytes at the last index stays inside."""
     flat = np.asarray(indices, dtype=np.uint32).reshape(-1)
-    stream = ((flat[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(-1)
-    return np.concatenate([np.packbits(stream, bitorder="little"), np.zeros(1, np.uint8)])
+    stream = np.empty((flat.size, bits), np.uint8)
+    for bit in range(bits):  # one bit of every index at a time: all at once took 5·bits bytes per index
+        stream[:, bit] = (flat >> bit) & 1
+    return np.concatenate([np.packbits(stream.reshape(-1), bitorder="little"), np.zeros(1, np.uint8)])
 
 
 def encode_sparse(graph: gs.Graph, weight: gs.Constant, names: graphs.Names) -> gs.Variable:
@@ -113,7 +117,8 @@ def encode_sparse(graph: gs.Graph, weight: gs.Constant, names: graphs.Names) -> 
     values = dense.reshape(-1)[present]
     if values.size == 0:  # Gather needs something to index; every position is masked out anyway
         values = np.zeros(1, dtype=dense.dtype)
-    return _call(graph, weight, names, _decoder(graph, dense.dtype, codebook=False, scaled=False, sparse=True),
+    decoder = _decoder(graph, dense.dtype, codebook=False, scaled=False, sparse=True, wide=_wide(dense.size))
+    return _call(graph, weight, names, decoder,
                  {"values": values, "mask": pack_mask(present), "shape": np.array(dense.shape, np.int64)})
 
 
@@ -132,7 +137,7 @@ def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, 
     codebook = np.asarray(codebook, dtype=flat.dtype)
     present = flat != 0
     stored = present if sparse else np.ones(flat.size, dtype=bool)
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    indices = np.asarray(indices).reshape(-1)  # as small an integer type as the caller keeps them in
     row_size = flat.size // max(dense.shape[0], 1) if dense.ndim else 1
     per_row = codebook.ndim == 2
     if not 1 <= bits <= 8 or indices.size != int(stored.sum()) or (indices.size and indices.max() >= 2 ** bits) \
@@ -154,8 +159,16 @@ def encode_codebook(graph: gs.Graph, weight: gs.Constant, codebook: np.ndarray, 
     if sparse:
         parts["mask"] = pack_mask(present)
     parts["shape"] = np.array(dense.shape, np.int64)
-    function = _decoder(graph, dense.dtype, codebook=True, scaled=scales is not None, sparse=sparse)
+    function = _decoder(graph, dense.dtype, codebook=True, scaled=scales is not None, sparse=sparse,
+                        wide=_wide(dense.size))
     return _call(graph, weight, names, function, parts)
+
+
+def _wide(count: int) -> bool:
+    """Whether decoding a weight of `count` elements needs int64 positions: bit positions in the packed indices
+    reach 8 per element. Below that, int32: ONNX Runtime holds every intermediate tensor of its constant
+    folding until the folding ends, and the positions are tensors of one element per weight."""
+    return count * 8 + 16 >= 2**31
 
 
 def pack_mask(present: np.ndarray) -> np.ndarray:
@@ -185,18 +198,19 @@ def _call(graph: gs.Graph, weight: gs.Constant, names: graphs.Names, function: g
     return decoded
 
 
-def _decoder(graph: gs.Graph, dtype, *, codebook: bool, scaled: bool, sparse: bool) -> gs.Function:
+def _decoder(graph: gs.Graph, dtype, *, codebook: bool, scaled: bool, sparse: bool, wide: bool) -> gs.Function:
     """The graph's decoding function of this kind, defined on first use.
 
     Its inputs, by name: `indices` (packed, pack_indices), `bits` and `codebook` (rows × entries: one row, or
     one per slice along the weight's first axis) for a codebook, else `values` (the non-zero values,
     row-major); `scales` (rows × 1) when scaled (codebooks and scales in the weight's dtype or float16);
     `mask` (bit j of byte i set when element 8i + j is stored) when sparse; `shape`, the weight's. Every size
-    is derived from these, so one definition serves every weight of its kind.
+    is derived from these, so one definition serves every weight of its kind. Positions and indices are int32,
+    or int64 where `wide` (a weight too large for int32 positions, _wide).
     """
     dtype = np.dtype(dtype)
     name = ("Sparse" if sparse else "") + ("Scaled" if scaled else "") + ("Codebook" if codebook else "")
-    name += "" if dtype == np.float32 else f"_{dtype.name}"
+    name += ("" if dtype == np.float32 else f"_{dtype.name}") + ("_wide" if wide else "")
     for function in graph.functions:
         if function.domain == DOMAIN and function.name == name:
             return function
@@ -204,16 +218,18 @@ def _decoder(graph: gs.Graph, dtype, *, codebook: bool, scaled: bool, sparse: bo
         + (["mask"] if sparse else []) + ["shape"]
     body = _Body(roles)
     i64 = np.int64
+    position_type = np.int64 if wide else np.int32
     element_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     count = body.node("ReduceProd", [body["shape"]], keepdims=0)  # the weight's elements
     if sparse:
         shifted = body.node("BitShift", [body["mask"], np.arange(8, dtype=np.uint8)], direction="RIGHT")
         flags = body.node("Reshape", [body.node("Mod", [shifted, np.array(2, np.uint8)]), np.array([-1], i64)])
         flags = body.node("Slice", [flags, np.array([0], i64), body.node("Reshape", [count, np.array([1], i64)])])
-        counted = body.node("CumSum", [body.node("Cast", [flags], to=onnx.TensorProto.INT64), np.array(0, i64)])
-        positions = body.node("Sub", [counted, np.array(1, i64)])  # of each element among the stored ones
+        counted = body.node("CumSum", [body.node("Cast", [flags], to=_tensor_type(position_type)),
+                                       np.array(0, i64)])
+        positions = body.node("Sub", [counted, np.array(1, position_type)])  # of each element among the stored
     if codebook:
-        index = _unpack(body)
+        index = _unpack(body, position_type)
         index = body.node("Gather", [index, positions]) if sparse else \
             body.node("Slice", [index, np.array([0], i64), body.node("Reshape", [count, np.array([1], i64)])])
         # Row r of the codebook serves the r-th of R equal runs of elements: the indices, as R rows, pick from
@@ -243,26 +259,32 @@ def _decoder(graph: gs.Graph, dtype, *, codebook: bool, scaled: bool, sparse: bo
     return function
 
 
-def _unpack(body: "_Body") -> gs.Variable:
-    """The indices (int64) packed in `indices` at `bits` bits each (pack_indices), as many as it holds.
+def _tensor_type(dtype) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _unpack(body: "_Body", position_type) -> gs.Variable:
+    """The indices (of `position_type`) packed in `indices` at `bits` bits each (pack_indices), as many as it
+    holds.
 
     Index i starts at bit p = i·bits, in byte p // 8 at offset p % 8, and never reaches past the next byte:
     it is (byte[p // 8] + 256 · byte[p // 8 + 1]) // 2^(p % 8) mod 2^bits. The stream ends with a spare byte,
     so it holds ⌊(bytes − 1) · 8 / bits⌋ indices, the stored ones first.
     """
-    i64 = np.int64
-    stream, bits = body["indices"], body["bits"]
-    held = body.node("Div", [body.node("Mul", [body.node("Sub", [body.node("Size", [stream]), np.array(1, i64)]),
-                                               np.array(8, i64)]), bits])
-    position = body.node("Range", [np.array(0, i64), body.node("Mul", [held, bits]), bits])
-    byte = body.node("Div", [position, np.array(8, i64)])
-    offset = body.node("Mod", [position, np.array(8, i64)])
-    wide = body.node("Cast", [stream], to=onnx.TensorProto.INT64)
+    it, to = position_type, _tensor_type(position_type)
+    stream = body["indices"]
+    bits = body.node("Cast", [body["bits"]], to=to)
+    size = body.node("Cast", [body.node("Size", [stream])], to=to)
+    held = body.node("Div", [body.node("Mul", [body.node("Sub", [size, np.array(1, it)]), np.array(8, it)]), bits])
+    position = body.node("Range", [np.array(0, it), body.node("Mul", [held, bits]), bits])
+    byte = body.node("Div", [position, np.array(8, it)])
+    offset = body.node("Mod", [position, np.array(8, it)])
+    wide = body.node("Cast", [stream], to=to)
     low = body.node("Gather", [wide, byte])
-    high = body.node("Gather", [wide, body.node("Add", [byte, np.array(1, i64)])])
-    word = body.node("Add", [low, body.node("Mul", [high, np.array(256, i64)])])
-    shifted = body.node("Div", [word, body.node("Gather", [(2 ** np.arange(8)).astype(i64), offset])])
-    return body.node("Mod", [shifted, body.node("Gather", [(2 ** np.arange(9)).astype(i64), bits])])
+    high = body.node("Gather", [wide, body.node("Add", [byte, np.array(1, it)])])
+    word = body.node("Add", [low, body.node("Mul", [high, np.array(256, it)])])
+    shifted = body.node("Div", [word, body.node("Gather", [(2 ** np.arange(8)).astype(it), offset])])
+    return body.node("Mod", [shifted, body.node("Gather", [(2 ** np.arange(9)).astype(it), bits])])
 
 
 class _Body:
@@ -398,29 +420,93 @@ def layouts(model: onnx.ModelProto) -> list[Layout]:
 
 def _layout(weight: EncodedWeight, roles: dict[str, str], arrays: dict[str, np.ndarray]) -> Layout | None:
     name, dense = weight.name, weight.values
-    present = np.ones(dense.size, dtype=bool)
-    if "mask" in arrays:
-        present = np.unpackbits(arrays["mask"].reshape(-1), bitorder="little")[:dense.size].astype(bool)
-    rebuilt = np.zeros(dense.size, dtype=dense.dtype)
-    if "values" in arrays:  # sparse layout
-        rebuilt[present] = arrays["values"].reshape(-1)[:int(present.sum())]
-        layout = Layout(name, present.reshape(dense.shape), values=roles["values"])
-        return layout if np.array_equal(rebuilt, dense.reshape(-1)) else None
-    bits, table, count = int(arrays["bits"]), arrays["codebook"].astype(dense.dtype), int(present.sum())
-    stream = np.unpackbits(arrays["indices"], bitorder="little")[:count * bits]
-    stored = stream.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
+    decoded = _decode(arrays, dense.dtype)
+    if decoded is None or not np.array_equal(decoded[0], dense):
+        return None
+    _, present, stored = decoded
+    if stored is None:  # sparse layout
+        return Layout(name, present.reshape(dense.shape), values=roles["values"])
     rows = dense.shape[0] if dense.ndim >= 2 else 1
+    index = np.zeros(dense.size, dtype=np.int64)
+    index[present] = stored
+    return Layout(name, present.reshape(dense.shape), codebook=roles["codebook"], scales=roles.get("scales"),
+                  index=index.reshape(rows, -1))
+
+
+def _decode(arrays: dict[str, np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """What a call of a decoding function computes from its inputs (`arrays`, by role), with numpy: (the weight,
+    which of its elements are stored (flat, bool), each stored element's codebook index or None for the sparse
+    layout); None where the arrays do not make a weight of this layout."""
+    shape = tuple(int(d) for d in np.asarray(arrays["shape"]).reshape(-1))
+    size = int(np.prod(shape, dtype=np.int64))
+    present = np.ones(size, dtype=bool)
+    if "mask" in arrays:
+        present = np.unpackbits(arrays["mask"].reshape(-1), bitorder="little")[:size].astype(bool)
+    if present.size != size:
+        return None
+    rebuilt = np.zeros(size, dtype=dtype)
+    count = int(present.sum())
+    if "values" in arrays:  # sparse layout
+        values = arrays["values"].reshape(-1)[:count]
+        if values.size != count:
+            return None
+        rebuilt[present] = values
+        return rebuilt.reshape(shape), present, None
+    bits, table = int(arrays["bits"]), arrays["codebook"].astype(dtype)
+    stream = np.unpackbits(arrays["indices"], bitorder="little")[:count * bits]
+    if stream.size != count * bits:
+        return None
+    stored = stream.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
+    rows = shape[0] if len(shape) >= 2 else 1
     row_of = np.nonzero(present.reshape(rows, -1))[0]
     if table.ndim != 2 or (table.shape[0] > 1 and table.shape[0] != rows) or \
             (stored.size and stored.max() >= table.shape[1]):
         return None
     looked_up = table[row_of if table.shape[0] > 1 else 0, stored]
     if "scales" in arrays:
-        looked_up = looked_up * arrays["scales"].astype(dense.dtype).reshape(-1)[row_of]
+        looked_up = looked_up * arrays["scales"].astype(dtype).reshape(-1)[row_of]
     rebuilt[present] = looked_up
-    if not np.array_equal(rebuilt, dense.reshape(-1)):
-        return None
-    index = np.zeros(dense.size, dtype=np.int64)
-    index[present] = stored
-    return Layout(name, present.reshape(dense.shape), codebook=roles["codebook"], scales=roles.get("scales"),
-                  index=index.reshape(rows, -1))
+    return rebuilt.reshape(shape), present, stored
+
+
+def without_decoding(model: onnx.ModelProto, read) -> tuple[onnx.ModelProto, Iterator[tuple[str, np.ndarray]]]:
+    """(`model` without its decoding calls on initializers, nor the payloads only they read; the weights those
+    calls decode, (name, array), decoded with numpy one at a time as the iterator is consumed). The weights go
+    back into the model as initializers of those names: it then computes what ONNX Runtime runs once it has
+    folded the calls, without the folding, which holds every intermediate tensor until it ends (9 to 26 times
+    the weights, benchmarks/README.md). `read(tensor)` gives an initializer's array (its values may lie in a
+    file)."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    functions = {f.name: f for f in model.functions if f.domain == DOMAIN}
+    calls = [(node, functions[node.op_type]) for node in graph.node
+             if node.domain == DOMAIN and node.op_type in functions and all(n in initializers for n in node.input)]
+    called = {id(node) for node, _ in calls}
+    kept_nodes = [node for node in graph.node if id(node) not in called]
+    read_by_kept = {name for node in kept_nodes for name in node.input} | \
+        {name for node in kept_nodes for sub in graphs.node_subgraphs(node) for inner in graphs.all_nodes(sub)
+         for name in inner.input} | {value.name for value in graph.output}
+    skeleton = onnx.ModelProto()  # field by field: a copy of the model would copy the payloads it drops
+    model_io.copy_fields(model, skeleton, skip="graph")
+    model_io.copy_fields(graph, skeleton.graph, skip=("node", "initializer"))
+    skeleton.graph.node.extend(kept_nodes)
+    skeleton.graph.initializer.extend(t for t in graph.initializer if t.name in read_by_kept)
+
+    def decoded() -> Iterator[tuple[str, np.ndarray]]:
+        for node, function in calls:
+            arrays = {role: read(initializers[name]) for role, name in zip(function.input, node.input)}
+            result = _decode(arrays, _element_type(function.name, arrays))
+            if result is None:
+                raise ValueError(f"the compact weight '{node.output[0]}' does not decode")
+            yield node.output[0], result[0]
+
+    return skeleton, decoded()
+
+
+def _element_type(function_name: str, arrays: dict[str, np.ndarray]) -> np.dtype:
+    """The dtype a decoding function gives (see _decoder's names): the stored values' for the sparse layout, else
+    the one its name states, float32 unless named."""
+    if "values" in arrays:
+        return arrays["values"].dtype
+    named = function_name.removesuffix("_wide").partition("_")[2]
+    return np.dtype(named or np.float32)

@@ -16,8 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxcomp import model_io
-from onnxcomp.runtime import ON_DISK_BYTES
+from onnxcomp import model_io, runtime
 from onnxcomp.errors import first_line
 
 
@@ -332,7 +331,7 @@ def _worth_a_file(graph: gs.Graph) -> bool:
     runtime.ON_DISK_BYTES and can all go to external data (strings cannot)."""
     large = [t for t in graph.tensors().values()
              if isinstance(t, gs.Constant) and _nbytes(t) >= model_io.EXTERNAL_TENSOR_BYTES]
-    return sum(_nbytes(t) for t in large) > ON_DISK_BYTES and not any(_is_text(t) for t in large)
+    return sum(_nbytes(t) for t in large) > runtime.ON_DISK_BYTES and not any(_is_text(t) for t in large)
 
 
 def _is_text(tensor: gs.Constant) -> bool:
@@ -353,10 +352,7 @@ def _stored_tensor(name: str, values) -> tuple[onnx.TensorProto, bytes | memoryv
         model_io.copy_fields(tensor, header, skip="raw_data")
         header.name = name
         return header, tensor.raw_data
-    array = np.ascontiguousarray(values)
-    header = onnx.TensorProto(name=name, dims=array.shape,
-                              data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-    return header, array.data.cast("B")
+    return model_io.array_weight(name, values)
 
 
 def _nbytes(tensor: gs.Constant) -> int:

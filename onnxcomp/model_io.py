@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -109,6 +110,33 @@ def read_tensor(tensor: onnx.TensorProto, folder: str | os.PathLike) -> onnx.Ten
     copy.ClearField("data_location")  # absent, as in a tensor that was never external (not set to DEFAULT)
     del copy.external_data[:]
     return copy
+
+
+def moved_out(model: onnx.ModelProto, folder: str | os.PathLike) -> Iterator[tuple[onnx.TensorProto, bytes]]:
+    """Take the initializers whose values lie in files in `folder` out of `model` (now), and give each as
+    on_disk's `weights` do, read one at a time (as the iterator is consumed): for writing a model read with
+    weights=False to another folder."""
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    kept = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+    def read() -> Iterator[tuple[onnx.TensorProto, bytes]]:
+        while external:
+            tensor = read_tensor(external.pop(0), folder)
+            header = onnx.TensorProto()
+            copy_fields(tensor, header, skip="raw_data")
+            yield header, tensor.raw_data
+
+    return read()
+
+
+def array_weight(name: str, array: np.ndarray) -> tuple[onnx.TensorProto, memoryview]:
+    """An array as on_disk's `weights` take it: (a TensorProto stating its name, type and shape, its bytes),
+    without a copy."""
+    array = np.ascontiguousarray(array)
+    header = onnx.TensorProto(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+    return header, array.data.cast("B")
 
 
 def with_weights(model: onnx.ModelProto, folder: str | os.PathLike) -> onnx.ModelProto:

@@ -39,7 +39,9 @@ def pruned_weight(shape, sparsity: float) -> np.ndarray:
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("shape", [(8, 4, 3, 3), (5, 3, 3, 3)])  # 288 weights, and 135: not a multiple of 8
-def test_decoded_weights_give_the_dense_outputs_exactly(shape, sparsity):
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
+def test_decoded_weights_give_the_dense_outputs_exactly(shape, sparsity, wide, monkeypatch):
+    monkeypatch.setattr(encoding, "_wide", lambda count: wide)  # int64 is for weights of over 268 M elements
     weight = pruned_weight(shape, sparsity)
     dense = conv_model(weight)
     feed = {"x": RNG.normal(size=(1, shape[1], 6, 6)).astype(np.float32)}
@@ -83,7 +85,10 @@ def test_models_without_compact_weights_have_none():
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("sparse", [False, True])
-def test_codebook_layout_decodes_exactly_at_every_bit_width(bits, sparse, tmp_path):
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
+def test_codebook_layout_decodes_exactly_at_every_bit_width(bits, sparse, wide, tmp_path, monkeypatch):
+    # int64 positions are for weights of over 268 M elements; the rule is stood in for here
+    monkeypatch.setattr(encoding, "_wide", lambda count: wide)
     codebook = np.sort(RNG.normal(size=2 ** bits)).astype(np.float32)
     codebook[codebook == 0] = 1.0  # zeros come from the mask in the sparse layout
     indices = RNG.integers(0, 2 ** bits, size=(6, 4, 3, 3))
@@ -96,6 +101,7 @@ def test_codebook_layout_decodes_exactly_at_every_bit_width(bits, sparse, tmp_pa
     encoding.encode_codebook(graph, graph.tensors()["W"], codebook, kept, bits, graphs.Names(graph), sparse=sparse)
     compact = gs.export_onnx(graph.cleanup().toposort())
     onnx.checker.check_model(compact, full_check=True)
+    assert compact.functions[0].name.endswith("_wide") == wide
     feed = {"x": RNG.normal(size=(1, 4, 6, 6)).astype(np.float32)}
     np.testing.assert_array_equal(run_model(compact, feed)[0], run_model(model, feed)[0])
     stored = {t.name: onnx.numpy_helper.to_array(t).nbytes for t in compact.graph.initializer}

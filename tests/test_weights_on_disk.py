@@ -8,6 +8,7 @@ few bytes so that these small models take the large-model path.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -55,7 +56,6 @@ def x() -> np.ndarray:
 @pytest.fixture
 def small_on_disk_bytes(monkeypatch):
     monkeypatch.setattr(runtime, "ON_DISK_BYTES", 1024)
-    monkeypatch.setattr(graphs, "ON_DISK_BYTES", 1024)
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
@@ -96,3 +96,24 @@ def test_a_graph_runs_from_a_temporary_file_and_later_changes_do_not_reach_it(sm
         outputs = Runner(on_disk, outputs=["r0"]).run({"x": x()})
     assert not os.path.exists(on_disk)
     np.testing.assert_allclose(outputs["r0"], expected, rtol=1e-5, atol=1e-5)  # not the zeroed weight's output
+
+
+@pytest.mark.parametrize("passes", ["prune:sparsity=0.5", "share:bits=4", "prune:sparsity=0.5,share:bits=4"])
+def test_compact_weights_of_a_large_model_are_validated_on_their_decoded_copy(tmp_path, monkeypatch, passes):
+    """ONNX Runtime's folding of the compact layouts takes many times the weights' memory: a large candidate's
+    sessions open a copy with the weights decoded, whose outputs are those of the folded file, bit for bit."""
+    import onnxcomp
+
+    validation = importlib.import_module("onnxcomp.validate")  # the package's `validate` is the function
+
+    path, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    model_io.save(matmul_bn_model(), path)
+    onnxcomp.optimize(str(path), passes, output=out, validate_result=False)
+    assert model_io.load(out).functions  # the compact layouts, decoded by functions
+    folded = validation.validate(str(path), str(out), latency_runs=0)
+    monkeypatch.setattr(validation, "ONE_SESSION_AT_A_TIME_BYTES", 0)  # as if the models were large
+    decoded = validation.validate(str(path), str(out), latency_runs=0)
+    assert any("decoded" in note for note in decoded.notes) and not any("decoded" in note for note in folded.notes)
+    assert decoded.candidate_bytes == folded.candidate_bytes == model_io.file_size(out)
+    for mine, theirs in zip(decoded.providers[0].outputs, folded.providers[0].outputs):
+        assert (mine.max_abs_error, mine.sqnr_db) == (theirs.max_abs_error, theirs.sqnr_db)
