@@ -313,10 +313,12 @@ def runnable(graph: gs.Graph) -> Iterator[onnx.ModelProto | str]:
         stored = [(tensor.name, values) for tensor, values, _ in swapped]
         del swapped
     moved = {name for name, _ in stored}
-    if skeleton.ir_version >= 4:  # IR 3 lists every initializer among the inputs too
-        kept = [value for value in skeleton.graph.input if value.name not in moved]
-        del skeleton.graph.input[:]
-        skeleton.graph.input.extend(kept)
+    # IR 3 lists every initializer among the inputs too, and a cut of the model that drops an initializer would
+    # keep its input: the temporary model says IR 4, which states the same model without them.
+    skeleton.ir_version = max(skeleton.ir_version, 4)
+    kept = [value for value in skeleton.graph.input if value.name not in moved]
+    del skeleton.graph.input[:]
+    skeleton.graph.input.extend(kept)
 
     def written() -> Iterator[tuple[onnx.TensorProto, bytes | memoryview]]:
         while stored:  # each let go once written: the block may replace the graph's weights

@@ -8,6 +8,7 @@ to write over the model it was loaded from.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from contextlib import contextmanager
@@ -66,7 +67,16 @@ def load(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
             raise InputError(f"{path}: cannot read its external data ({first_line(exc)})") from None
     elif locations:
         _check_extents(path, model)
+        _read_beyond_initializers(model, base)
     return model
+
+
+def _read_beyond_initializers(model: onnx.ModelProto, folder: Path) -> None:
+    """Read in the external values of the tensors outside the main graph's initializers (subgraphs' and Constant
+    nodes'): the checks and graphsurgeon read those in place, and they are few and small beside the weights."""
+    for tensor in itertools.islice(all_tensors(model), len(model.graph.initializer), None):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.CopyFrom(read_tensor(tensor, folder))
 
 
 def _check_extents(path: Path, model: onnx.ModelProto) -> None:
@@ -104,7 +114,7 @@ def read_tensor(tensor: onnx.TensorProto, folder: str | os.PathLike) -> onnx.Ten
     copy.CopyFrom(tensor)
     try:
         load_external_data_for_tensor(copy, str(folder))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise InputError(f"cannot read the external data of tensor '{tensor.name}' from {folder} "
                          f"({first_line(exc)}); was the data file changed or removed during the run?") from None
     copy.ClearField("data_location")  # absent, as in a tensor that was never external (not set to DEFAULT)
@@ -136,7 +146,7 @@ def array_weight(name: str, array: np.ndarray) -> tuple[onnx.TensorProto, memory
     without a copy."""
     array = np.ascontiguousarray(array)
     header = onnx.TensorProto(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-    return header, array.data.cast("B")
+    return header, array.reshape(-1).view(np.uint8).data  # bytes: a buffer of bfloat16 or float8 is refused
 
 
 def with_weights(model: onnx.ModelProto, folder: str | os.PathLike) -> onnx.ModelProto:
@@ -176,8 +186,8 @@ def _graph_only(path: Path) -> onnx.ModelProto | None:
                 needed = _payload_bytes(tensor)
                 if needed is not None and length < needed:  # kept whole, for the checks to name what is wrong
                     tensor.raw_data = bytes(data[offset:offset + length])
-                else:
-                    _refer(tensor, path.name, offset, length)
+                else:  # by the name of the file itself: a link's name may not be in the folder the data is read from
+                    _refer(tensor, path.resolve().name, offset, length)
     return model
 
 
@@ -497,7 +507,7 @@ def file_size(path: str | os.PathLike) -> int:
     total = path.stat().st_size
     model = load(path, weights=False)
     for location in external_data_locations(model):
-        if location != path.name:  # inline weights, which load(weights=False) refers to in the file itself
+        if location != path.resolve().name:  # inline weights, which load(weights=False) refers to in the file itself
             total += (path.resolve().parent / location).stat().st_size
     return total
 

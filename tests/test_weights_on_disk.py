@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import run_model
 from onnxcomp import data as datasets
+from onnxcomp import encoding
 from onnxcomp import graph as graphs
 from onnxcomp import model_io, runtime
 from onnxcomp.errors import InputError
@@ -25,6 +26,8 @@ from onnxcomp.manager import PassManager
 from onnxcomp.recipe import parse
 from onnxcomp.pass_base import PassContext
 from onnxcomp.runner import Runner
+
+import onnxcomp
 
 WIDTH = 64
 
@@ -102,8 +105,6 @@ def test_a_graph_runs_from_a_temporary_file_and_later_changes_do_not_reach_it(sm
 def test_compact_weights_of_a_large_model_are_validated_on_their_decoded_copy(tmp_path, monkeypatch, passes):
     """ONNX Runtime's folding of the compact layouts takes many times the weights' memory: a large candidate's
     sessions open a copy with the weights decoded, whose outputs are those of the folded file, bit for bit."""
-    import onnxcomp
-
     validation = importlib.import_module("onnxcomp.validate")  # the package's `validate` is the function
 
     path, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
@@ -112,8 +113,86 @@ def test_compact_weights_of_a_large_model_are_validated_on_their_decoded_copy(tm
     assert model_io.load(out).functions  # the compact layouts, decoded by functions
     folded = validation.validate(str(path), str(out), latency_runs=0)
     monkeypatch.setattr(validation, "ONE_SESSION_AT_A_TIME_BYTES", 0)  # as if the models were large
+    monkeypatch.setattr(encoding, "DECODE_CHUNK", 1)  # a row at a time: blocks start inside the packed bytes
     decoded = validation.validate(str(path), str(out), latency_runs=0)
     assert any("decoded" in note for note in decoded.notes) and not any("decoded" in note for note in folded.notes)
     assert decoded.candidate_bytes == folded.candidate_bytes == model_io.file_size(out)
     for mine, theirs in zip(decoded.providers[0].outputs, folded.providers[0].outputs):
         assert (mine.max_abs_error, mine.sqnr_db) == (theirs.max_abs_error, theirs.sqnr_db)
+
+
+def test_a_model_reached_through_a_link_reads_the_weights_of_the_file_linked_to(tmp_path):
+    # a download cache keeps blobs under their hashes and links to them by name from elsewhere
+    (tmp_path / "blobs").mkdir(), (tmp_path / "snapshot").mkdir()
+    model_io.save(matmul_bn_model(), tmp_path / "blobs" / "3f2a")
+    (tmp_path / "blobs" / "model.onnx").write_bytes(b"another file of the link's name")
+    (tmp_path / "snapshot" / "model.onnx").symlink_to(tmp_path / "blobs" / "3f2a")
+    out = tmp_path / "out.onnx"
+    onnxcomp.optimize(str(tmp_path / "snapshot" / "model.onnx"), "fuse-bn", output=out, validate_result=False)
+    np.testing.assert_allclose(run_model(out, {"x": x()})[0], run_model(matmul_bn_model(), {"x": x()})[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+def if_model() -> onnx.ModelProto:
+    """y = If(c, x @ W_then, x + W_else): weights of over 1 KiB inside the branches."""
+    rng = np.random.default_rng(2)
+    branches = []
+    for op, name in (("MatMul", "then"), ("Add", "else")):
+        weight = numpy_helper.from_array(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32), f"w_{name}")
+        branches.append(helper.make_graph([helper.make_node(op, ["x", f"w_{name}"], [f"y_{name}"])], name, [],
+                                          [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, None)],
+                                          [weight]))
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branches[0], else_branch=branches[1])],
+                              "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [WIDTH, WIDTH]),
+                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [WIDTH, WIDTH])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_weights_of_subgraphs_in_external_data_are_read_with_the_graph(tmp_path, caplog):
+    path = tmp_path / "model.onnx"
+    onnx.save_model(if_model(), str(path), save_as_external_data=True, location="model.data", size_threshold=1024)
+    graph_only = model_io.load(path, weights=False)
+    result, _ = PassManager(parse("fuse-bn,cleanup")).run(graph_only, PassContext(), folder=str(tmp_path))
+    assert "onnx.checker" not in caplog.text  # the checks see the branches' weights, as in a whole load
+    feed = {"x": x().repeat(16, axis=0), "c": np.array(True)}
+    np.testing.assert_array_equal(run_model(result, feed)[0], run_model(if_model(), feed)[0])
+
+
+def test_an_ir3_model_runs_from_a_temporary_file(small_on_disk_bytes):
+    # IR 3 lists every initializer among the graph's inputs; a cut of the temporary model must not ask for them
+    model = matmul_bn_model(2)
+    model.ir_version = 3
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    graph = graphs.import_model(model)
+    with graphs.runnable(graph) as on_disk:
+        outputs = Runner(on_disk, outputs=["m0"]).run({"x": x()})  # not w1: the cut drops it
+    np.testing.assert_allclose(outputs["m0"], run_model(with_output(model, "m0"), {"x": x()})[0], rtol=1e-4,
+                               atol=1e-4)
+
+
+def with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.append(onnx.ValueInfoProto(name=name))
+    del copy.graph.output[0]
+    return copy
+
+
+def test_weights_of_types_numpy_does_not_buffer_are_written_as_their_bytes():
+    import ml_dtypes
+
+    values = np.arange(12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)
+    header, data = model_io.array_weight("w", values)
+    assert header.data_type == TensorProto.BFLOAT16 and list(header.dims) == [3, 4]
+    assert bytes(data) == values.tobytes()
+
+
+def test_a_data_file_removed_during_a_run_is_an_input_error(tmp_path):
+    path = tmp_path / "model.onnx"
+    model_io.save(matmul_bn_model(), path, external_data=True)
+    graph_only = model_io.load(path, weights=False)
+    (tmp_path / "model.onnx.data").unlink()
+    with pytest.raises(InputError, match="external data of tensor 'w0'"):
+        model_io.read_tensor(graph_only.graph.initializer[0], tmp_path)
