@@ -569,7 +569,7 @@ def _refuse_overwrite(source: Path, target: Path) -> None:
         return
     protected = [source]
     try:
-        source_model = onnx.load(str(source), load_external_data=False)
+        source_model = load(source, weights=False)  # the graph only: parsing an inline model held its weights
         protected += [source.resolve().parent / loc for loc in external_data_locations(source_model)]
     except Exception:  # noqa: BLE001 - an unreadable source still protects its own path
         pass
