@@ -121,7 +121,9 @@ class PassManager:
         if not isinstance(result, PassResult):
             raise PostconditionError(f"pass '{current.name}' returned {type(result).__name__}, not PassResult")
         if result.modified:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            # nodes only, here and in the passes: graphsurgeon's sort of the function list recurses without end on a
+            # graph with subgraphs, and the decoding functions call no other function
+            graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
             # the nodes and tensors a pass removed are cycles, which hold the arrays of the weights it replaced
             # until a collection: 1.2 GB after fuse-bn on a 1.2 GB model
             gc.collect()

@@ -106,7 +106,7 @@ class ChannelGraph:
         self.layers: list[Layer] = []
         self.shapes = _inferred_shapes(graph)
         self._readers = Counter(id(t) for node in graph.nodes for t in node.inputs)
-        for node in graph.toposort().nodes:
+        for node in graph.toposort(mode="nodes").nodes:
             self._visit(node)
         for tensor in graph.outputs:
             self._fix(self.followed.get(tensor.name), "graph-output")

@@ -63,7 +63,7 @@ def _foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
     """Nodes of the main graph (in order) whose inputs are all constant, directly or through other such nodes."""
     constant: set[int] = set()
     found = []
-    for node in graph.toposort(recurse_subgraphs=False).nodes:
+    for node in graph.toposort(recurse_subgraphs=False, mode="nodes").nodes:
         if (not graphs.is_standard(node) or node.op in NONDETERMINISTIC
                 or any(isinstance(v, gs.Graph) for v in node.attrs.values())):
             continue

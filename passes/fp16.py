@@ -509,7 +509,7 @@ def _rewrite(graph: gs.Graph, plan: Plan, half_type: int, io_half: bool, floats:
     before = _float_bytes(graph)
     rewriter = _Rewriter(graph, plan, half_type, floats)
     rewriter.run(io_half)
-    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(mode="nodes")
     return {"half_weights": len(rewriter.halves), "activation_casts": rewriter.activation_casts,
             "weight_casts": rewriter.weight_casts, "weight_bytes_before": before,
             "weight_bytes_after": _float_bytes(graph)}

@@ -215,7 +215,7 @@ class Int4(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
-        graph.toposort()
+        graph.toposort(mode="nodes")
         layers, skipped = _layers(graph, config)
         targets = [Target(layer, SENSITIVE_BITS if (config.keep_first and index == 0) or
                           (config.keep_last and index == len(layers) - 1) else config.bits)

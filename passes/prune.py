@@ -340,7 +340,7 @@ def _waves(graph: gs.Graph, plans: list[LayerPlan]) -> list[list[LayerPlan]]:
     index = {id(plan.layer.node): i for i, plan in enumerate(plans)}
     upstream: dict[str, frozenset[int]] = {}  # tensor name → plans it depends on
     depends: dict[int, frozenset[int]] = {}
-    for node in graph.toposort().nodes:
+    for node in graph.toposort(mode="nodes").nodes:
         above = frozenset().union(*(upstream.get(t.name, frozenset()) for t in node.inputs))
         if id(node) in index:
             depends[index[id(node)]] = upstream.get(node.inputs[0].name, frozenset())

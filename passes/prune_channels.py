@@ -159,7 +159,7 @@ def prune_channels(graph: gs.Graph, ctx, config) -> ChannelResult:
     share = macs.ratio(choice)
     stats.update({"samples": samples, "flops_ratio": round(share, 4), "macs": int(macs.total),
                   "channels_removed": int(sum(len(p.group.components) - p.counts[i] for p, i in zip(plans, choice)))})
-    pruned = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
+    pruned = gs.export_onnx(graph.cleanup().toposort(mode="nodes"), do_type_check=False)
     for batch in dict.fromkeys((1, config.batch)):
         ratio = latency_ratio(unpruned, pruned, ctx.calibration_data, batch, ctx.provider)
         stats["latency_ratio" if batch == 1 else f"latency_ratio_batch{batch}"] = round(ratio, 3)
@@ -498,7 +498,7 @@ def pruned_copy(graph: gs.Graph, plans: list[GroupPlan], choice: list[int]) -> o
     copy = gs.import_onnx(gs.export_onnx(graph, do_type_check=False))
     removed = {int(c) for plan, index in zip(plans, choice) for c in plan.order[plan.counts[index]:]}
     ChannelGraph(copy).remove(removed)
-    return gs.export_onnx(copy.cleanup().toposort(), do_type_check=False)
+    return gs.export_onnx(copy.cleanup().toposort(mode="nodes"), do_type_check=False)
 
 
 def _latency_search(graph: gs.Graph, ctx, plans: list[GroupPlan], macs: Macs, config) -> tuple[list[int], dict]:

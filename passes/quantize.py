@@ -359,7 +359,7 @@ def _fit_budget(graph: gs.Graph, candidates: list[str], quantized, float_model, 
     def measure(kept: list[str]) -> tuple[float, float]:
         trial = graph.copy()
         quantized(trial, kept)
-        trial.cleanup().toposort()
+        trial.cleanup().toposort(mode="nodes")
         with graphs.runnable(trial) as model:
             outputs = _outputs(model, holdout, ctx.provider, optimization="all")
         return _drop(reference, outputs, holdout.labels), float(np.mean((reference - outputs) ** 2))

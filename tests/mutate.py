@@ -100,6 +100,16 @@ MUTANTS = [
     Mutant("int8's dynamic mode ignores the budget", "passes/quantize.py",
            "quantize_dynamic(graph, config), **stats}", "quantize_dynamic(graph, replace(config, exclude=())), **stats}",
            ("tests/test_quantize_dynamic.py",)),
+    Mutant("the passes load a model file whole", "onnxcomp/api.py",
+           "model_io.load(source, weights=folder is None)", "model_io.load(source)",
+           ("tests/test_memory.py",)),
+    Mutant("calibration runs an export held in memory", "onnxcomp/graph.py",
+           "    if not _worth_a_file(graph):\n", "    if True:\n",
+           ("tests/test_weights_on_disk.py", "tests/test_memory.py")),
+    Mutant("validation opens a large candidate's compact layouts as they are", "onnxcomp/validate.py",
+           "if not large or not any(", "if True or not any(", ("tests/test_weights_on_disk.py",)),
+    Mutant("int32 positions for every weight", "onnxcomp/encoding.py",
+           "return count * 8 + 16 >= 2**31", "return False", ("tests/test_encoding.py",)),
 ]
 
 

@@ -198,3 +198,9 @@ def test_compact_table_rounds_only_where_float16_keeps_the_values_close():
         table = np.array(out_of_range, np.float32)
         np.testing.assert_array_equal(encoding.compact_table(table), table)
         assert encoding.stored_table(table).dtype == np.float32
+
+
+def test_positions_are_int32_up_to_the_largest_weight_they_can_address():
+    # a codebook weight's bit positions reach 8 per element, and Range's end one index past the last
+    assert not encoding._wide(2**28 - 3)
+    assert encoding._wide(2**28 - 2) and encoding._wide(2**31)

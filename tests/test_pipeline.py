@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import run_model
 
 from onnxcomp import registry
 from onnxcomp.errors import InputError
@@ -167,3 +172,30 @@ def test_the_callers_context_is_not_written_to():
     _, records = PassManager(parse("cleanup")).run(model, ctx)
     assert records[0].stats["initializers_removed"] == 1
     assert ctx.input_model is None and ctx.unused_initializers == 0
+
+
+def _outer_weight_and_if() -> onnx.ModelProto:
+    """h = x @ W; y = If(c, h @ W2, Relu(h)): a compressible weight beside a graph with subgraphs."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), name) for name in ("W", "W2")]
+    then = helper.make_graph([helper.make_node("MatMul", ["h", "W2"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Relu", ["h"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"]),
+                               helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64]),
+                               helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("passes", ["prune:sparsity=0.5", "share:bits=4"])
+def test_compact_layouts_go_into_a_model_with_subgraphs(passes):
+    # graphsurgeon's sort of a graph's functions recursed without end where the graph has subgraphs: an internal
+    # error for every pass that adds a decoding function to such a model
+    model = _outer_weight_and_if()
+    optimized, _ = onnxcomp.optimize(model, passes, validate_result=False)
+    assert [f.name for f in optimized.functions]  # W in a compact layout, decoded by a function
+    feed = {"x": np.ones((8, 64), np.float32), "c": np.array(False)}
+    assert run_model(optimized, feed)[0].shape == run_model(model, feed)[0].shape == (8, 64)
