@@ -86,7 +86,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     # large model is never held whole; heal (its teacher) and the budget search still take it loaded.
     folder = None
     if source is not None and not free and not any(current.name == "heal" for current in pipeline):
-        folder = str(Path(source).resolve().parent)
+        folder = model_io.folder_of(source)
     original = model if source is None else model_io.load(source, weights=folder is None)
     if free and (data is None or (isinstance(data, str) and data == "random")):
         raise InputError("max_accuracy_drop= chooses how strongly prune and share compress by measuring "

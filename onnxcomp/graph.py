@@ -63,7 +63,7 @@ class StoredValues(LazyValues):
         self.reference = reference
 
     def load(self) -> np.ndarray:
-        return np.array(numpy_helper.to_array(self.tensor))
+        return np.array(model_io.tensor_array(self.reference, self.folder))
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -350,10 +350,9 @@ def _stored_tensor(name: str, values) -> tuple[onnx.TensorProto, bytes | memoryv
     if tensor is not None and not tensor.HasField("raw_data"):
         values = values.load()  # float_data and the like: numbers, not bytes to copy
     elif tensor is not None:
-        header = onnx.TensorProto()
-        model_io.copy_fields(tensor, header, skip="raw_data")
+        header, data = model_io.tensor_weight(tensor)
         header.name = name
-        return header, tensor.raw_data
+        return header, data
     return model_io.array_weight(name, values)
 
 

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from onnxcomp.errors import InputError, first_line
 
@@ -133,12 +134,30 @@ def moved_out(model: onnx.ModelProto, folder: str | os.PathLike) -> Iterator[tup
 
     def read() -> Iterator[tuple[onnx.TensorProto, bytes]]:
         while external:
-            tensor = read_tensor(external.pop(0), folder)
-            header = onnx.TensorProto()
-            copy_fields(tensor, header, skip="raw_data")
-            yield header, tensor.raw_data
+            yield tensor_weight(read_tensor(external.pop(0), folder))
 
     return read()
+
+
+def tensor_weight(tensor: onnx.TensorProto) -> tuple[onnx.TensorProto, bytes]:
+    """A tensor holding its values in raw_data as on_disk's `weights` take it: (the tensor without them, the
+    bytes)."""
+    header = onnx.TensorProto()
+    copy_fields(tensor, header, skip="raw_data")
+    return header, tensor.raw_data
+
+
+def tensor_array(tensor: onnx.TensorProto, folder: str | os.PathLike | None = None) -> np.ndarray:
+    """The values of `tensor` as an array, read from `folder` where they lie in external data."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        tensor = read_tensor(tensor, folder)
+    return numpy_helper.to_array(tensor)
+
+
+def folder_of(path: str | os.PathLike) -> str:
+    """The folder a model file's external data is read from (that of the file itself, through any link); also
+    where load(weights=False) refers to the file's own inline weights."""
+    return str(Path(path).resolve().parent)
 
 
 def array_weight(name: str, array: np.ndarray) -> tuple[onnx.TensorProto, memoryview]:

@@ -7,7 +7,6 @@ everywhere.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -155,7 +154,7 @@ def graph_of(model: onnx.ModelProto | str) -> tuple[onnx.ModelProto, str | None]
     ORT reads them from): a cut of it then holds no weights, and its session reads only those it keeps."""
     if isinstance(model, onnx.ModelProto):
         return model, None
-    return model_io.load(model, weights=False), str(Path(model).resolve().parent)
+    return model_io.load(model, weights=False), model_io.folder_of(model)
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:

@@ -13,12 +13,10 @@ import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxcomp import data as datasets
 from onnxcomp import encoding, model_io, runtime
@@ -172,13 +170,8 @@ def _as_run(candidate, candidate_model: onnx.ModelProto, large: bool, notes: lis
     if not large or not any(f.domain == encoding.DOMAIN for f in candidate_model.functions):
         yield candidate
         return
-    folder = None if isinstance(candidate, onnx.ModelProto) else str(Path(candidate).resolve().parent)
-
-    def read(tensor: onnx.TensorProto) -> np.ndarray:
-        stored = tensor.data_location == onnx.TensorProto.EXTERNAL
-        return numpy_helper.to_array(model_io.read_tensor(tensor, folder) if stored else tensor)
-
-    skeleton, decoded = encoding.without_decoding(candidate_model, read)
+    folder = None if isinstance(candidate, onnx.ModelProto) else model_io.folder_of(candidate)
+    skeleton, decoded = encoding.without_decoding(candidate_model, lambda t: model_io.tensor_array(t, folder))
     weights = itertools.chain(model_io.moved_out(skeleton, folder) if folder else (),
                               (model_io.array_weight(name, values) for name, values in decoded))
     with model_io.on_disk(skeleton, weights) as path:
