@@ -46,12 +46,11 @@ from onnx import TensorProto
 
 from onnxcomp import data as datasets
 from onnxcomp import graph as graphs
-from onnxcomp import model_io
 from onnxcomp.errors import InputError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.passes import calibrate
 from onnxcomp.registry import register
-from onnxcomp.runner import Runner
+from onnxcomp.runner import Runner, graph_of
 
 TYPES = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 PROVIDERS = ("cpu", "cuda")
@@ -155,7 +154,7 @@ class Fp16(Pass):
         provider = config.provider or ctx.provider
         half_type = TYPES[config.type]
         with graphs.runnable(graph) as model:  # on disk for a large model: not a copy in memory
-            structure = model if isinstance(model, onnx.ModelProto) else model_io.load(model, weights=False)
+            structure, _ = graph_of(model)  # the graph, for names and inputs: weights stay on disk
             floats = _float32_names(structure)
             data, stats = _calibration_data(structure, ctx, config)
             ranges = _ranges(model, graph, floats, data, config, ctx.provider)
