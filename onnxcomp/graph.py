@@ -53,17 +53,19 @@ class StoredValues(LazyValues):
         stated = LazyValues(reference)  # its shape and type, without reading `tensor`
         self.reference, self.folder = reference, folder
         self.shape, self.dtype, self.nbytes = stated.shape, stated.dtype, stated.nbytes
+        # the file as the run found it: rewritten in place meanwhile, it would mix new weights into the old graph
+        self.stamp = model_io.data_stamp(reference, folder)
 
     @property
     def tensor(self) -> onnx.TensorProto:
-        return model_io.read_tensor(self.reference, self.folder)
+        return model_io.read_tensor(self.reference, self.folder, self.stamp)
 
     @tensor.setter
     def tensor(self, reference: onnx.TensorProto) -> None:
         self.reference = reference
 
     def load(self) -> np.ndarray:
-        return np.array(model_io.tensor_array(self.reference, self.folder))
+        return np.array(model_io.tensor_array(self.reference, self.folder, self.stamp))
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:

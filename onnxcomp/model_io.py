@@ -107,10 +107,15 @@ def _check_extents(path: Path, model: onnx.ModelProto) -> None:
                              "file is incomplete: copy or export it again")
 
 
-def read_tensor(tensor: onnx.TensorProto, folder: str | os.PathLike) -> onnx.TensorProto:
-    """A copy of `tensor`, whose values lie in external data in `folder`, with the values read in."""
+def read_tensor(tensor: onnx.TensorProto, folder: str | os.PathLike,
+                stamp: tuple[int, int] | None = None) -> onnx.TensorProto:
+    """A copy of `tensor`, whose values lie in external data in `folder`, with the values read in; with `stamp`
+    (data_stamp's, taken earlier), only if the file has not changed since."""
     from onnx.external_data_helper import load_external_data_for_tensor
 
+    if stamp is not None and data_stamp(tensor, folder) != stamp:
+        raise InputError(f"the file holding tensor '{tensor.name}' in {folder} changed during the run; run again "
+                         "once it is written (onnxcomp reads a model's weights from its files as it needs them)")
     copy = onnx.TensorProto()
     copy.CopyFrom(tensor)
     try:
@@ -121,6 +126,17 @@ def read_tensor(tensor: onnx.TensorProto, folder: str | os.PathLike) -> onnx.Ten
     copy.ClearField("data_location")  # absent, as in a tensor that was never external (not set to DEFAULT)
     del copy.external_data[:]
     return copy
+
+
+def data_stamp(tensor: onnx.TensorProto, folder: str | os.PathLike) -> tuple[int, int] | None:
+    """(size, modification time in ns) of the file holding `tensor`'s external values, None where it is
+    missing: what read_tensor compares to see that a file it reads again is still the one first read."""
+    location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+    try:
+        status = (Path(folder) / location).stat()
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns
 
 
 def moved_out(model: onnx.ModelProto, folder: str | os.PathLike) -> Iterator[tuple[onnx.TensorProto, bytes]]:
@@ -147,10 +163,12 @@ def tensor_weight(tensor: onnx.TensorProto) -> tuple[onnx.TensorProto, bytes]:
     return header, tensor.raw_data
 
 
-def tensor_array(tensor: onnx.TensorProto, folder: str | os.PathLike | None = None) -> np.ndarray:
-    """The values of `tensor` as an array, read from `folder` where they lie in external data."""
+def tensor_array(tensor: onnx.TensorProto, folder: str | os.PathLike | None = None,
+                 stamp: tuple[int, int] | None = None) -> np.ndarray:
+    """The values of `tensor` as an array, read from `folder` where they lie in external data (see read_tensor
+    for `stamp`)."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        tensor = read_tensor(tensor, folder)
+        tensor = read_tensor(tensor, folder, stamp)
     return numpy_helper.to_array(tensor)
 
 

@@ -196,3 +196,18 @@ def test_a_data_file_removed_during_a_run_is_an_input_error(tmp_path):
     (tmp_path / "model.onnx.data").unlink()
     with pytest.raises(InputError, match="external data of tensor 'w0'"):
         model_io.read_tensor(graph_only.graph.initializer[0], tmp_path)
+
+
+def test_a_model_file_rewritten_during_the_run_is_refused_not_mixed_in(tmp_path):
+    # the passes read the input's weights from its file as they need them: a file written over meanwhile would
+    # give the old graph new weights
+    path = tmp_path / "model.onnx"
+    model_io.save(matmul_bn_model(), path, external_data=True)
+    graph = graphs.import_model(model_io.load(path, weights=False), str(tmp_path))
+    first = graph.tensors()["w0"]._values.load()
+    data = tmp_path / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[::-1])  # same size, other bytes
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+    with pytest.raises(InputError, match="changed during the run"):
+        graph.tensors()["w0"]._values.load()
+    assert first.shape == (WIDTH, WIDTH)
