@@ -401,15 +401,12 @@ def layouts(model: onnx.ModelProto) -> list[Layout]:
     for node in model.graph.node:
         for name in node.input:
             reads[name] = reads.get(name, 0) + 1
-    signatures = {f.name: list(f.input) for f in model.functions if f.domain == DOMAIN}
     decoded = {weight.name: weight for weight in encoded_weights(model)}
     found = []
-    for node in model.graph.node:
-        if node.domain != DOMAIN or node.op_type not in signatures or node.output[0] not in decoded:
-            continue
-        roles = dict(zip(signatures[node.op_type], node.input))
+    for node, function in _calls_on_initializers(model):
+        roles = dict(zip(function.input, node.input))
         payload = [roles[role] for role in ("values", "codebook", "scales", "indices", "mask") if role in roles]
-        if not all(name in initializers for name in roles.values()) or any(reads[name] > 1 for name in payload):
+        if node.output[0] not in decoded or any(reads[name] > 1 for name in payload):
             continue
         arrays = {role: numpy_helper.to_array(initializers[name]) for role, name in roles.items()}
         layout = _layout(decoded[node.output[0]], roles, arrays)
@@ -502,14 +499,11 @@ def without_decoding(model: onnx.ModelProto, read) -> tuple[onnx.ModelProto, Ite
     file)."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    functions = {f.name: f for f in model.functions if f.domain == DOMAIN}
-    calls = [(node, functions[node.op_type]) for node in graph.node
-             if node.domain == DOMAIN and node.op_type in functions and all(n in initializers for n in node.input)]
+    calls = _calls_on_initializers(model)
     called = {id(node) for node, _ in calls}
     kept_nodes = [node for node in graph.node if id(node) not in called]
-    read_by_kept = {name for node in kept_nodes for name in node.input} | \
-        {name for node in kept_nodes for sub in graphs.node_subgraphs(node) for inner in graphs.all_nodes(sub)
-         for name in inner.input} | {value.name for value in graph.output}
+    read_by_kept = {name for node in kept_nodes for name in graphs.node_reads(node)} | \
+        {value.name for value in graph.output}
     skeleton = onnx.ModelProto()  # field by field: a copy of the model would copy the payloads it drops
     model_io.copy_fields(model, skeleton, skip="graph")
     model_io.copy_fields(graph, skeleton.graph, skip=("node", "initializer"))
@@ -525,6 +519,15 @@ def without_decoding(model: onnx.ModelProto, read) -> tuple[onnx.ModelProto, Ite
             yield node.output[0], result[0]
 
     return skeleton, decoded()
+
+
+def _calls_on_initializers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.FunctionProto]]:
+    """(call, the decoding function it calls) for each call in the main graph that reads initializers alone:
+    the compact weights as stored."""
+    initializers = {t.name for t in model.graph.initializer}
+    functions = {f.name: f for f in model.functions if f.domain == DOMAIN}
+    return [(node, functions[node.op_type]) for node in model.graph.node
+            if node.domain == DOMAIN and node.op_type in functions and initializers.issuperset(node.input)]
 
 
 def _element_type(function_name: str, arrays: dict[str, np.ndarray]) -> np.dtype:

@@ -153,6 +153,12 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
             yield from all_nodes(subgraph)
 
 
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads, a subgraph's reads from the outer graph included."""
+    return list(node.input) + [name for subgraph in node_subgraphs(node)
+                               for inner in all_nodes(subgraph) for name in inner.input]
+
+
 def unused_initializer_count(model: onnx.ModelProto) -> int:
     """Initializers no node (in any subgraph) or graph output reads, leaving out overridable ones."""
     read = {value.name for value in model.graph.output}

@@ -75,7 +75,12 @@ def load(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
 def _read_beyond_initializers(model: onnx.ModelProto, folder: Path) -> None:
     """Read in the external values of the tensors outside the main graph's initializers (subgraphs' and Constant
     nodes'): the checks and graphsurgeon read those in place, and they are few and small beside the weights."""
-    for tensor in itertools.islice(all_tensors(model), len(model.graph.initializer), None):
+    _read_in(itertools.islice(all_tensors(model), len(model.graph.initializer), None), folder)
+
+
+def _read_in(tensors: Iterable[onnx.TensorProto], folder: str | os.PathLike) -> None:
+    """Read the external values of `tensors` into them, in place."""
+    for tensor in tensors:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             tensor.CopyFrom(read_tensor(tensor, folder))
 
@@ -190,9 +195,7 @@ def with_weights(model: onnx.ModelProto, folder: str | os.PathLike) -> onnx.Mode
     """A copy of `model` (read with weights=False from a file in `folder`) holding all its weights."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for tensor in all_tensors(copy):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            tensor.CopyFrom(read_tensor(tensor, folder))
+    _read_in(all_tensors(copy), folder)
     return copy
 
 

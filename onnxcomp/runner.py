@@ -140,13 +140,7 @@ class PrefixRuns:
 def _read_later(model: onnx.ModelProto, computed: set[str]) -> set[str]:
     """The tensors that nodes not yet computed read (a node is known by its outputs)."""
     return {name for node in model.graph.node if not computed.issuperset(filter(None, node.output))
-            for name in _reads(node)}
-
-
-def _reads(node: onnx.NodeProto) -> list[str]:
-    """The tensors a node reads, a subgraph's reads from the outer graph included."""
-    return list(node.input) + [name for subgraph in graphs.node_subgraphs(node)
-                               for inner in graphs.all_nodes(subgraph) for name in inner.input]
+            for name in graphs.node_reads(node)}
 
 
 def graph_of(model: onnx.ModelProto | str) -> tuple[onnx.ModelProto, str | None]:
@@ -179,7 +173,7 @@ def _cut(model: onnx.ModelProto, tensors: list[str], available: dict) -> tuple[o
         if index is None or index in kept:
             continue
         kept.add(index)
-        reads = _reads(model.graph.node[index])
+        reads = graphs.node_reads(model.graph.node[index])
         needed.update(reads)
         pending.extend(reads)
     cut = onnx.ModelProto()  # copied field by field: a CopyFrom and a filter held the weights three times
