@@ -82,6 +82,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     source = None if isinstance(model, onnx.ModelProto) else str(model)
     pipeline = resolve_passes(passes, recipe_file)
     free = _free_strengths(passes, recipe_file) if max_accuracy_drop is not None else {}
+    if data is None or (isinstance(data, str) and data == "random"):
+        # without data to measure on, int8 fits its budget itself, on held-back calibration samples
+        free = {position: strength for position, strength in free.items() if strength != "float_layers"}
     # The passes read the weights of a model file from the file, as they need them (manager's `folder`), so a
     # large model is never held whole; heal (its teacher) and the budget search still take it loaded.
     folder = None

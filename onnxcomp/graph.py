@@ -6,6 +6,7 @@ graphsurgeon names edges from the tensor's point of view: `tensor.inputs` are th
 
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import contextmanager
 from typing import Iterator
@@ -253,6 +254,11 @@ class Names:
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
         """A new initializer; never reuses a tensor another node may share."""
         return gs.Constant(self.new(base), np.array(values, order="C"))  # keeps 0-d scalars 0-d
+
+
+def digest(graph: gs.Graph) -> str:
+    """A digest of the graph with its weights: two graphs that compute the same way give the same digest."""
+    return hashlib.sha1(gs.export_onnx(graph).SerializeToString(deterministic=True)).hexdigest()
 
 
 def is_standard(node: gs.Node) -> bool:

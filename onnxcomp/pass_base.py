@@ -48,6 +48,9 @@ class PassContext:
     input_model: Any = None  # the onnx.ModelProto the pipeline started from (heal's teacher); set by PassManager
     # Initializers of the input model that nothing reads: the import already dropped them, cleanup reports them.
     unused_initializers: int = 0
+    # What a pass measured on its input, for a budget search that runs the pass again on the same input at
+    # another strength (int8's layer order); None outside a search.
+    memo: dict | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcomp"))
 
 

@@ -49,7 +49,7 @@ RECIPES = {
 
 
 # The option that sets how much a pass compresses; a budget search chooses it when the user left it free.
-STRENGTHS = {"prune": "sparsity", "share": "bits"}
+STRENGTHS = {"prune": "sparsity", "share": "bits", "int8": "float_layers"}
 
 
 def _strength(name: str, options: dict) -> str | None:

@@ -72,6 +72,8 @@ class Int8Config:
     keep_last: bool = False            # leave the last weighted layer in float
     max_drop: float | None = None      # points of top-1 (or agreement) on held-back samples; None: the
                                        # optimize command's --max-accuracy-drop, if any
+    float_layers: int | None = None    # leave this many weighted layers in float, those whose int8 error
+                                       # reaches the outputs most; a budget search chooses it when left free
     holdout: float = 0.2               # share of calibration samples held back to measure the drop
     bias_correction: bool = True       # cancel each channel's mean shift from weight rounding via the bias
 
@@ -88,6 +90,8 @@ class Int8Config:
             raise ValueError("samples and batch-size must be at least 1")
         if self.max_drop is not None and self.max_drop < 0:
             raise ValueError("max-drop must be 0 or more points")
+        if self.float_layers is not None and self.float_layers < 0:
+            raise ValueError("float-layers must be 0 or more layers")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError("holdout must be a fraction in (0, 1)")
 
@@ -120,9 +124,9 @@ class QuantizeInt8(Pass):
         if _activations(graph, self.config) != "dynamic":
             raise PreconditionError("int8 needs calibration data: give calib_data= (a data file or an image "
                                     "folder of typical inputs; 'random' only to try the pipeline)")
-        if _budget(self.config, ctx) is not None:
-            raise PreconditionError("int8 with an accuracy budget measures the drop on held-back calibration "
-                                    "samples: give calib_data=, or no budget")
+        if _chooses_layers(self.config, _budget(self.config, ctx)):
+            raise PreconditionError("int8 with an accuracy budget or float-layers measures its layers on "
+                                    "held-back calibration samples: give calib_data=, or neither")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = self.config
@@ -151,14 +155,14 @@ class QuantizeInt8(Pass):
                               {"quantized": 0, **{f"skipped:{k}": v for k, v in plan.skipped.items()}})
         budget = _budget(config, ctx)
         data = ctx.calibration_data
-        calibration, holdout = _split(data, config, budget is not None)
+        calibration, holdout = _split(data, config, _chooses_layers(config, budget))
         with graphs.runnable(graph) as float_model:  # on disk for a large model: not a copy in memory
             observed = _observed(plan)
             stats = calibrate.collect(float_model, observed, calibration, samples=config.samples,
                                       batch_size=config.batch_size, provider=ctx.provider,
                                       means_of={node.inputs[0].name for node in plan.nodes if node.op in WEIGHTED})
             stats_out.update({"method": config.method, "samples": min(config.samples, calibration.num_samples)})
-            if budget is not None:
+            if _chooses_layers(config, budget):
                 def quantized(trial: gs.Graph, kept: list[str]) -> None:
                     trial_config = replace(config, exclude=config.exclude + tuple(kept))
                     trial_plan = _plan(trial, trial_config)
@@ -166,11 +170,14 @@ class QuantizeInt8(Pass):
                              _means(stats))
 
                 candidates = [n.name for n in plan.nodes if n.op in WEIGHTED and n.name]
-                kept, drop = _fit_budget(graph, candidates, quantized, float_model, holdout, budget, ctx)
+                trials = _Trials(graph, quantized, float_model, holdout, ctx)
+                kept, fitted = _layers_in_float(trials, candidates, config, budget, ctx)
                 if kept:
                     config = replace(config, exclude=config.exclude + tuple(kept))
                     plan = _plan(graph, config)
-                stats_out.update(_budget_stats(budget, holdout, kept, drop))
+                stats_out.update(fitted)
+                if not plan.nodes:  # every layer stays float: nothing to quantize or to measure
+                    return PassResult(upgraded_from < MIN_OPSET, {**stats_out, "quantized": 0})
             levels = _rewrite(graph, plan, _params(plan, stats, config), config, _means(stats))
             counts = Counter(node.op for node in plan.nodes)
             stats_out.update({"quantized": len(plan.nodes), "tensors": len(plan.activations)})
@@ -203,7 +210,7 @@ def _run_dynamic(graph: gs.Graph, config: Int8Config, ctx: PassContext) -> dict[
 
     budget = _budget(config, ctx)
     stats: dict[str, int | float | str] = {}
-    if budget is not None:
+    if _chooses_layers(config, budget):
         _, holdout = _split(ctx.calibration_data, config, True)
         layers = quantizable(graph, config)
         _name_unnamed(graph, layers)
@@ -212,10 +219,30 @@ def _run_dynamic(graph: gs.Graph, config: Int8Config, ctx: PassContext) -> dict[
             quantize_dynamic(trial, replace(config, exclude=config.exclude + tuple(kept)))
 
         with graphs.runnable(graph) as float_model:
-            kept, drop = _fit_budget(graph, [n.name for n in layers], quantized, float_model, holdout, budget, ctx)
+            trials = _Trials(graph, quantized, float_model, holdout, ctx)
+            kept, stats = _layers_in_float(trials, [n.name for n in layers], config, budget, ctx)
         config = replace(config, exclude=config.exclude + tuple(kept))
-        stats = _budget_stats(budget, holdout, kept, drop)
     return {**quantize_dynamic(graph, config), **stats}
+
+
+def _chooses_layers(config: Int8Config, budget: float | None) -> bool:
+    """Whether layers are measured on held-back samples to stay in float: `float_layers` of them, or as many as
+    the budget needs when `float_layers` is not set."""
+    return bool(config.float_layers) if config.float_layers is not None else budget is not None
+
+
+def _layers_in_float(trials: _Trials, candidates: list[str], config: Int8Config, budget: float | None,
+                     ctx: PassContext) -> tuple[list[str], dict[str, int | float | str]]:
+    """(layers to keep in float, their stats): the `float_layers` most sensitive ones when it is set (a budget
+    search's candidate: the search measures the drop), else those `_fit_budget` needs for the budget."""
+    if config.float_layers is not None:
+        kept = trials.ranked(candidates)[:config.float_layers]
+        stats: dict[str, int | float | str] = {"kept_float": len(kept)}
+        if kept:
+            stats["kept_float_layers"] = "|".join(kept)
+        return kept, stats
+    kept, drop = _fit_budget(trials, candidates, budget, ctx)
+    return kept, _budget_stats(budget, trials.holdout, kept, drop)
 
 
 def _budget_stats(budget: float, holdout, kept: list[str], drop: float) -> dict[str, int | float | str]:
@@ -340,40 +367,62 @@ def _quantize_constant_operands(graph: gs.Graph, node: gs.Node, dtype: str, name
                                              np.array(params.zero_point, np_type), None)
 
 
-def _fit_budget(graph: gs.Graph, candidates: list[str], quantized, float_model, holdout, budget: float,
-                ctx: PassContext) -> tuple[list[str], float]:
+class _Trials:
+    """Quantized copies of the graph run on held-back samples against the float model: `quantized(trial, kept)`
+    quantizes a copy with the layers `kept` in float."""
+
+    def __init__(self, graph: gs.Graph, quantized, float_model, holdout, ctx: PassContext):
+        self.graph, self.quantized, self.holdout, self.ctx = graph, quantized, holdout, ctx
+        self.reference = _outputs(float_model, holdout, ctx.provider)
+        if not (self.reference.ndim == 2 and self.reference.shape[1] > 1
+                and len(self.reference) == holdout.runs(holdout.num_samples, 16)[-1][1]):
+            raise InputError("an accuracy budget or float-layers for int8 needs class scores (one row of scores "
+                             "per sample) as the model's first output; drop --max-accuracy-drop / max-drop / "
+                             "float-layers for this model")
+
+    def measure(self, kept: list[str]) -> tuple[float, float]:
+        """(points lost, mean squared output error) with the layers `kept` in float."""
+        trial = self.graph.copy()
+        self.quantized(trial, kept)
+        trial.cleanup().toposort(mode="nodes")
+        with graphs.runnable(trial) as model:
+            outputs = _outputs(model, self.holdout, self.ctx.provider, optimization="all")
+        return _drop(self.reference, outputs, self.holdout.labels), float(np.mean((self.reference - outputs) ** 2))
+
+    def ranked(self, candidates: list[str], error: float | None = None) -> list[str]:
+        """The candidates, the one whose staying in float lowers the output error most first. A budget search
+        runs int8 at several float-layers on the same graph: the order is measured once (ctx.memo)."""
+        key = ("int8 ranking", graphs.digest(self.graph), tuple(candidates)) if self.ctx.memo is not None else None
+        if key is not None and key in self.ctx.memo:
+            return self.ctx.memo[key]
+        if error is None:
+            error = self.measure([])[1]
+        recovery = {name: error - self.measure([name])[1]
+                    for name in progress.each(candidates, "int8 sensitivity", unit="layer")}
+        order = sorted(candidates, key=lambda n: -recovery[n])
+        if key is not None:
+            self.ctx.memo[key] = order
+        return order
+
+
+def _fit_budget(trials: _Trials, candidates: list[str], budget: float, ctx: PassContext) -> tuple[list[str], float]:
     """The `candidates` (layer names) to keep in float so the drop on held-back samples stays within `budget`,
-    chosen greedily; `quantized(trial, kept)` quantizes a copy of the graph with the layers `kept` in float.
+    chosen greedily.
 
     Each layer's sensitivity is how much the output error falls when that layer alone stays float; layers go
     back to float in that order until the measured drop (top-1 against labels, else disagreement with the
     float model, on ONNX Runtime's int8 kernels) is within the budget. Greedy, not a search for the smallest
     set: it costs one trial model per layer, plus one per layer put back.
     """
-    reference = _outputs(float_model, holdout, ctx.provider)
-    if not (reference.ndim == 2 and reference.shape[1] > 1
-            and len(reference) == holdout.runs(holdout.num_samples, 16)[-1][1]):
-        raise InputError("an accuracy budget for int8 needs class scores (one row of scores per sample) as the "
-                         "model's first output; drop --max-accuracy-drop / max-drop for this model")
-
-    def measure(kept: list[str]) -> tuple[float, float]:
-        trial = graph.copy()
-        quantized(trial, kept)
-        trial.cleanup().toposort(mode="nodes")
-        with graphs.runnable(trial) as model:
-            outputs = _outputs(model, holdout, ctx.provider, optimization="all")
-        return _drop(reference, outputs, holdout.labels), float(np.mean((reference - outputs) ** 2))
-
-    drop, error = measure([])
-    ctx.log.info("int8: drop %.2f points on %d held-back samples (budget %.2f)", drop, holdout.num_samples, budget)
+    drop, error = trials.measure([])
+    ctx.log.info("int8: drop %.2f points on %d held-back samples (budget %.2f)", drop, trials.holdout.num_samples,
+                 budget)
     if drop <= budget:
         return [], drop
-    recovery = {name: error - measure([name])[1] for name in progress.each(candidates, "int8 sensitivity",
-                                                                           unit="layer")}
     kept: list[str] = []
-    for name in sorted(candidates, key=lambda n: -recovery[n]):
+    for name in trials.ranked(candidates, error):
         kept.append(name)
-        drop, _ = measure(kept)
+        drop, _ = trials.measure(kept)
         ctx.log.info("int8: %d layer(s) in float, drop %.2f points", len(kept), drop)
         if drop <= budget:
             break

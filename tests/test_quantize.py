@@ -239,14 +239,14 @@ def test_int8_without_calibration_data_exits_2(saved_net, tmp_path):
     assert result.returncode == 2 and "--calib-data" in result.stderr
 
 
-def outlier_net() -> onnx.ModelProto:
+def outlier_net(width: int = 8) -> onnx.ModelProto:
     """Input channel 0 is huge and unused; the answer lives in channels 1–3, which per-tensor int8 wipes out."""
     rng = np.random.default_rng(2)
-    w1 = rng.normal(0, 1, (8, 4, 1, 1)).astype(np.float32)
+    w1 = rng.normal(0, 1, (width, 4, 1, 1)).astype(np.float32)
     w1[:, 0] = 0.0
     inits = [numpy_helper.from_array(w1, "W1"),
-             numpy_helper.from_array(rng.normal(0, 1, (8, 8, 3, 3)).astype(np.float32), "W2"),
-             numpy_helper.from_array(rng.normal(0, 1, (5, 8)).astype(np.float32), "Wfc")]
+             numpy_helper.from_array(rng.normal(0, 1, (width, width, 3, 3)).astype(np.float32), "W2"),
+             numpy_helper.from_array(rng.normal(0, 1, (5, width)).astype(np.float32), "Wfc")]
     nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], name="mix"),
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "W2"], ["c2"], name="conv", pads=[1, 1, 1, 1]),
@@ -274,6 +274,57 @@ def test_accuracy_aware_mode_keeps_the_fewest_layers_in_float():
     assert record.stats["int8:Conv"] == 1 and record.stats["int8:Gemm"] == 1
     fitted_agreement = np.mean(run_model(fitted, held_back)[0].argmax(1) == labels[-24:])
     assert fitted_agreement >= 0.95
+
+
+def outlier_data(width: int = 8) -> dict:
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 0.05, (120, 4, 4, 4)).astype(np.float32)
+    x[:, 0] *= 4000
+    return {"x": x, "labels": run_model(outlier_net(width), {"x": x})[0].argmax(1)}  # the float model is right
+
+
+def test_float_layers_keeps_the_layers_whose_int8_error_reaches_the_outputs_most():
+    data = outlier_data()
+    one, record = quantize(outlier_net(), "int8:float-layers=1", data=data)
+    assert record.stats["kept_float_layers"] == "mix" and record.stats["int8:Conv"] == 1
+    held_back = {"x": data["x"][-24:]}
+    assert np.mean(run_model(one, held_back)[0].argmax(1) == data["labels"][-24:]) >= 0.95
+    _, record = quantize(outlier_net(), "int8:float-layers=0", data=data)
+    assert "kept_float_layers" not in record.stats and record.stats["int8:Conv"] == 2
+    with pytest.raises(InputError, match="float-layers must be 0 or more"):
+        parse("int8:float-layers=-1")
+
+
+def test_a_budget_search_chooses_int8s_layers_in_float_and_ranks_them_once(monkeypatch):
+    from onnxcomp.passes import quantize as int8
+
+    measured = []
+    ranked = int8._Trials.ranked
+
+    def counting(self, candidates, error=None):
+        order = ranked(self, candidates, error)
+        measured.append(len(self.ctx.memo))
+        return order
+
+    monkeypatch.setattr(int8._Trials, "ranked", counting)
+    # wide enough that int8 is the smaller file (at 8 channels the Q/DQ nodes outweigh the weights saved)
+    _, report = onnxcomp.optimize(outlier_net(64), "int8", data=outlier_data(64), max_accuracy_drop=5.0,
+                                  latency_runs=0)
+    tried = {c["recipe"]: c for c in report.candidates}
+    assert len(tried) >= 2 and all("int8:float-layers=" in text for text in tried)
+    (chosen,) = [c for c in report.candidates if c["chosen"]]
+    # all in int8 loses most of the samples; the mixing layer in float keeps them
+    assert chosen["recipe"].endswith("int8:float-layers=1") and chosen["drop"] + chosen["drop_error"] <= 5.0
+    assert tried["int8:float-layers=0"]["drop"] > 20
+    assert measured and measured[-1] == 1, "one layer order, measured once for every candidate"
+
+
+def test_without_evaluation_data_int8_fits_the_budget_itself():
+    data = outlier_data()
+    model, report = onnxcomp.optimize(outlier_net(), "int8", calib_data=data, max_accuracy_drop=5.0,
+                                      validate_result=False)
+    assert report.candidates == []
+    assert report.passes[0].stats["kept_float_layers"] == "mix"
 
 
 def test_bias_correction_cancels_the_mean_shift_of_weight_rounding():
