@@ -23,7 +23,8 @@ parameter-transfer form of knowledge transfer) and reports each.
 
 `heal` trains a model made by prune / share against its original the same way, with its compact weights tied
 to their stored form (encoding.layouts): masks and codebook indices fixed, stored values, codebooks and scales
-trained, and the result written back into the same layout.
+trained, and the result written back into the same layout. A model whose weights are plain tensors (channels
+removed by prune:structure=channel, layers factorized by lowrank) has its weights trained as they are.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def heal(compressed, teacher, data, *, config: DistillConfig = DistillConfig(), 
     structure: pruned weights stay zero, shared weights stay shared (each codebook value and scale moves by the
     sum of its members' gradients, Deep Compression's trained quantization), and the result is stored in
     exactly the layout the input had: only the stored values, codebooks, scales and the dense tensors change.
+    A model without compact weights (channel pruning, lowrank) is trained as `distill` trains an ONNX student.
     """
     torch = require_torch("heal")
     from onnxcomp.torch_graph import OnnxModule, with_weights
@@ -160,8 +162,11 @@ def heal(compressed, teacher, data, *, config: DistillConfig = DistillConfig(), 
     compressed_model = compressed if isinstance(compressed, onnx.ModelProto) else model_io.load(compressed)
     found = encoding.layouts(compressed_model)
     if not found:
-        raise InputError(f"{compressed}: no pruned or shared weights stored compactly to heal; to train a plain "
-                         "model, use distill --student")
+        if compressed_model.graph.SerializeToString() == teacher_model.graph.SerializeToString():
+            raise InputError(f"{compressed}: the model to heal is the teacher itself; give the model that "
+                             "prune, share or lowrank made from it")
+        return distill(teacher_model, compressed_model, data, config=config, preprocess=preprocess, output=output,
+                       progress=progress)
     transfer = _Transfer(teacher_model, data, preprocess, config)
     report = transfer.report(teacher, compressed)
     torch.manual_seed(config.seed)

@@ -1,4 +1,4 @@
-"""heal: fine-tune a pruned or shared model to reproduce the model the pipeline started from, keeping its layout.
+"""heal: fine-tune a compressed model to reproduce the model the pipeline started from, keeping its layout.
 
 Before (after prune / share, post-training):
     W.mask, W.indices, W.codebook, W.scales ─► decode ─► W ─► Conv(W, b) ─► y
@@ -11,7 +11,8 @@ stay zero, each shared weight keeps its codebook entry and each codebook value m
 gradients (Deep Compression's trained quantization). Only the stored values, codebooks, scales and the dense
 tensors (biases, layers left dense) change, so the file keeps its size and layout. `augment` (flip-shift, mixup,
 flip-shift+mixup) alters each batch at random, the teacher run on the same inputs; the learning rate decays
-along a cosine.
+along a cosine. A model with plain weights (channels removed by prune:structure=channel, layers factorized by
+lowrank) has its weights trained as they are, its graph unchanged.
 Needs PyTorch (`onnxcomp[torch]`) and calibration data; a share of it (`holdout`) is held out and the teacher
 agreement there is reported after each epoch.
 """
@@ -59,7 +60,7 @@ class HealConfig:
 @register
 class Heal(Pass):
     name = "heal"
-    summary = "fine-tune pruned / shared weights by distillation from the input model, keeping their layout"
+    summary = "fine-tune a compressed model by distillation from the input model, keeping its layout"
     Config = HealConfig
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
@@ -68,9 +69,9 @@ class Heal(Pass):
                                     "are used when present)")
         if ctx.input_model is None:
             raise PreconditionError("heal needs the model the pipeline started from as its teacher")
-        if not any(node.domain == encoding.DOMAIN for node in graph.nodes):
-            raise PreconditionError("heal: no pruned or shared weights stored compactly; put heal after prune "
-                                    "or share (with the default encoding=compact)")
+        if not any(node.domain == encoding.DOMAIN for node in graph.nodes) and _weights_unchanged(graph, ctx):
+            raise PreconditionError("heal: the weights are the input model's, unchanged; put heal after the "
+                                    "passes that compress it (prune, share, lowrank)")
         require_torch("heal")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -97,3 +98,14 @@ class Heal(Pass):
             stats["held_out_accuracy"] = round(last.accuracy, 2)
         return PassResult(changed > 0, stats)
 
+
+def _weights_unchanged(graph: gs.Graph, ctx: PassContext) -> bool:
+    """Whether every weight of the graph is an initializer of the input model with the same shape and values."""
+    original = {tensor.name: tensor for tensor in ctx.input_model.graph.initializer}
+    for name, constant in graphs.weight_initializers(graph).items():
+        stored = original.get(name)
+        if stored is None or tuple(stored.dims) != tuple(constant.shape):
+            return False
+        if not np.array_equal(numpy_helper.to_array(stored), np.asarray(constant.values)):
+            return False
+    return True

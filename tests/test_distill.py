@@ -290,7 +290,7 @@ def test_heal_as_a_pipeline_step_trains_on_the_calibration_data_and_keeps_the_la
 
 def test_heal_step_needs_calibration_data_and_compressed_weights(tmp_path, digits_model):
     for passes, data, message in (("fuse-bn,prune:sparsity=0.5,heal", None, "--calib-data"),
-                                  ("fuse-bn,heal", "digits_calib.npz", "after prune or share")):
+                                  ("cleanup,heal", "digits_calib.npz", "after the passes that compress it")):
         args = ["optimize", digits_model, "--passes", passes, "-o", tmp_path / "out.onnx", "--no-validate"]
         if data:
             args += ["--calib-data", digits_model.parent / data]
@@ -303,7 +303,27 @@ def test_heal_step_needs_calibration_data_and_compressed_weights(tmp_path, digit
 def test_heal_needs_a_compressed_model(tmp_path, digits_model, digits_train):
     result = run_cli("distill", digits_model, "--heal", digits_model, "--data", digits_train / "train.npz",
                      "-o", tmp_path / "h.onnx")
-    assert result.returncode == 2 and "no pruned or shared weights" in result.stderr
+    assert result.returncode == 2 and "the teacher itself" in result.stderr
+
+
+def test_heal_trains_a_channel_pruned_model_with_plain_weights_in_its_graph(digits_model, digits_train):
+    """Channel pruning leaves plain, thinner weights: heal trains them as they are, the graph unchanged."""
+    recipe = "fuse-bn,prune:structure=channel,flops=0.3"
+    calibration = str(digits_train / "train.npz")
+    pruned, _ = onnxcomp.optimize(str(digits_model), recipe, calib_data=calibration, validate_result=False)
+    healed, report = onnxcomp.optimize(str(digits_model), recipe + ",heal:epochs=3,learning-rate=0.01",
+                                       calib_data=calibration, validate_result=False)
+    (record,) = [r for r in report.passes if r.name == "heal"]
+    assert record.stats["tensors_trained"] >= 2
+    test = np.load(digits_model.parent / "digits_test.npz")
+    reference = run_model(digits_model, {"input": test["input"]})[0].argmax(1)
+    agreement = {name: np.mean(run_model(model, {"input": test["input"]})[0].argmax(1) == reference)
+                 for name, model in (("pruned", pruned), ("healed", healed))}
+    assert agreement["healed"] > agreement["pruned"], agreement
+    shapes = {model_name: {t.name: tuple(t.dims) for t in model.graph.initializer}
+              for model_name, model in (("pruned", pruned), ("healed", healed))}
+    assert shapes["healed"] == shapes["pruned"]
+    assert [n.op_type for n in healed.graph.node] == [n.op_type for n in pruned.graph.node]
 
 
 def test_output_over_an_input_model_is_refused_before_training(tmp_path, digits_model, digits_train):

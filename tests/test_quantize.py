@@ -291,6 +291,9 @@ def test_float_layers_keeps_the_layers_whose_int8_error_reaches_the_outputs_most
     assert np.mean(run_model(one, held_back)[0].argmax(1) == data["labels"][-24:]) >= 0.95
     _, record = quantize(outlier_net(), "int8:float-layers=0", data=data)
     assert "kept_float_layers" not in record.stats and record.stats["int8:Conv"] == 2
+    every, record = quantize(outlier_net(), "int8:float-layers=4", data=data)  # more than the model has
+    assert record.stats["quantized"] == 0 and record.stats["kept_float"] == 3
+    np.testing.assert_allclose(run_model(every, held_back)[0], run_model(outlier_net(), held_back)[0], rtol=1e-5)
     with pytest.raises(InputError, match="float-layers must be 0 or more"):
         parse("int8:float-layers=-1")
 
