@@ -104,7 +104,7 @@ class ChannelGraph:
         self.fixed_reasons: Counter = Counter()
         self.edits: list[Edit] = []
         self.layers: list[Layer] = []
-        self.shapes = _inferred_shapes(graph)
+        self.shapes = inferred_shapes(graph)
         self._readers = Counter(id(t) for node in graph.nodes for t in node.inputs)
         for node in graph.toposort(mode="nodes").nodes:
             self._visit(node)
@@ -516,7 +516,7 @@ def _input_axis(node: gs.Node) -> int:
     return 0
 
 
-def _inferred_shapes(graph: gs.Graph) -> dict[str, list]:
+def inferred_shapes(graph: gs.Graph) -> dict[str, list]:
     """Tensor name → dims (ints, or strings for free dims) from ONNX shape inference."""
     model = gs.export_onnx(graph.copy(), do_type_check=False)
     try:

@@ -45,7 +45,8 @@ stay whole: their error would reach every input alike. The layers' `sparsity` st
 `encoding=dense` keeps the dense layout for runtimes that do not fold constants.
 
 `structure=channel` removes whole channels instead, to `flops=F` (share of the MACs to keep) or `latency=R`
-(ORT latency ratio at `batch`, timed by the pass): the model gets faster, not only smaller. See
+(ORT latency ratio at `batch`, timed by the pass; with it, whole residual blocks may go too, `depth=true` by
+default): the model gets faster, not only smaller. See
 passes/prune_channels.py (allocation, re-solved readers, latency search) and passes/channels.py (dependency
 groups and graph surgery).
 """
@@ -103,6 +104,7 @@ class PruneConfig:
     latency: float | None = None    # structure=channel: ORT latency ratio to reach, measured at `batch`
     batch: int = 1                  # batch size at which latency is measured
     multiple: int = 8               # kept channel counts are multiples of this in groups wider than it
+    depth: bool | None = None       # structure=channel: remove whole residual blocks too; None: with `latency`
 
     def __post_init__(self):
         if self.structure not in STRUCTURES:
@@ -116,6 +118,9 @@ class PruneConfig:
         if self.flops is not None and self.latency is not None:
             raise ValueError("structure=channel needs one of flops (share of FLOPs to keep) or latency "
                              "(latency ratio to reach), not both")
+        if self.depth and self.latency is None:
+            raise ValueError("depth=true needs latency= (the blocks to remove are chosen against measured "
+                             "latency)")
         if self.batch < 1 or self.multiple < 1:
             raise ValueError("batch and multiple must be at least 1")
         if not 0.0 <= self.sparsity < 1.0:

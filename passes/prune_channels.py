@@ -19,7 +19,17 @@ The channels that must go together come from passes/channels.py (dependency grou
 - with `latency=R`, pruned candidates are built and timed against the unpruned graph with ONNX Runtime
   (onnxcomp.bench.interleaved_latency at batch `batch`), searching the FLOPs share that reaches R; a target that
   the smallest candidate does not reach leaves the model at the best ratio measured and says so
-  (`unreached`, which the CLI turns into exit status 1, like a budget).
+  (`unreached`, which the CLI turns into exit status 1, like a budget);
+- with a latency target and `depth` (on unless depth=false), whole residual blocks may go too (passes/blocks.py):
+  each block's cost is the model's output error with it alone removed, and candidates with the 0, 1, 2, …
+  cheapest blocks removed are each pruned in width to the target; the one reaching it with the least output
+  error on held-out calibration samples is kept.
+
+Before (latency=0.6, depth):
+    x ─► Conv ─► Relu ─► Conv ─► Add ─► Relu ─► …      (64 channels, 9 blocks)
+    └────────────────────────────┘
+After:
+    x ─► Relu ─► …                                       (block removed; other layers 48 channels, re-solved)
 """
 
 from __future__ import annotations
@@ -36,7 +46,9 @@ from onnxcomp import progress, runtime
 from onnxcomp.runner import Runner
 from onnxcomp.bench import interleaved_latency
 from onnxcomp.passes.allocation import ModelOutputs
-from onnxcomp.passes.channels import ChannelGraph, ChannelGroup
+from onnxcomp.passes.blocks import remove as remove_block
+from onnxcomp.passes.blocks import residual_blocks
+from onnxcomp.passes.channels import ChannelGraph, ChannelGroup, inferred_shapes
 from onnxcomp.passes.layers import (CHECK_EVERY, InputStatistics, WeightedLayer, held_out_samples,
                                     input_statistics, relative_error)
 
@@ -117,7 +129,99 @@ class ChannelResult:
 
 
 def prune_channels(graph: gs.Graph, ctx, config) -> ChannelResult:
-    """Remove channels from `graph` in place to `config.flops` or `config.latency` (see the module docstring)."""
+    """Remove channels (and with `depth`, residual blocks) from `graph` in place to `config.flops` or
+    `config.latency` (see the module docstring)."""
+    if config.latency is not None and config.depth is not False:
+        return _prune_depth_and_width(graph, ctx, config)
+    return _prune_width(graph, ctx, config)
+
+
+def _prune_depth_and_width(graph: gs.Graph, ctx, config) -> ChannelResult:
+    """Candidates with the 0, 1, 2, … residual blocks that cost least removed, each pruned in width to the
+    latency target; the one that reaches it with the least output error on held-out calibration samples is kept.
+    Stops when more blocks reach the target without any channel pruning, or when two more blocks in a row did
+    no better than the best."""
+    _name_layers(graph)
+    shapes = inferred_shapes(graph)
+    found = residual_blocks(graph, shapes)
+    if not found:
+        result = _prune_width(graph, ctx, config)
+        result.stats["blocks"] = 0
+        return result
+    original = gs.export_onnx(graph, do_type_check=False)
+    probe = _ProbeOutputs(original, ctx, config)
+    costs = {block.name: probe.error(_without_blocks(original, [block.name], shapes)) for block in
+             progress.each(found, "block sensitivity", unit="block")}
+    order = sorted(costs, key=costs.get)
+    best, worse_in_a_row, tried = None, 0, []
+    for count in progress.each(range(len(order) + 1), "depth search", unit="candidate"):
+        trial = gs.import_onnx(_without_blocks(original, order[:count], shapes))
+        result = _prune_width(trial, ctx, config, original=original)
+        model = gs.export_onnx(trial.cleanup().toposort(mode="nodes"), do_type_check=False)
+        if "latency_ratio" not in result.stats:  # no channel removed: time the blocks' removal alone
+            result.stats["latency_ratio"] = round(latency_ratio(original, model, ctx.calibration_data, 1,
+                                                                ctx.provider), 3)
+        error = probe.error(model)
+        reached = "unreached" not in result.stats and (result.modified or
+                                                      result.stats["latency_ratio"] <= config.latency)
+        tried.append(f"{count}:{error:.4f}@{result.stats['latency_ratio']}")
+        ctx.log.info("prune: %d block(s) removed → output error %.4f, latency ratio %s%s", count, error,
+                     result.stats["latency_ratio"], "" if reached else " (target not reached)")
+        if best is None or (not reached, error) < (not best[0], best[1]):
+            best, worse_in_a_row = (reached, error, count, trial, result), 0
+        elif reached:
+            worse_in_a_row += 1
+        if (reached and not result.modified) or worse_in_a_row >= 2:
+            break
+    reached, error, count, trial, result = best
+    before = model_macs(graph)
+    graph.nodes, graph.inputs, graph.outputs = trial.nodes, trial.inputs, trial.outputs
+    # the FLOPs of the whole model against the input's (the width step's own share is of the graph it got)
+    stats = {**result.stats, "flops_ratio": round(model_macs(graph) / max(before, 1e-30), 4), "macs": int(before),
+             "blocks": len(found), "blocks_removed": count, "output_error": round(error, 5),
+             "depth_candidates": " ".join(tried)}
+    if count:
+        stats["removed_blocks"] = "|".join(order[:count])
+    if not reached and "unreached" not in stats:
+        stats["unreached"] = (f"latency ratio {stats['latency_ratio']} at batch {config.batch} is the lowest "
+                              f"reached; the target was {config.latency}")
+    return ChannelResult(stats, result.layers, result.modified or count > 0)
+
+
+def _without_blocks(model: onnx.ModelProto, names: list[str], shapes: dict[str, list]) -> onnx.ModelProto:
+    """A copy of `model` with the residual blocks of the Adds named `names` removed."""
+    copy = gs.import_onnx(model)
+    for block in residual_blocks(copy, shapes):
+        if block.name in names:
+            remove_block(copy, block)
+    return gs.export_onnx(copy.cleanup().toposort(mode="nodes"), do_type_check=False)
+
+
+class _ProbeOutputs:
+    """The unpruned model's outputs on held-out calibration samples, and a candidate's relative error there."""
+
+    def __init__(self, original: onnx.ModelProto, ctx, config):
+        samples = min(config.samples, ctx.calibration_data.num_samples)
+        held_out = held_out_samples(ctx.calibration_data, samples, config.batch_size)
+        self.data = held_out if held_out is not None else ctx.calibration_data
+        self.samples, self.batch_size, self.provider = min(PROBE_SAMPLES, self.data.num_samples), config.batch_size, ctx.provider
+        self.reference = self._outputs(original)
+
+    def _outputs(self, model: onnx.ModelProto) -> np.ndarray:
+        names = [output.name for output in model.graph.output]
+        runner = Runner(model, provider=self.provider, outputs=names, role="a pruned candidate")
+        return np.concatenate([np.concatenate([values[name].reshape(-1) for name in names])
+                               for _, values in runner.batches(self.data, self.samples, self.batch_size)])
+
+    def error(self, model: onnx.ModelProto) -> float:
+        difference = self._outputs(model) - self.reference
+        return float(np.sum(np.square(difference, dtype=np.float64)) /
+                     max(float(np.sum(np.square(self.reference, dtype=np.float64))), 1e-30))
+
+
+def _prune_width(graph: gs.Graph, ctx, config, original: onnx.ModelProto | None = None) -> ChannelResult:
+    """Channels removed from `graph` in place. `original`: the model before residual blocks were removed from
+    `graph`, the reference for latency and for the sequential re-solve (default: `graph` as it is)."""
     _name_layers(graph)
     channels = ChannelGraph(graph)
     groups = channels.groups()
@@ -129,6 +233,7 @@ def prune_channels(graph: gs.Graph, ctx, config) -> ChannelResult:
         stats["note"] = "no channel group can lose channels (see fixed:… for what holds them): model unchanged"
         return ChannelResult(stats, [], False)
     unpruned = gs.export_onnx(graph, do_type_check=False)
+    original = unpruned if original is None else original
     readers = _readers(channels, plans)
     samples = min(config.samples, ctx.calibration_data.num_samples)
     measured = input_statistics(unpruned, [r.layer for r in readers], ctx.calibration_data, samples=samples,
@@ -146,7 +251,7 @@ def prune_channels(graph: gs.Graph, ctx, config) -> ChannelResult:
     _gains(graph, ctx, plans, config.batch_size, samples)
     macs = Macs(channels, plans)
     if config.latency is not None:
-        choice, search = _latency_search(graph, ctx, plans, macs, config)
+        choice, search = _latency_search(graph, ctx, plans, macs, config, original)
         stats.update(search)
     else:
         choice = allocate(plans, macs, config.flops)
@@ -155,13 +260,13 @@ def prune_channels(graph: gs.Graph, ctx, config) -> ChannelResult:
         return ChannelResult(stats, [], False)
     kept = _apply(channels, plans, choice)
     if config.sequential:
-        stats["resolved"] = resolve_sequentially(graph, unpruned, channels, kept, ctx, config, samples, ridge)
+        stats["resolved"] = resolve_sequentially(graph, original, channels, kept, ctx, config, samples, ridge)
     share = macs.ratio(choice)
     stats.update({"samples": samples, "flops_ratio": round(share, 4), "macs": int(macs.total),
                   "channels_removed": int(sum(len(p.group.components) - p.counts[i] for p, i in zip(plans, choice)))})
     pruned = gs.export_onnx(graph.cleanup().toposort(mode="nodes"), do_type_check=False)
     for batch in dict.fromkeys((1, config.batch)):
-        ratio = latency_ratio(unpruned, pruned, ctx.calibration_data, batch, ctx.provider)
+        ratio = latency_ratio(original, pruned, ctx.calibration_data, batch, ctx.provider)
         stats["latency_ratio" if batch == 1 else f"latency_ratio_batch{batch}"] = round(ratio, 3)
     if config.flops is not None:
         stats["flops_target"] = config.flops
@@ -345,6 +450,13 @@ def _layer_macs(channels: ChannelGraph, node: gs.Node) -> float:
     return float(np.prod(shape[1:])) * weight.size / units
 
 
+def model_macs(graph: gs.Graph) -> float:
+    """Multiply-accumulates of every Conv/ConvTranspose/Gemm/MatMul of the graph with a constant weight."""
+    channels = ChannelGraph(graph)
+    return sum(_layer_macs(channels, node) for node in graph.nodes
+               if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1)
+
+
 def _unfollowed_macs(channels: ChannelGraph) -> float:
     seen = {id(layer.node) for layer in channels.layers}
     return sum(_layer_macs(channels, node) for node in channels.graph.nodes
@@ -501,12 +613,13 @@ def pruned_copy(graph: gs.Graph, plans: list[GroupPlan], choice: list[int]) -> o
     return gs.export_onnx(copy.cleanup().toposort(mode="nodes"), do_type_check=False)
 
 
-def _latency_search(graph: gs.Graph, ctx, plans: list[GroupPlan], macs: Macs, config) -> tuple[list[int], dict]:
+def _latency_search(graph: gs.Graph, ctx, plans: list[GroupPlan], macs: Macs, config,
+                    original: onnx.ModelProto) -> tuple[list[int], dict]:
     """The allocation with the largest FLOPs share whose measured latency ratio is at most `config.latency`:
-    a search over the FLOPs share, each candidate built and timed against the unpruned graph."""
+    a search over the FLOPs share, each candidate built and timed against the `original` model."""
     target = config.latency
     feed = _feed(ctx.calibration_data, config.batch)
-    reference = _session(gs.export_onnx(graph, do_type_check=False), ctx.provider)
+    reference = _session(original, ctx.provider)
     runs = _runs(reference, feed)
     floor = macs.ratio([len(plan.counts) - 1 for plan in plans])
     tried: dict[float, tuple[float, list[int]]] = {}

@@ -401,6 +401,7 @@ def test_model_without_prunable_channels_is_reported_and_unchanged():
     ("structure=channel,flops=0.5,latency=0.5", "needs one of flops"),
     ("flops=0.5", "need structure=channel"),
     ("structure=block,flops=0.5", "structure must be element or channel"),
+    ("structure=channel,flops=0.5,depth=true", "depth=true needs latency="),
 ])
 def test_bad_options_are_input_errors(options, words):
     with pytest.raises(InputError, match=None) as caught:
@@ -462,7 +463,7 @@ def test_latency_search_keeps_the_most_flops_that_reach_the_target(monkeypatch):
 
     monkeypatch.setattr(prune_channels, "interleaved_latency", clock)
     model = small_net()
-    pruned, records = run_pass(model, "structure=channel,latency=0.5,samples=16")
+    pruned, records = run_pass(model, "structure=channel,latency=0.5,samples=16,depth=false")
     stats = records[0].stats
     assert "unreached" not in stats
     ratio = _weight_count(pruned) / _weight_count(model)
@@ -480,3 +481,78 @@ def test_layers_without_bias_get_one_sliced_with_their_channels():
     shapes = {t.name: t.dims for t in pruned.graph.initializer}
     assert len(conv.input) == 3 and shapes[conv.input[2]] == [shapes[conv.input[1]][0]]
     run_model(pruned, {"x": calibration(model, 4).batch(0, 4)["x"]})
+
+
+# ---- depth: whole residual blocks -------------------------------------------------------------------------
+
+
+def test_only_identity_shortcut_blocks_are_removable():
+    """An identity block is found; a projection shortcut, a branch whose inner tensor is read elsewhere, a
+    broadcast Add (squeeze-excitation style) and an Add that is a graph output are not blocks."""
+    from onnxcomp.passes.blocks import residual_blocks
+    from onnxcomp.passes.channels import inferred_shapes
+    import onnx_graphsurgeon as gs
+
+    b = Builder(4)
+    s = b.node("Relu", [b.conv("x", 3, 8, "stem", k=3)], "s")
+    inner = b.node("Relu", [b.conv(s, 8, 8, "id.c1", k=3)], "id.r")
+    s = b.node("Add", [s, b.conv(inner, 8, 8, "id.c2", k=3)], "id.add")                 # identity: a block
+    s = b.node("Add", [b.conv(s, 8, 8, "proj"), b.conv(s, 8, 8, "pr.c1", k=3)], "pr.add")  # projection
+    leak = b.node("Relu", [b.conv(s, 8, 8, "lk.c1", k=3)], "lk.r")
+    s = b.node("Add", [s, b.conv(leak, 8, 8, "lk.c2", k=3)], "lk.add")                    # lk.r read below
+    s = b.node("Mul", [s, leak], "lk.mul")
+    pooled = b.node("GlobalAveragePool", [s], "se.pool")
+    s = b.node("Add", [s, b.conv(pooled, 8, 8, "se.c")], "se.add")                        # broadcast
+    inner = b.node("Relu", [b.conv(s, 8, 8, "out.c1", k=3)], "out.r")
+    b.node("Add", [s, b.conv(inner, 8, 8, "out.c2", k=3)], "out.add")                     # a graph output
+    graph = gs.import_onnx(b.model({"x": ["N", 3, 6, 6]}, ["out.add"]))
+    assert [block.name for block in residual_blocks(graph, inferred_shapes(graph))] == ["Add_id.add"]
+
+
+def test_a_removed_block_computes_what_a_branch_of_zeros_adds():
+    from onnxcomp.passes.blocks import remove, residual_blocks
+    from onnxcomp.passes.channels import inferred_shapes
+    import onnx_graphsurgeon as gs
+
+    model = small_net(16)
+    graph = gs.import_onnx(model)
+    (block,) = [b for b in residual_blocks(graph, inferred_shapes(graph)) if b.name == "Add_b1.add"]
+    remove(graph, block)
+    removed = gs.export_onnx(graph.cleanup().toposort(mode="nodes"))
+    onnx.checker.check_model(removed, full_check=True)
+    assert len(removed.graph.node) == len(model.graph.node) - 4  # conv, relu, conv, add
+    zeroed = _copy(model)
+    for init in zeroed.graph.initializer:
+        if init.name.startswith("b1.c2."):
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    feed = feed_for(model)
+    np.testing.assert_allclose(run_model(removed, feed)[0], run_model(zeroed, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_depth_removes_the_block_that_costs_least_where_only_fewer_nodes_reach_the_latency(monkeypatch):
+    """With a stand-in clock whose time is the node count (per-node overhead, as at batch 1 on small models),
+    no width reaches 0.8: one block must go, the one whose branch adds least to the outputs."""
+    from onnxcomp.bench import Latency
+    from onnxcomp.passes import prune_channels
+
+    monkeypatch.setattr(prune_channels, "_session", lambda model, provider: model)
+
+    def clock(models, feed, runs=50, warmup=5):
+        return [Latency(float(len(m.graph.node)), 0.0, 0.0, runs) for m in models]
+
+    monkeypatch.setattr(prune_channels, "interleaved_latency", clock)
+    model = small_net(16)
+    for init in model.graph.initializer:  # block 0's branch adds almost nothing
+        if init.name.startswith("b0.c2."):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 0.01, init.name))
+    width_only, records = run_pass(model, "structure=channel,latency=0.8,samples=16,depth=false")
+    assert "unreached" in records[0].stats
+    pruned, records = run_pass(model, "structure=channel,latency=0.8,samples=16")
+    stats = records[0].stats
+    assert "unreached" not in stats and stats["blocks"] == 2 and stats["blocks_removed"] == 1
+    assert stats["removed_blocks"] == "Add_b0.add" and stats["latency_ratio"] <= 0.8
+    onnx.checker.check_model(pruned, full_check=True)
+    feed = {"x": calibration(model, 32).batch(0, 32)["x"]}
+    reference, = run_model(model, feed)
+    output, = run_model(pruned, feed)
+    assert np.sum((output - reference) ** 2) / np.sum(reference ** 2) < 0.05
