@@ -25,7 +25,7 @@ import onnx
 from onnxcomp import data as datasets
 from onnxcomp import graph as graphs
 from onnxcomp import registry, runtime
-from onnxcomp.bench import interleaved_latency
+from onnxcomp.bench import assets_folder, interleaved_latency
 from onnxcomp.distillation import distill
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import PassContext
@@ -41,17 +41,11 @@ IMAGENET_PREPROCESS = "resize=256,crop=224,scale=1,mean=127|127|127,std=128|128|
 FUSED = "fold-constants,fuse-bn,cleanup"
 MODELS = {
     "resnet20": {"file": "models/resnet20_cifar10.onnx",
-                 "targets": ["flops=0.7", "flops=0.5", "latency=0.6"], "lowrank": ["lowrank:flops=0.6"]},
+                 "targets": ["flops=0.7", "flops=0.5", "latency=0.6", "latency=0.6,depth=false"],
+                 "lowrank": ["lowrank:flops=0.6"]},
     "efficientnet": {"file": "models/efficientnet_lite0_imagenet.onnx",
                      "targets": ["latency=0.8"], "lowrank": ["lowrank:flops=0.7"]},
 }
-
-
-def assets_folder(given: str | None) -> Path:
-    for candidate in (given, os.environ.get("ONNXCOMP_ASSETS"), ROOT.parent.parent / "shared" / "assets"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    raise SystemExit("shared assets not found: give --assets DIR or set ONNXCOMP_ASSETS")
 
 
 def cifar(assets: Path, model: onnx.ModelProto):
@@ -169,7 +163,7 @@ def bench_model(name: str, assets: Path, heal_epochs: int, lowrank: bool, save) 
                **latency_ratios(fused, model, test), "top1": round(top1(model, test), 2),
                "seconds": round(seconds, 1), "pass_latency_ratio": stats.get("latency_ratio"),
                "unreached": stats.get("unreached"), "ridge": stats.get("ridge")}
-        if heal_epochs and transfer is not None and recipe.startswith("prune:") and "lowrank" not in recipe:
+        if heal_epochs and transfer is not None:
             started = time.perf_counter()
             config = HealConfig(epochs=heal_epochs, augment="flip-shift").distill_config()
             healed, _ = distill(fused, model, transfer, config=config, progress=False)
@@ -207,7 +201,7 @@ def main() -> None:
     parser.add_argument("--no-lowrank", action="store_true", help="leave out the lowrank rows")
     parser.add_argument("--out", default="structure.json", help="file name under benchmarks/results")
     args = parser.parse_args()
-    assets = assets_folder(args.assets)
+    assets = assets_folder(args.assets, [MODELS[name]["file"] for name in args.models.split(",")])
     out = ROOT / "results" / args.out
     out.parent.mkdir(exist_ok=True)
     done: list[dict] = []

@@ -374,11 +374,13 @@ class _Trials:
     def __init__(self, graph: gs.Graph, quantized, float_model, holdout, ctx: PassContext):
         self.graph, self.quantized, self.holdout, self.ctx = graph, quantized, holdout, ctx
         self.reference = _outputs(float_model, holdout, ctx.provider)
+
+    def require_scores(self) -> None:
+        """A drop in points needs class scores: one row of scores per sample as the model's first output."""
         if not (self.reference.ndim == 2 and self.reference.shape[1] > 1
-                and len(self.reference) == holdout.runs(holdout.num_samples, 16)[-1][1]):
-            raise InputError("an accuracy budget or float-layers for int8 needs class scores (one row of scores "
-                             "per sample) as the model's first output; drop --max-accuracy-drop / max-drop / "
-                             "float-layers for this model")
+                and len(self.reference) == self.holdout.runs(self.holdout.num_samples, 16)[-1][1]):
+            raise InputError("an accuracy budget for int8 needs class scores (one row of scores per sample) as the "
+                             "model's first output; drop --max-accuracy-drop / max-drop for this model")
 
     def measure(self, kept: list[str]) -> tuple[float, float]:
         """(points lost, mean squared output error) with the layers `kept` in float."""
@@ -414,6 +416,7 @@ def _fit_budget(trials: _Trials, candidates: list[str], budget: float, ctx: Pass
     float model, on ONNX Runtime's int8 kernels) is within the budget. Greedy, not a search for the smallest
     set: it costs one trial model per layer, plus one per layer put back.
     """
+    trials.require_scores()
     drop, error = trials.measure([])
     ctx.log.info("int8: drop %.2f points on %d held-back samples (budget %.2f)", drop, trials.holdout.num_samples,
                  budget)

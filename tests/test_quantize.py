@@ -298,6 +298,15 @@ def test_float_layers_keeps_the_layers_whose_int8_error_reaches_the_outputs_most
         parse("int8:float-layers=-1")
 
 
+def test_float_layers_ranks_by_output_error_on_models_without_class_scores():
+    """A feature map as the output: no top-1 to measure, but the order by output error needs none."""
+    model = conv_net()
+    del model.graph.node[-3:]  # ends at the Add: (N, 8, 8, 8)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 8, 8, 8]))
+    _, record = quantize(model, "int8:float-layers=1")
+    assert record.stats["kept_float"] == 1 and record.stats["kept_float_layers"] in ("conv1", "conv2", "depthwise")
+
+
 def test_a_budget_search_chooses_int8s_layers_in_float_and_ranks_them_once(monkeypatch):
     from onnxcomp.passes import quantize as int8
 
