@@ -164,8 +164,8 @@ def _prune_depth_and_width(graph: gs.Graph, ctx, config) -> ChannelResult:
         error = probe.error(model)
         reached = "unreached" not in result.stats and (result.modified or
                                                       result.stats["latency_ratio"] <= config.latency)
-        tried.append(f"{count}:{error:.4f}@{result.stats['latency_ratio']}")
-        ctx.log.info("prune: %d block(s) removed → output error %.4f, latency ratio %s%s", count, error,
+        tried.append(f"{count}:{error:.3g}@{result.stats['latency_ratio']}")
+        ctx.log.info("prune: %d block(s) removed → output error %.3g, latency ratio %s%s", count, error,
                      result.stats["latency_ratio"], "" if reached else " (target not reached)")
         if best is None or (not reached, error) < (not best[0], best[1]):
             best, worse_in_a_row = (reached, error, count, trial, result), 0
@@ -178,7 +178,7 @@ def _prune_depth_and_width(graph: gs.Graph, ctx, config) -> ChannelResult:
     graph.nodes, graph.inputs, graph.outputs = trial.nodes, trial.inputs, trial.outputs
     # the FLOPs of the whole model against the input's (the width step's own share is of the graph it got)
     stats = {**result.stats, "flops_ratio": round(model_macs(graph) / max(before, 1e-30), 4), "macs": int(before),
-             "blocks": len(found), "blocks_removed": count, "output_error": round(error, 5),
+             "blocks": len(found), "blocks_removed": count, "output_error": float(f"{error:.3g}"),
              "depth_candidates": " ".join(tried)}
     if count:
         stats["removed_blocks"] = "|".join(order[:count])
@@ -189,11 +189,12 @@ def _prune_depth_and_width(graph: gs.Graph, ctx, config) -> ChannelResult:
 
 
 def _without_blocks(model: onnx.ModelProto, names: list[str], shapes: dict[str, list]) -> onnx.ModelProto:
-    """A copy of `model` with the residual blocks of the Adds named `names` removed."""
+    """A copy of `model` with the residual blocks of the Adds named `names` removed, one at a time: a block's
+    shortcut may be the previous block's output (inverted residuals follow each other without an activation)."""
     copy = gs.import_onnx(model)
-    for block in residual_blocks(copy, shapes):
-        if block.name in names:
-            remove_block(copy, block)
+    for name in names:
+        (block,) = [block for block in residual_blocks(copy, shapes) if block.name == name]
+        remove_block(copy, block)
     return gs.export_onnx(copy.cleanup().toposort(mode="nodes"), do_type_check=False)
 
 

@@ -529,6 +529,31 @@ def test_a_removed_block_computes_what_a_branch_of_zeros_adds():
     np.testing.assert_allclose(run_model(removed, feed)[0], run_model(zeroed, feed)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_blocks_that_follow_each_other_without_an_activation_are_removed_together():
+    """Inverted residuals (MobileNet, EfficientNet): a block's shortcut is the previous block's Add output."""
+    from onnxcomp.passes import prune_channels
+    from onnxcomp.passes.channels import inferred_shapes
+    import onnx_graphsurgeon as gs
+
+    b = Builder(6)
+    s = b.conv("x", 3, 8, "stem", k=3)
+    for i in range(3):
+        inner = b.node("Relu", [b.conv(s, 8, 16, f"e{i}")], f"e{i}.r")
+        s = b.node("Add", [s, b.conv(inner, 16, 8, f"p{i}")], f"blk{i}")
+    b.node("Relu", [s], "y")
+    model = b.model({"x": ["N", 3, 6, 6]}, ["y"])
+    shapes = inferred_shapes(gs.import_onnx(model))
+    removed = prune_channels._without_blocks(model, ["Add_blk1", "Add_blk0"], shapes)
+    onnx.checker.check_model(removed, full_check=True)
+    assert [n.name for n in removed.graph.node if n.op_type == "Add"] == ["Add_blk2"]
+    zeroed = _copy(model)
+    for init in zeroed.graph.initializer:
+        if init.name.startswith(("p0.", "p1.")):
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    feed = feed_for(model)
+    np.testing.assert_allclose(run_model(removed, feed)[0], run_model(zeroed, feed)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_depth_removes_the_block_that_costs_least_where_only_fewer_nodes_reach_the_latency(monkeypatch):
     """With a stand-in clock whose time is the node count (per-node overhead, as at batch 1 on small models),
     no width reaches 0.8: one block must go, the one whose branch adds least to the outputs."""
