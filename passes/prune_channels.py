@@ -34,6 +34,7 @@ After:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -149,14 +150,15 @@ def _prune_depth_and_width(graph: gs.Graph, ctx, config) -> ChannelResult:
         result.stats["blocks"] = 0
         return result
     original = gs.export_onnx(graph, do_type_check=False)
-    probe = _ProbeOutputs(original, ctx, config)
+    probe = _ProbeOutputs(original, ctx)
+    width_ctx = dataclasses.replace(ctx, calibration_data=probe.rest)
     costs = {block.name: probe.error(_without_blocks(original, [block.name], shapes)) for block in
              progress.each(found, "block sensitivity", unit="block")}
     order = sorted(costs, key=costs.get)
     best, worse_in_a_row, tried = None, 0, []
     for count in progress.each(range(len(order) + 1), "depth search", unit="candidate"):
         trial = gs.import_onnx(_without_blocks(original, order[:count], shapes))
-        result = _prune_width(trial, ctx, config, original=original)
+        result = _prune_width(trial, width_ctx, config, original=original)
         model = gs.export_onnx(trial.cleanup().toposort(mode="nodes"), do_type_check=False)
         if "latency_ratio" not in result.stats:  # no channel removed: time the blocks' removal alone
             result.stats["latency_ratio"] = round(latency_ratio(original, model, ctx.calibration_data, 1,
@@ -199,20 +201,27 @@ def _without_blocks(model: onnx.ModelProto, names: list[str], shapes: dict[str, 
 
 
 class _ProbeOutputs:
-    """The unpruned model's outputs on held-out calibration samples, and a candidate's relative error there."""
+    """The unpruned model's outputs on calibration samples held out from the pruning (`rest` is what the
+    candidates are pruned and re-solved on), and a candidate's relative error there. Judged on samples the
+    re-solve has fitted, every candidate looks exact: EfficientNet-Lite0's last layers, 49 positions per image
+    for 1152 inputs, reproduced its 100 calibration images to a relative error of 1e-6 while losing 24 points."""
 
-    def __init__(self, original: onnx.ModelProto, ctx, config):
-        samples = min(config.samples, ctx.calibration_data.num_samples)
-        held_out = held_out_samples(ctx.calibration_data, samples, config.batch_size)
-        self.data = held_out if held_out is not None else ctx.calibration_data
-        self.samples, self.batch_size, self.provider = min(PROBE_SAMPLES, self.data.num_samples), config.batch_size, ctx.provider
+    def __init__(self, original: onnx.ModelProto, ctx):
+        data = ctx.calibration_data
+        count = min(PROBE_SAMPLES, data.num_samples // 5)
+        if count < 1:  # too few to hold some out
+            self.data, self.rest = data, data
+        else:  # spread over the data, which is often sorted by class
+            held = np.unique(np.linspace(0, data.num_samples - 1, count).round().astype(np.int64))
+            self.data, self.rest = data.select(held), data.select(np.setdiff1d(np.arange(data.num_samples), held))
+        self.provider = ctx.provider
         self.reference = self._outputs(original)
 
     def _outputs(self, model: onnx.ModelProto) -> np.ndarray:
         names = [output.name for output in model.graph.output]
         runner = Runner(model, provider=self.provider, outputs=names, role="a pruned candidate")
         return np.concatenate([np.concatenate([values[name].reshape(-1) for name in names])
-                               for _, values in runner.batches(self.data, self.samples, self.batch_size)])
+                               for _, values in runner.batches(self.data, batch_size=8)])
 
     def error(self, model: onnx.ModelProto) -> float:
         difference = self._outputs(model) - self.reference
