@@ -161,11 +161,10 @@ def _prune_depth_and_width(graph: gs.Graph, ctx, config) -> ChannelResult:
         result = _prune_width(trial, width_ctx, config, original=original)
         model = gs.export_onnx(trial.cleanup().toposort(mode="nodes"), do_type_check=False)
         if "latency_ratio" not in result.stats:  # no channel removed: time the blocks' removal alone
-            result.stats["latency_ratio"] = round(latency_ratio(original, model, ctx.calibration_data, 1,
-                                                                ctx.provider), 3)
+            result.stats.update(_latency_stats(original, model, ctx, config))
         error = probe.error(model)
-        reached = "unreached" not in result.stats and (result.modified or
-                                                      result.stats["latency_ratio"] <= config.latency)
+        at_batch = result.stats["latency_ratio" if config.batch == 1 else f"latency_ratio_batch{config.batch}"]
+        reached = "unreached" not in result.stats and (result.modified or at_batch <= config.latency)
         tried.append(f"{count}:{error:.3g}@{result.stats['latency_ratio']}")
         ctx.log.info("prune: %d block(s) removed → output error %.3g, latency ratio %s%s", count, error,
                      result.stats["latency_ratio"], "" if reached else " (target not reached)")
@@ -275,9 +274,7 @@ def _prune_width(graph: gs.Graph, ctx, config, original: onnx.ModelProto | None 
     stats.update({"samples": samples, "flops_ratio": round(share, 4), "macs": int(macs.total),
                   "channels_removed": int(sum(len(p.group.components) - p.counts[i] for p, i in zip(plans, choice)))})
     pruned = gs.export_onnx(graph.cleanup().toposort(mode="nodes"), do_type_check=False)
-    for batch in dict.fromkeys((1, config.batch)):
-        ratio = latency_ratio(original, pruned, ctx.calibration_data, batch, ctx.provider)
-        stats["latency_ratio" if batch == 1 else f"latency_ratio_batch{batch}"] = round(ratio, 3)
+    stats.update(_latency_stats(original, pruned, ctx, config))
     if config.flops is not None:
         stats["flops_target"] = config.flops
         if share > config.flops + 1e-9:
@@ -662,6 +659,13 @@ def _latency_search(graph: gs.Graph, ctx, plans: list[GroupPlan], macs: Macs, co
         stats["unreached"] = (f"latency ratio {ratio:.3f} at batch {config.batch} is the lowest reached "
                               f"(FLOPs share {macs.ratio(choice):.3f}); the target was {target}")
     return choice, stats
+
+
+def _latency_stats(original: onnx.ModelProto, pruned: onnx.ModelProto, ctx, config) -> dict[str, float]:
+    """The measured latency ratios at batch 1 (`latency_ratio`) and at `config.batch`."""
+    return {"latency_ratio" if batch == 1 else f"latency_ratio_batch{batch}":
+            round(latency_ratio(original, pruned, ctx.calibration_data, batch, ctx.provider), 3)
+            for batch in dict.fromkeys((1, config.batch))}
 
 
 def latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, data, batch: int, provider: str) -> float:
