@@ -116,6 +116,19 @@ PROBE_SECONDS = 10.0  # what a pass's layer-by-layer probes may take together be
 MIN_PROBE_SAMPLES = 4  # a 320×320 detector's 4 samples hold 400 000 output values
 
 
+def _downstream(nodes: list[gs.Node]) -> set[str]:
+    """The names of the tensors computed from the outputs of `nodes`, those outputs included."""
+    seen: set[str] = set()
+    pending = [tensor for node in nodes for tensor in node.outputs]
+    while pending:
+        tensor = pending.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        pending.extend(output for reader in tensor.outputs for output in reader.outputs)
+    return seen
+
+
 class ModelOutputs:
     """The model's outputs on some samples, with some layers' weights (and biases) changed for the run.
 
@@ -184,7 +197,11 @@ class ModelOutputs:
         if self.prefix is None or produced & self.prefix.computed:  # a layer before those probed: start again
             self.prefix = PrefixRuns(self.data, self.samples, self.batch_size, provider=self.ctx.provider,
                                      role="the model for a sensitivity probe")
-        reads = [t.name for node in changed for t in node.inputs if isinstance(t, gs.Variable) and t.inputs]
+        # a changed node that reads another's output (channel pruning changes every reader of a group, at several
+        # depths) must see it changed: only reads upstream of every change come from the unchanged model
+        after = _downstream(changed)
+        reads = [t.name for node in changed for t in node.inputs
+                 if isinstance(t, gs.Variable) and t.inputs and t.name not in after]
         if reads:
             for _ in self.prefix.batches(self.unchanged, reads):
                 pass
