@@ -23,6 +23,8 @@ Variants, all from the same fp32 file, through onnxcomp's Python API and ORT's q
   onnxcomp fp16    optimize(model, "fp16", calib_data=calibration phrases): float32 islands where ranges overflow
   onnxcomp share   optimize(model, "share:samples=32", calib_data=calibration phrases): 5-bit k-means sharing,
                    its sensitivity allocation measured on 32 of the phrases (as the zoo benchmark does)
+  onnxcomp lowrank optimize(model, "lowrank:flops=F", calib_data=calibration phrases), F = 0.6, 0.7, 0.8:
+                   MatMul weights factorized by whitened SVD, for speed (the FLOPs share of those layers kept)
   ORT quantize_dynamic        quantize_dynamic(weight_type=QInt8), ORT's recommended path for transformers
   ORT quantize_static         quant_pre_process, then quantize_static(QDQ, per_channel=True) on the calibration
                               phrases, in batches of 16 of about one length
@@ -61,7 +63,9 @@ CALIBRATION, PROBE_TRAIN, EVALUATION = (0, 200), (200, 4200), (4200, 5072)
 BERT_TRAIN_FROM = 5072
 LATENCY_TOKENS = 32
 OURS = (("onnxcomp int8", "int8", False), ("onnxcomp int4", "int4", True), ("onnxcomp fp16", "fp16", True),
-        ("onnxcomp share", "share:samples=32", True))  # label, recipe, takes the calibration phrases
+        ("onnxcomp share", "share:samples=32", True),  # label, recipe, takes the calibration phrases
+        ("onnxcomp lowrank 0.6", "lowrank:flops=0.6", True), ("onnxcomp lowrank 0.7", "lowrank:flops=0.7", True),
+        ("onnxcomp lowrank 0.8", "lowrank:flops=0.8", True))
 MODELS = ("minilm", "small-bert")
 
 
