@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from onnxcomp import graph as graphs
+from onnxcomp.passes.layers import WEIGHTED_OPS
 
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MAX_BRANCH_NODES = 64  # a longer branch is not a block but most of a network
 
 
@@ -79,7 +79,7 @@ def _branch(skip: gs.Tensor, out: gs.Tensor, add: gs.Node, graph_outputs: set[in
                 return None  # a graph input other than x
             else:
                 pending.append(graphs.producer(tensor))
-    if not reads_skip or not any(node.op in WEIGHTED for node in found.values()):
+    if not reads_skip or not any(node.op in WEIGHTED_OPS for node in found.values()):
         return None
     if graphs.producer(skip) is not None and id(graphs.producer(skip)) in found:
         return None

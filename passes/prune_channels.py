@@ -50,7 +50,7 @@ from onnxcomp.passes.allocation import ModelOutputs
 from onnxcomp.passes.blocks import remove as remove_block
 from onnxcomp.passes.blocks import residual_blocks
 from onnxcomp.passes.channels import ChannelGraph, ChannelGroup, inferred_shapes
-from onnxcomp.passes.layers import (CHECK_EVERY, InputStatistics, WeightedLayer, held_out_samples,
+from onnxcomp.passes.layers import (CHECK_EVERY, WEIGHTED_OPS, InputStatistics, WeightedLayer, held_out_samples,
                                     input_statistics, relative_error)
 
 VECTORS_PER_SAMPLE = 128  # input vectors per sample and layer in the statistics
@@ -460,8 +460,7 @@ def _layer_macs(channels: ChannelGraph, node: gs.Node) -> float:
 def model_macs(graph: gs.Graph) -> float:
     """Multiply-accumulates of every Conv/ConvTranspose/Gemm/MatMul of the graph with a constant weight."""
     channels = ChannelGraph(graph)
-    return sum(_layer_macs(channels, node) for node in graph.nodes
-               if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1)
+    return sum(_layer_macs(channels, node) for node in graph.nodes if node.op in WEIGHTED_OPS and len(node.inputs) > 1)
 
 
 def _unfollowed_macs(channels: ChannelGraph) -> float:
