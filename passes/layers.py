@@ -470,6 +470,28 @@ def input_statistics(model: onnx.ModelProto | str, layers: list[WeightedLayer], 
     return {key: (fit, check if held_out_batches else None) for key, (fit, check) in result.items()}
 
 
+def layer_waves(graph: gs.Graph, layers: list[WeightedLayer]) -> list[list[int]]:
+    """The layers' positions in groups whose inputs no layer of the same or a later group computes, in graph
+    order: the order in which a pass that measures each layer's inputs after changing the layers before it
+    (sequential prune and share) can change them."""
+    index = {id(layer.node): i for i, layer in enumerate(layers)}
+    upstream: dict[str, frozenset[int]] = {}  # tensor name → layers it depends on
+    depends: dict[int, frozenset[int]] = {}
+    for node in graph.toposort(mode="nodes").nodes:
+        above = frozenset().union(*(upstream.get(t.name, frozenset()) for t in node.inputs))
+        if id(node) in index:
+            depends[index[id(node)]] = upstream.get(node.inputs[0].name, frozenset())
+            above = above | {index[id(node)]}
+        for tensor in node.outputs:
+            upstream[tensor.name] = above
+    waves, done = [], set()
+    while len(done) < len(layers):
+        wave = [i for i in range(len(layers)) if i not in done and depends[i] <= done]
+        waves.append(wave)
+        done.update(wave)
+    return waves
+
+
 def damping_errors(error_of) -> dict[float, float]:
     """`error_of(damping)` for the candidates in DAMPINGS that a descent visits: from the middle two towards the
     lesser error while it decreases. The error over the damping's logarithm has one minimum (too little

@@ -66,7 +66,7 @@ from onnxcomp import progress
 from onnxcomp.pass_base import Pass, PassContext, PassResult, PreconditionError
 from onnxcomp.runner import PrefixRuns
 from onnxcomp.passes.allocation import ModelOutputs, allocate, round_to_total
-from onnxcomp.passes.layers import (CHECK_EVERY, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics,
+from onnxcomp.passes.layers import (CHECK_EVERY, UNCHECKED_DAMPING, WEIGHTED_OPS, InputStatistics, layer_waves,
                                     WeightedLayer, damping_errors, expand_diagonal, held_out_samples, kept_exact_rows,
                                     input_statistics, obs_sweep, output_error, prepare, select_layers, snr_db,
                                     solved, unit_energy)
@@ -291,7 +291,8 @@ def _prune(graph: gs.Graph, unpruned, plans: list[LayerPlan], ctx: PassContext, 
     before it are pruned, next to the unpruned model's."""
     names = graphs.Names(graph)
     sequential = config.sequential and correction != "none"
-    waves = _waves(graph, plans) if sequential else [plans]
+    waves = [[plans[i] for i in wave] for wave in layer_waves(graph, [plan.layer for plan in plans])] \
+        if sequential else [plans]
     if len(waves) > 1:  # the pruned model and the unpruned one
         samples = min(config.samples, ctx.calibration_data.num_samples)
         prefixes = [PrefixRuns(ctx.calibration_data, samples, config.batch_size, provider=ctx.provider,
@@ -338,26 +339,6 @@ def _layer_row(plan: LayerPlan) -> dict:
     if not math.isnan(plan.gain):
         row["output_gain"] = round(plan.gain, 3)
     return row
-
-
-def _waves(graph: gs.Graph, plans: list[LayerPlan]) -> list[list[LayerPlan]]:
-    """The plans in groups whose inputs no plan of the same or a later group computes, in graph order."""
-    index = {id(plan.layer.node): i for i, plan in enumerate(plans)}
-    upstream: dict[str, frozenset[int]] = {}  # tensor name → plans it depends on
-    depends: dict[int, frozenset[int]] = {}
-    for node in graph.toposort(mode="nodes").nodes:
-        above = frozenset().union(*(upstream.get(t.name, frozenset()) for t in node.inputs))
-        if id(node) in index:
-            depends[index[id(node)]] = upstream.get(node.inputs[0].name, frozenset())
-            above = above | {index[id(node)]}
-        for tensor in node.outputs:
-            upstream[tensor.name] = above
-    waves, done = [], set()
-    while len(done) < len(plans):
-        wave = [i for i in range(len(plans)) if i not in done and depends[i] <= done]
-        waves.append([plans[i] for i in wave])
-        done.update(wave)
-    return waves
 
 
 def _select(graph: gs.Graph, config: PruneConfig) -> tuple[list[WeightedLayer], Counter, list[str]]:
