@@ -40,11 +40,13 @@ def require_available(providers: list[str]) -> None:
 
 
 def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: str = "all",
-            spinning: bool = True, folder: str | None = None) -> ort.InferenceSession:
+            spinning: bool = True, folder: str | None = None,
+            profile_prefix: str | None = None) -> ort.InferenceSession:
     """An inference session on exactly the provider asked for; never a silent fallback to the CPU.
 
     `folder` is where the external data of an in-memory `model` lies (a model read by model_io.load with
-    weights=False, or cut from one): ORT reads the weights from there, and the model's bytes are its graph."""
+    weights=False, or cut from one): ORT reads the weights from there, and the model's bytes are its graph.
+    With `profile_prefix`, ORT records each node's time in a JSON file starting with it (end_profiling)."""
     if optimization not in OPTIMIZATION_LEVELS:
         raise InputError(f"unknown ORT optimization level '{optimization}'; valid: {', '.join(OPTIMIZATION_LEVELS)}")
     provider_name = PROVIDERS[parse_providers([provider])[0]]
@@ -56,6 +58,8 @@ def session(model: onnx.ModelProto | str, provider: str = "cpu", optimization: s
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     if not isinstance(model, str) and folder is None and model_io.tensor_bytes(model) > ON_DISK_BYTES:
         with model_io.on_disk(model) as path:
             created = _created(path, options, provider, provider_name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -610,3 +611,35 @@ def test_depth_removes_the_block_that_costs_least_where_only_fewer_nodes_reach_t
     reference, = run_model(model, feed)
     output, = run_model(pruned, feed)
     assert np.sum((output - reference) ** 2) / np.sum(reference ** 2) < 0.05
+
+
+def test_the_profile_of_ort_names_a_kernel_for_every_weighted_layer():
+    # the latency allocation weighs each layer by its profiled time: a layer whose fused kernel is not found
+    # falls back to its MACs, so ORT's naming of fused kernels (Conv+Relu, Conv+Add+Relu, Gemm) must be followed
+    from onnxcomp.passes.prune_channels import kernel_names, profiled_kernels
+    model = small_net()
+    feed = {"x": calibration(model).batch(0, 1)["x"]}
+    kernels = profiled_kernels(model, "cpu", feed)
+    graph = gs.import_onnx(model)
+    weighted = [node for node in graph.nodes if node.op in ("Conv", "Gemm")]
+    assert len(weighted) == 6
+    for node in weighted:
+        found = [name for name in kernel_names(node) if name in kernels]
+        assert found and kernels[found[0]] > 0, (node.name, sorted(kernels))
+
+
+def test_a_sequential_re_solve_that_raises_the_held_out_error_is_undone(monkeypatch):
+    from onnxcomp.passes import prune_channels
+
+    def harmful(graph, *args, **kwargs):  # a re-solve that fits the calibration batches badly
+        for node in graph.nodes:
+            if node.op == "Conv":
+                node.inputs[1].values = node.inputs[1].values * 3.0
+        return 1
+
+    plain, _ = run_pass(small_net(), "structure=channel,flops=0.6,samples=32,sequential=false")
+    monkeypatch.setattr(prune_channels, "resolve_sequentially", harmful)
+    guarded, records = run_pass(small_net(), "structure=channel,flops=0.6,samples=32")
+    assert records[0].stats["resolved"] == 0 and "resolve_rejected" in records[0].stats
+    feed = feed_for(small_net())
+    np.testing.assert_allclose(run_model(guarded, feed)[0], run_model(plain, feed)[0], rtol=1e-5, atol=1e-6)
