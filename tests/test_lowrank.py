@@ -204,3 +204,17 @@ def test_unreachable_flops_target_is_reported():
     _, stats, layers = lowrank(model, "lowrank:flops=0.01", correlated(rng, 128, 64))
     assert [row["rank"] for row in layers] == [8, 8]
     assert stats["flops_ratio"] == pytest.approx(8 * 192 / (64 * 128)) and "below" in stats["warning"]
+
+
+def test_errors_are_measured_on_calibration_samples_the_factors_were_not_fitted_to():
+    # a classifier after global pooling sees one vector per sample: with fewer samples than inputs, any rank
+    # reproduces the fitted samples, and judged on them the layer would look free to factorize
+    rng = np.random.default_rng(3)
+    model = matmul_add(rng.standard_normal((128, 128)) / np.sqrt(128), np.zeros(128))
+    calibration = rng.standard_normal((40, 128)).astype(np.float32)  # 5 batches of 8: the last is held out
+    _, _, layers = lowrank(model, "lowrank:rank=32", calibration)
+    fresh = {"x": rng.standard_normal((64, 128)).astype(np.float32)}
+    (expected,), (got,) = run_model(model, fresh), run_model(lowrank(model, "lowrank:rank=32", calibration)[0], fresh)
+    true_snr = -10 * np.log10(relative_error(got, expected))
+    assert true_snr < 3.0  # 32 fitted vectors say little about the other directions
+    assert abs(layers[0]["output_snr_db"] - true_snr) < 2.0, (layers[0], true_snr)
