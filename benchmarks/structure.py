@@ -25,7 +25,7 @@ import onnx
 from onnxcomp import data as datasets
 from onnxcomp import graph as graphs
 from onnxcomp import registry, runtime
-from onnxcomp.bench import assets_folder, interleaved_latency
+from onnxcomp.bench import assets_folder, effnet_split, interleaved_latency
 from onnxcomp.distillation import distill
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import PassContext
@@ -62,9 +62,10 @@ def cifar(assets: Path, model: onnx.ModelProto):
 
 
 def imagenet(assets: Path, model: onnx.ModelProto):
-    """(first 100 dev500 images for calibration, the other 400 for evaluation; no transfer set to heal on)."""
+    """(dev500 rows 0, 5, …, 495 for calibration, the other 400 for evaluation; no transfer set to heal on)."""
     dataset = datasets.open_data(str(assets / "data/imagenet/dev500"), model, preprocess=IMAGENET_PREPROCESS)
-    return dataset.subset(0, 100), dataset.subset(100, 500), None
+    calibration, evaluation = effnet_split(dataset.num_samples)
+    return dataset.select(calibration), dataset.select(evaluation), None
 
 
 def top1(model: onnx.ModelProto, dataset) -> float:
@@ -140,7 +141,7 @@ def run_recipe(fused: onnx.ModelProto, recipe: str, calibration) -> tuple[onnx.M
     for record in records:
         stats.update({k: v for k, v in record.stats.items() if k in (
             "flops_ratio", "latency_ratio", "latency_ratio_batch32", "unreached", "note", "channels_removed",
-            "ridge")})
+            "ridge", "blocks_removed", "removed_blocks", "resolved", "resolve_rejected", "depth_candidates")})
     return model, stats, seconds
 
 
@@ -162,7 +163,8 @@ def bench_model(name: str, assets: Path, heal_epochs: int, lowrank: bool, save) 
         row = {"model": name, "method": label, "flops": stats.get("flops_ratio"),
                **latency_ratios(fused, model, test), "top1": round(top1(model, test), 2),
                "seconds": round(seconds, 1), "pass_latency_ratio": stats.get("latency_ratio"),
-               "unreached": stats.get("unreached"), "ridge": stats.get("ridge")}
+               **{key: stats.get(key) for key in ("unreached", "ridge", "blocks_removed", "resolved",
+                                                  "resolve_rejected", "depth_candidates") if key in stats}}
         if heal_epochs and transfer is not None:
             started = time.perf_counter()
             config = HealConfig(epochs=heal_epochs, augment="flip-shift").distill_config()
