@@ -4,7 +4,9 @@
                                        [--calib 32] [--eval 64] [--runs 30] [--no-ort]
 
 For each model of ONNXCOMP_ASSETS/zoo (and ResNet-20 / EfficientNet-Lite0 of models/) and each recipe
-(default = onnxcomp's default exact pipeline; int8; prune:sparsity=0.3; share:bits=6), onnxcomp.optimize runs
+(default = onnxcomp's default exact pipeline; int8; prune:sparsity=0.3; share:bits=6; and, asked for with
+--recipes, channel = prune:structure=channel,flops=0.7, latency = the same at latency=0.8, lowrank =
+lowrank:flops=0.7, each after fuse-bn), onnxcomp.optimize runs
 with calibration on the first --calib samples and validation on the next --eval samples, never the same ones:
 exit status (0, or 2 / 3 with the error), pass time, size ratio, and for every output its cosine to the
 original and argmax agreement where it has one; the worst output is the row's figure. Next to int8 stands ORT's
@@ -45,7 +47,10 @@ from onnxcomp import data as datasets
 from onnxcomp.bench import working_directory
 from onnxcomp.errors import OnnxcompError, first_line
 
-RECIPES = {"default": None, "int8": "int8", "prune": "prune:sparsity=0.3", "share": "share:bits=6"}
+RECIPES = {"default": None, "int8": "int8", "prune": "prune:sparsity=0.3", "share": "share:bits=6",
+           "channel": "fold-constants,fuse-bn,cleanup,prune:structure=channel,flops=0.7",
+           "latency": "fold-constants,fuse-bn,cleanup,prune:structure=channel,latency=0.8",
+           "lowrank": "fold-constants,fuse-bn,cleanup,lowrank:flops=0.7"}
 MODELS = ["ppocrv6_det_small", "ppocrv6_rec_small", "nudenet_320n", "silero_vad", "magika_standard_v3_3",
           "paraphrase_minilm_l3", "resnet20", "efficientnet_lite0"]
 IMAGENET_PREPROCESS = "resize=256,crop=224,scale=1,mean=127|127|127,std=128|128|128"
@@ -257,7 +262,7 @@ def row(model: str, recipe: str, result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default="default,int8,prune,share")
     parser.add_argument("--assets", default=os.environ.get("ONNXCOMP_ASSETS", "../shared/assets"))
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--eval", type=int, default=64)

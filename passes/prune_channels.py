@@ -181,10 +181,12 @@ def _prune_depth_and_width(graph: gs.Graph, ctx, config) -> ChannelResult:
         if (reached and not result.modified) or worse_in_a_row >= 2:
             break
     reached, error, count, trial, result = best
-    before = model_macs(graph)
+    before = model_macs(graph, layer_shapes(original, ctx))
     graph.nodes, graph.inputs, graph.outputs = trial.nodes, trial.inputs, trial.outputs
     # the FLOPs of the whole model against the input's (the width step's own share is of the graph it got)
-    stats = {**result.stats, "flops_ratio": round(model_macs(graph) / max(before, 1e-30), 4), "macs": int(before),
+    pruned = gs.export_onnx(graph.cleanup().toposort(mode="nodes"), do_type_check=False)
+    after = model_macs(graph, layer_shapes(pruned, ctx))
+    stats = {**result.stats, "flops_ratio": round(after / max(before, 1e-30), 4), "macs": int(before),
              "blocks": len(found), "blocks_removed": count, "output_error": float(f"{error:.3g}"),
              "depth_candidates": " ".join(tried)}
     if count:
@@ -269,9 +271,10 @@ def _prune_width(graph: gs.Graph, ctx, config, original: onnx.ModelProto | None 
     for plan in progress.each(plans, "channel importance", unit="group"):
         _curve(plan)
     _gains(graph, ctx, plans, config.batch_size, samples)
-    macs = Macs(channels, plans)
+    measured = layer_shapes(unpruned, ctx)
+    macs = Macs(channels, plans, measured=measured)
     if config.latency is not None:
-        times = Macs(channels, plans, _layer_times(unpruned, channels, ctx, config))
+        times = Macs(channels, plans, _layer_times(unpruned, channels, ctx, config, measured))
         choice, search = _latency_search(graph, ctx, plans, times, config, original)
         stats.update(search)
     else:
@@ -417,7 +420,8 @@ class Macs:
     node's measured time by name, _layer_times), the layers' time instead: each layer's time scales as its MACs
     do, with the channels it keeps."""
 
-    def __init__(self, channels: ChannelGraph, plans: list[GroupPlan], times: dict[str, float] | None = None):
+    def __init__(self, channels: ChannelGraph, plans: list[GroupPlan], times: dict[str, float] | None = None,
+                 measured: dict[str, list[int]] | None = None):
         names = list(channels.followed)
         self.index = {name: i for i, name in enumerate(names)}
         self.size = np.array([channels.followed[n].size for n in names], dtype=np.float64)
@@ -435,11 +439,11 @@ class Macs:
             self.cumulative.append((np.array(touched), np.array(table, dtype=np.float64)))
         self.layers = []  # (MACs or time, out tensor index or -1, in tensor index or -1)
         for layer in channels.layers:
-            macs = _layer_macs(channels, layer.node) if times is None else times[layer.node.name]
+            macs = _layer_macs(channels, layer.node, measured) if times is None else times[layer.node.name]
             out = self.index.get(layer.out.name, -1) if layer.out is not None else -1
             read = self.index.get(layer.reads.name, -1) if layer.reads is not None and not layer.depthwise else -1
             self.layers.append((macs, out, read))
-        self.fixed_macs = _unfollowed_macs(channels, times)
+        self.fixed_macs = _unfollowed_macs(channels, times, measured)
         self.total = self.macs([0] * len(plans))
 
     def kept(self, choice: list[int]) -> np.ndarray:
@@ -456,14 +460,16 @@ class Macs:
         return self.macs(choice) / self.total
 
 
-def _layer_macs(channels: ChannelGraph, node: gs.Node) -> float:
+def _layer_macs(channels: ChannelGraph, node: gs.Node, measured: dict[str, list[int]] | None = None) -> float:
+    """The node's multiply-adds per sample, from the inferred shapes, or where they have free dimensions from
+    the `measured` ones (layer_shapes)."""
     weight = graphs.constant_value(node.inputs[1])
-    shape = channels.shapes.get(node.outputs[0].name)
-    if weight is None or shape is None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+    shape = _shape(channels, node.outputs[0].name, measured)
+    if weight is None or shape is None:
         return 0.0
     if node.op == "ConvTranspose":
-        shape = channels.shapes.get(node.inputs[0].name)
-        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        shape = _shape(channels, node.inputs[0].name, measured)
+        if shape is None:
             return 0.0
         return float(np.prod(shape[1:])) * float(np.prod(weight.shape[1:]))
     units = weight.shape[0] if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) \
@@ -471,21 +477,42 @@ def _layer_macs(channels: ChannelGraph, node: gs.Node) -> float:
     return float(np.prod(shape[1:])) * weight.size / units
 
 
-def model_macs(graph: gs.Graph) -> float:
+def _shape(channels: ChannelGraph, name: str, measured: dict[str, list[int]] | None) -> list[int] | None:
+    for shape in (channels.shapes.get(name), (measured or {}).get(name)):
+        if shape is not None and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            return shape
+    return None
+
+
+def layer_shapes(model: onnx.ModelProto, ctx) -> dict[str, list[int]]:
+    """The input and output shapes of every weighted node on one calibration sample: shape inference leaves
+    free dimensions (an image model's height and width, a transformer's sequence length) without a size, and
+    with them every layer's MACs, so a FLOPs target would remove nothing."""
+    names = {name for node in model.graph.node if node.op_type in WEIGHTED_OPS for name in node.output[:1]}
+    names |= {node.input[0] for node in model.graph.node if node.op_type == "ConvTranspose"}
+    names -= {graph_input.name for graph_input in model.graph.input}
+    runner = Runner(model, provider=ctx.provider, outputs=sorted(names), role="the model for the layers' shapes")
+    return {name: list(value.shape) for name, value in runner.run(ctx.calibration_data.batch(0, 1)).items()}
+
+
+def model_macs(graph: gs.Graph, measured: dict[str, list[int]] | None = None) -> float:
     """Multiply-accumulates of every Conv/ConvTranspose/Gemm/MatMul of the graph with a constant weight."""
     channels = ChannelGraph(graph)
-    return sum(_layer_macs(channels, node) for node in graph.nodes if node.op in WEIGHTED_OPS and len(node.inputs) > 1)
+    return sum(_layer_macs(channels, node, measured) for node in graph.nodes
+               if node.op in WEIGHTED_OPS and len(node.inputs) > 1)
 
 
-def _unfollowed_macs(channels: ChannelGraph, times: dict[str, float] | None = None) -> float:
+def _unfollowed_macs(channels: ChannelGraph, times: dict[str, float] | None = None,
+                     measured: dict[str, list[int]] | None = None) -> float:
     seen = {id(layer.node) for layer in channels.layers}
-    return sum(_layer_macs(channels, node) if times is None else times.get(node.name, 0.0)
+    return sum(_layer_macs(channels, node, measured) if times is None else times.get(node.name, 0.0)
                for node in channels.graph.nodes
                if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and id(node) not in seen
                and len(node.inputs) > 1)
 
 
-def _layer_times(model: onnx.ModelProto, channels: ChannelGraph, ctx, config) -> dict[str, float]:
+def _layer_times(model: onnx.ModelProto, channels: ChannelGraph, ctx, config,
+                 measured: dict[str, list[int]] | None = None) -> dict[str, float]:
     """Each weighted node's time in microseconds, by name: ONNX Runtime's profile of `model` at batch
     `config.batch` (HALP's latency table, measured here instead of looked up). ORT fuses a Conv with the
     activation after it and names the kernel after the fused node's last output (plus a suffix such as
@@ -501,12 +528,12 @@ def _layer_times(model: onnx.ModelProto, channels: ChannelGraph, ctx, config) ->
         found = [by_name[name] for name in kernel_names(node) if name in by_name]
         if found:
             times[node.name] = max(found)
-            macs = _layer_macs(channels, node)
+            macs = _layer_macs(channels, node, measured)
             if macs > 0:
                 rates.append(times[node.name] / macs)
     rate = float(np.median(rates)) if rates else 1.0
     for node in weighted:
-        times.setdefault(node.name, rate * _layer_macs(channels, node))
+        times.setdefault(node.name, rate * _layer_macs(channels, node, measured))
     return times
 
 

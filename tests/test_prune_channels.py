@@ -643,3 +643,21 @@ def test_a_sequential_re_solve_that_raises_the_held_out_error_is_undone(monkeypa
     assert records[0].stats["resolved"] == 0 and "resolve_rejected" in records[0].stats
     feed = feed_for(small_net())
     np.testing.assert_allclose(run_model(guarded, feed)[0], run_model(plain, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_flops_target_prunes_a_model_whose_height_and_width_are_free():
+    # detectors and OCR models ship with free height and width: shape inference then gives no layer a size,
+    # and the MACs come from the layers' shapes on a calibration sample instead
+    fixed = small_net()
+    free = onnx.ModelProto()
+    free.CopyFrom(fixed)
+    for dim, name in zip(free.graph.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
+        dim.Clear()
+        dim.dim_param = name
+    results = {}
+    for label, model in (("fixed", fixed), ("free", free)):
+        pruned, records = run_pass(model, "structure=channel,flops=0.5,samples=16")
+        results[label] = records[0].stats["flops_ratio"]
+        assert records[0].stats["channels_removed"] > 0
+        run_model(pruned, feed_for(fixed))
+    assert results["free"] == pytest.approx(results["fixed"], abs=0.02) and results["free"] <= 0.5
