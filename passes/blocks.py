@@ -45,7 +45,7 @@ def residual_blocks(graph: gs.Graph, shapes: dict[str, list]) -> list[ResidualBl
     outputs = {id(tensor) for tensor in graph.outputs}
     blocks = []
     for node in graph.nodes:
-        if node.op != "Add" or len(node.inputs) != 2 or id(node.outputs[0]) in outputs:
+        if node.op != "Add" or len(node.inputs) != 2 or len(node.outputs) != 1 or id(node.outputs[0]) in outputs:
             continue
         for skip, out in (node.inputs, node.inputs[::-1]):
             branch = _branch(skip, out, node, outputs)
@@ -111,7 +111,8 @@ def remove(graph: gs.Graph, block: ResidualBlock) -> None:
                 reader.inputs[position] = block.skip
     block.add.outputs.clear()
     block.add.inputs.clear()
-    for node in block.branch:
+    for node in block.branch:  # dead: nothing of them is read (an Add inside the branch is no block any more)
         node.outputs.clear()
+        node.inputs.clear()
     if not any(tensor is block.skip for tensor in graph.inputs + graph.outputs):
         block.skip.name = output.name

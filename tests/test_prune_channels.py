@@ -661,3 +661,28 @@ def test_a_flops_target_prunes_a_model_whose_height_and_width_are_free():
         assert records[0].stats["channels_removed"] > 0
         run_model(pruned, feed_for(fixed))
     assert results["free"] == pytest.approx(results["fixed"], abs=0.02) and results["free"] <= 0.5
+
+
+def test_a_block_nested_in_a_removed_block_goes_with_it():
+    """A branch with a residual Add of its own (f(x) = a + conv(relu(a))): removing the outer block removes the
+    inner one too, and the blocks are found again after it without the dead inner Add."""
+    from onnxcomp.passes import prune_channels
+    from onnxcomp.passes.blocks import residual_blocks
+    from onnxcomp.passes.channels import inferred_shapes
+
+    b = Builder(8)
+    s = b.node("Relu", [b.conv("x", 3, 8, "stem", k=3)], "s")
+    a = b.conv(s, 8, 8, "outer.c1", k=3)
+    inner = b.node("Add", [a, b.conv(b.node("Relu", [a], "outer.r"), 8, 8, "outer.c2", k=3)], "inner.add")
+    s = b.node("Relu", [b.node("Add", [s, inner], "outer.add")], "s2")
+    s = b.node("Add", [s, b.conv(b.node("Relu", [b.conv(s, 8, 8, "next.c1")], "next.r"), 8, 8, "next.c2")],
+               "next.add")
+    b.node("Relu", [s], "y")
+    model = b.model({"x": ["N", 3, 6, 6]}, ["y"])
+    shapes = inferred_shapes(gs.import_onnx(model))
+    found = [block.name for block in residual_blocks(gs.import_onnx(model), shapes)]
+    assert found == ["Add_inner.add", "Add_outer.add", "Add_next.add"]
+    removed = prune_channels._without_blocks(model, ["Add_outer.add", "Add_next.add"], shapes)
+    onnx.checker.check_model(removed, full_check=True)
+    assert not [n for n in removed.graph.node if n.op_type == "Add"]
+    run_model(removed, feed_for(model))
