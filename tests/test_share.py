@@ -90,17 +90,24 @@ def test_bad_options_are_usage_errors(tmp_path, option):
                               tmp_path / "out.onnx", "--no-validate"], "share", option.split("=")[0])
 
 
-def test_unit_correction_reduces_the_error_on_new_data_and_keeps_the_sharing():
+def two_bit_variants(passes: str, values: tuple[str, str]) -> dict:
+    """{value: (reference outputs, outputs, records, model)} of net() shared at 2 bits with `passes` formatted with
+    each value, calibrated and evaluated on different images; every variant keeps at most 4 values per row."""
     calibration, evaluation = images(48, seed=1), images(48, seed=2)
     reference = run_model(net(), {"x": evaluation})[0]
-    error = {}
-    for correction in ("none", "channel"):
-        shared, records = run(net(), f"share:bits=2,correction={correction},importance=none,allocation=uniform",
-                              calibration)
-        output = run_model(shared, {"x": evaluation})[0]
-        error[correction] = np.sum((output - reference) ** 2)
+    result = {}
+    for value in values:
+        shared, records = run(net(), passes.format(value), calibration)
         w2 = weights(shared)["W2"]
         assert max(np.unique(row).size for row in w2.reshape(w2.shape[0], -1)) <= 4
+        result[value] = (reference, run_model(shared, {"x": evaluation})[0], records, shared)
+    return result
+
+
+def test_unit_correction_reduces_the_error_on_new_data_and_keeps_the_sharing():
+    variants = two_bit_variants("share:bits=2,correction={},importance=none,allocation=uniform", ("none", "channel"))
+    error = {key: np.sum((output - reference) ** 2) for key, (reference, output, _, _) in variants.items()}
+    _, _, records, shared = variants["channel"]
     assert records[0].stats["corrected"] == 2
     assert error["channel"] < 0.7 * error["none"], error
     conv2 = next(n for n in shared.graph.node if n.name == "conv2")
@@ -254,13 +261,6 @@ def test_probes_use_fewer_samples_where_all_of_them_would_take_too_long(monkeypa
 def test_sequential_sharing_fits_later_layers_to_the_inputs_the_earlier_shared_layers_give():
     # conv2 reads conv1's shared output: fitted to the unshared conv1's inputs, it passes conv1's error on;
     # re-solved on the inputs it now gets, it takes part of that error back
-    calibration, evaluation = images(48, seed=1), images(48, seed=2)
-    reference = run_model(net(), {"x": evaluation})[0]
-    quality = {}
-    for sequential in ("false", "true"):
-        shared, records = run(net(), f"share:bits=2,allocation=uniform,min-size=0,sequential={sequential}",
-                              calibration)
-        quality[sequential] = sqnr(reference, run_model(shared, {"x": evaluation})[0])
-        w2 = weights(shared)["W2"]
-        assert max(np.unique(row).size for row in w2.reshape(w2.shape[0], -1)) <= 4
+    variants = two_bit_variants("share:bits=2,allocation=uniform,min-size=0,sequential={}", ("false", "true"))
+    quality = {key: sqnr(reference, output) for key, (reference, output, _, _) in variants.items()}
     assert quality["true"] > quality["false"] + 0.5, quality  # measured: 20.3 → 21.6 dB
