@@ -25,9 +25,9 @@ used instead of E[x xᵀ] and the mean of the error goes into the bias, which ab
 Which rank each layer gets: with `flops=F`, the layers together keep the share F of their multiply-adds. Every
 layer's relative output error at every rank (multiples of 8, which ORT's CPU kernels run faster) is known from
 its singular values; it is weighted by the layer's gain, how much relative error of the model's outputs one unit
-of the layer's own brings (measured by factorizing each layer alone, on the held-out samples), and the ranks with the least summed error
-within the FLOPs budget are chosen (a multiple-choice knapsack over the options dense, 8, 16, …). `rank=R`
-instead puts every layer at rank R where that is cheaper.
+of the layer's own brings (measured by factorizing each layer alone, on the held-out samples), and the ranks
+with the least summed error within the FLOPs budget are chosen (a multiple-choice knapsack over the options
+dense, 8, 16, …). `rank=R` instead puts every layer at rank R where that is cheaper.
 """
 
 from __future__ import annotations

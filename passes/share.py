@@ -250,7 +250,6 @@ class Share(Pass):
         stats.update({f"skipped:{k}": v for k, v in sorted(skipped.items())})
         return PassResult(True, stats, rows)
 
-
     def _share_layer(self, graph: gs.Graph, layer: WeightedLayer, found: Clustered, stats_of, damping, correct: bool,
                      plan: "Choice", target: np.ndarray | None, names: graphs.Names, totals: Counter) -> dict:
         """Finish one layer's clustering, put it in the graph, and return its report row."""
