@@ -521,11 +521,16 @@ def held_out_batch(number: int, count: int, every: int) -> bool:
     return count > 1 and number == count - 1
 
 
+def held_out_indices(data, samples: int, batch_size: int) -> list[int]:
+    """The indices of the calibration samples in the batches `input_statistics` holds out (none: empty)."""
+    runs = data.runs(samples, batch_size)
+    return [i for number, (start, stop) in enumerate(runs) if held_out_batch(number, len(runs), CHECK_EVERY)
+            for i in range(start, stop)]
+
+
 def held_out_samples(data, samples: int, batch_size: int):
     """The calibration samples of the batches `input_statistics` holds out, or None when there are none."""
-    runs = data.runs(samples, batch_size)
-    indices = [i for number, (start, stop) in enumerate(runs) if held_out_batch(number, len(runs), CHECK_EVERY)
-               for i in range(start, stop)]
+    indices = held_out_indices(data, samples, batch_size)
     return data.select(indices) if indices else None
 
 

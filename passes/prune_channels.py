@@ -54,7 +54,7 @@ from onnxcomp.passes.allocation import ModelOutputs
 from onnxcomp.passes.blocks import remove as remove_block
 from onnxcomp.passes.blocks import residual_blocks
 from onnxcomp.passes.channels import ChannelGraph, ChannelGroup, inferred_shapes
-from onnxcomp.passes.layers import (CHECK_EVERY, WEIGHTED_OPS, InputStatistics, WeightedLayer, held_out_batch,
+from onnxcomp.passes.layers import (CHECK_EVERY, WEIGHTED_OPS, InputStatistics, WeightedLayer, held_out_indices,
                                     held_out_samples, input_statistics, relative_error)
 
 VECTORS_PER_SAMPLE = 128  # input vectors per sample and layer in the statistics
@@ -302,7 +302,7 @@ def _name_layers(graph: gs.Graph) -> None:
     """Unique names for the weighted nodes: the re-solve finds each in the unpruned model by name."""
     names, seen = graphs.Names(graph), set()
     for node in graph.nodes:
-        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if node.op in WEIGHTED_OPS:
             if not node.name or node.name in seen:
                 node.name = names.new(f"{node.op}_{node.outputs[0].name}")
             seen.add(node.name)
@@ -495,20 +495,22 @@ def layer_shapes(model: onnx.ModelProto, ctx) -> dict[str, list[int]]:
     return {name: list(value.shape) for name, value in runner.run(ctx.calibration_data.batch(0, 1)).items()}
 
 
+def _weighted_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """The Conv/ConvTranspose/Gemm/MatMul nodes with a weight input, in graph order."""
+    return [node for node in graph.nodes if node.op in WEIGHTED_OPS and len(node.inputs) > 1]
+
+
 def model_macs(graph: gs.Graph, measured: dict[str, list[int]] | None = None) -> float:
     """Multiply-accumulates of every Conv/ConvTranspose/Gemm/MatMul of the graph with a constant weight."""
     channels = ChannelGraph(graph)
-    return sum(_layer_macs(channels, node, measured) for node in graph.nodes
-               if node.op in WEIGHTED_OPS and len(node.inputs) > 1)
+    return sum(_layer_macs(channels, node, measured) for node in _weighted_nodes(graph))
 
 
 def _unfollowed_macs(channels: ChannelGraph, times: dict[str, float] | None = None,
                      measured: dict[str, list[int]] | None = None) -> float:
     seen = {id(layer.node) for layer in channels.layers}
     return sum(_layer_macs(channels, node, measured) if times is None else times.get(node.name, 0.0)
-               for node in channels.graph.nodes
-               if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and id(node) not in seen
-               and len(node.inputs) > 1)
+               for node in _weighted_nodes(channels.graph) if id(node) not in seen)
 
 
 def _layer_times(model: onnx.ModelProto, channels: ChannelGraph, ctx, config,
@@ -522,7 +524,7 @@ def _layer_times(model: onnx.ModelProto, channels: ChannelGraph, ctx, config,
     say (ResNet-56 at 11/23/45 channels: 0.49 of the FLOPs, 1.34 of the time), and the layers at high
     resolution more than the deep ones: the allocation then saves time where time is spent."""
     by_name = profiled_kernels(model, ctx.provider, _feed(ctx.calibration_data, config.batch))
-    weighted = [node for node in channels.graph.nodes if node.op in WEIGHTED_OPS and len(node.inputs) > 1]
+    weighted = _weighted_nodes(channels.graph)
     times, rates = {}, []
     for node in weighted:
         found = [by_name[name] for name in kernel_names(node) if name in by_name]
@@ -622,12 +624,10 @@ def _resolve_where_better(graph: gs.Graph, original: onnx.ModelProto, channels: 
     the unpruned outputs on 80 images raised its error on other images (0.21 → 0.23 to 0.54 with the ridge at
     0.1 to 10): whether it generalises is measured, per model, not assumed."""
     data = ctx.calibration_data
-    runs = data.runs(samples, config.batch_size)
-    held = [number for number in range(len(runs)) if held_out_batch(number, len(runs), CHECK_EVERY)]
-    if not held:  # too few batches to check: re-solve on all of them
+    held_indices = held_out_indices(data, samples, config.batch_size)
+    if not held_indices:  # too few batches to check: re-solve on all of them
         return {"resolved": resolve_sequentially(graph, original, channels, kept, ctx, config, samples, ridge)}
-    held_indices = np.concatenate([np.arange(*runs[number]) for number in held])
-    fitting = np.setdiff1d(np.arange(runs[-1][1]), held_indices)
+    fitting = np.setdiff1d(np.arange(data.runs(samples, config.batch_size)[-1][1]), held_indices)
     probe = _ProbeOutputs(original, data.select(held_indices), ctx.provider)
     before = gs.export_onnx(graph, do_type_check=False)
     error_before = probe.error(before)
@@ -747,32 +747,31 @@ def _latency_search(graph: gs.Graph, ctx, plans: list[GroupPlan], times: Macs, c
     """The allocation with the largest share of the layers' profiled time whose measured latency ratio is at
     most `config.latency`: a search over that share, each candidate built and timed against the `original`
     model (the profile predicts the layers' time, not the model's: other nodes and fusions take some)."""
-    macs = times
     target = config.latency
     feed = _feed(ctx.calibration_data, config.batch)
     reference = _session(original, ctx.provider)
     runs = _runs(reference, feed)
-    floor = macs.ratio([len(plan.counts) - 1 for plan in plans])
+    floor = times.ratio([len(plan.counts) - 1 for plan in plans])
     tried: dict[float, tuple[float, list[int]]] = {}
-    feasible, infeasible = None, None  # largest FLOPs share that reached the target, smallest that did not
-    flops = max(target, floor)
+    feasible, infeasible = None, None  # largest time share that reached the target, smallest that did not
+    share = max(target, floor)
     for _ in progress.each(range(LATENCY_PROBES), "latency search", unit="candidate"):
-        choice = allocate(plans, macs, flops)
+        choice = allocate(plans, times, share)
         candidate = _session(pruned_copy(graph, plans, choice), ctx.provider)
         base, new = interleaved_latency([reference, candidate], feed, runs=runs)
         ratio = new.median_ms / base.median_ms
-        tried[flops] = (ratio, choice)
-        ctx.log.info("prune: layer time share %.3f → latency ratio %.3f", flops, ratio)
+        tried[share] = (ratio, choice)
+        ctx.log.info("prune: layer time share %.3f → latency ratio %.3f", share, ratio)
         if ratio <= target:
-            feasible = max(flops, feasible or 0.0)
+            feasible = max(share, feasible or 0.0)
         else:
-            infeasible = min(flops, infeasible or 1.0)
+            infeasible = min(share, infeasible or 1.0)
         if feasible is None:
-            if flops <= floor:
+            if share <= floor:
                 break
-            flops = max(floor, flops * (target / ratio) ** 2)
+            share = max(floor, share * (target / ratio) ** 2)
         else:
-            flops = (feasible + (infeasible if infeasible is not None else 1.0)) / 2
+            share = (feasible + (infeasible if infeasible is not None else 1.0)) / 2
         if infeasible is not None and feasible is not None and infeasible - feasible < 0.02:
             break
     stats: dict = {"latency_target": target, "latency_batch": config.batch, "latency_candidates": len(tried)}
@@ -781,7 +780,7 @@ def _latency_search(graph: gs.Graph, ctx, plans: list[GroupPlan], times: Macs, c
     else:
         ratio, choice = min(tried.values(), key=lambda item: item[0])
         stats["unreached"] = (f"latency ratio {ratio:.3f} at batch {config.batch} is the lowest reached "
-                              f"(layer time share {macs.ratio(choice):.3f}); the target was {target}")
+                              f"(layer time share {times.ratio(choice):.3f}); the target was {target}")
     return choice, stats
 
 
