@@ -54,8 +54,8 @@ from onnxcomp.passes.allocation import ModelOutputs
 from onnxcomp.passes.blocks import remove as remove_block
 from onnxcomp.passes.blocks import residual_blocks
 from onnxcomp.passes.channels import ChannelGraph, ChannelGroup, inferred_shapes
-from onnxcomp.passes.layers import (CHECK_EVERY, WEIGHTED_OPS, InputStatistics, WeightedLayer, held_out_indices,
-                                    held_out_samples, input_statistics, relative_error)
+from onnxcomp.passes.layers import (CHECK_EVERY, WEIGHTED_OPS, InputStatistics, WeightedLayer, expand_diagonal,
+                                    held_out_indices, held_out_samples, input_statistics, relative_error)
 
 VECTORS_PER_SAMPLE = 128  # input vectors per sample and layer in the statistics
 RESOLVE_VECTORS_PER_SAMPLE = 48  # the same for the re-solve after removal, once per wave
@@ -87,22 +87,41 @@ class Reader:
 
     @property
     def use_bias(self) -> bool:
-        return self.layer.can_take_bias
+        # a ConvTranspose's input mean reaches its output pixels through different kernel taps, so no per-channel
+        # bias absorbs it: its error is measured uncentred
+        return self.layer.can_take_bias and not self.layer.diagonal
 
     def columns(self, channels: np.ndarray) -> np.ndarray:
         return (channels[:, None] * self.per_channel + np.arange(self.per_channel)[None, :]).ravel()
+
+    def energy(self, columns: np.ndarray | None = None) -> float:
+        """The output energy w H wᵀ that the weight's `columns` (default all) carry, on all batches."""
+        weights = self.layer.rows().astype(np.float64)[0]
+        moment = self.stats.moment(centered=self.use_bias)[0]
+        if self.layer.diagonal:  # per input channel only: Σ w² E[x²]
+            energy = weights * weights * expand_diagonal(self.layer, moment[None])[0]
+            return float(energy.sum() if columns is None else energy[:, columns].sum())
+        if columns is None:
+            return float(((weights @ moment) * weights).sum())
+        block = weights[:, columns]
+        return float(((block @ moment[np.ix_(columns, columns)]) * block).sum())
 
     def refit(self, dropped: np.ndarray, held_out: bool = False,
               ridge: float | None = None) -> tuple[np.ndarray, np.ndarray | None, float]:
         """(new weight with the dropped channels' columns zero, bias shift or None, relative output error).
 
-        Fitted on all batches, or with `held_out` on the fitting ones and the error measured on the others."""
+        Fitted on all batches, or with `held_out` on the fitting ones and the error measured on the others.
+        A ConvTranspose has per-channel statistics only: its kept weights stay as they are, and its error is
+        that of the dropped channels' share of its output."""
         fit, check = (self.fit, self.check) if held_out and self.check is not None else (self.stats, self.stats)
         rows = self.layer.rows().astype(np.float64)
         weights = rows[0]
         kept = np.setdiff1d(np.arange(weights.shape[1]), self.columns(dropped))
-        moment = fit.moment(centered=self.use_bias)[0]
         new = np.zeros_like(weights)
+        if self.layer.diagonal:
+            new[:, kept] = weights[:, kept]
+            return self.layer.from_rows(new[None]), None, relative_error(self.layer, rows, new[None], check, False)
+        moment = fit.moment(centered=self.use_bias)[0]
         new[:, kept] = ridge_solve(moment[np.ix_(kept, kept)], weights @ moment[:, kept], weights[:, kept],
                                    self.ridge if ridge is None else ridge)
         error = relative_error(self.layer, rows, new[None], check, self.use_bias)
@@ -324,8 +343,6 @@ def _readers(channels: ChannelGraph, plans: list[GroupPlan]) -> list[Reader]:
         for layer in channels.layers:
             if layer.reads is None or layer.depthwise or layer.reads.name not in plan.group.tensors:
                 continue
-            if layer.node.op == "ConvTranspose":
-                continue  # its statistics are per channel only: its weights are sliced, not re-solved
             components = channels.components(layer.reads)
             by_component = {c: np.flatnonzero(components == c) for c in members}
             key = id(layer.node)
@@ -341,13 +358,9 @@ def _order(plan: GroupPlan) -> None:
     """Order the group's components by the relative output energy they carry into their readers."""
     importance = np.zeros(len(plan.order))
     for reader, by_component in plan.readers:
-        weights = reader.layer.rows().astype(np.float64)[0]
-        moment = reader.stats.moment(centered=reader.use_bias)[0]
-        total = max(float(((weights @ moment) * weights).sum()), 1e-30)
+        total = max(reader.energy(), 1e-30)
         for index, component in enumerate(plan.order):
-            cols = reader.columns(by_component[int(component)])
-            block = weights[:, cols]
-            importance[index] += float(((block @ moment[np.ix_(cols, cols)]) * block).sum()) / total
+            importance[index] += reader.energy(reader.columns(by_component[int(component)])) / total
     plan.order = plan.order[np.argsort(-importance, kind="stable")]
 
 
