@@ -152,8 +152,8 @@ def _search_strengths(original, pipeline, free, ctx, evaluation, data, calib_dat
     chosen_split = search.split(evaluation.num_samples,
                                 calib_data is not None and not search.same_source(data, calib_data))
     if chosen_split.calibration is not None:
-        ctx.calibration_data = evaluation.subset(*chosen_split.calibration)
-    evaluation = evaluation.subset(*chosen_split.budget)
+        ctx.calibration_data = chosen_split.calibration_set(evaluation)
+    evaluation = chosen_split.budget_set(evaluation)
     judge = search.Judge(original, evaluation, provider=providers[0] if providers else "cpu",
                          optimization=optimization, latency_runs=latency_runs)
     found = search.search_strengths(original, pipeline, free, ctx, judge, max_drop=max_accuracy_drop,

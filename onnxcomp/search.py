@@ -14,8 +14,8 @@ or tasks on a Ray cluster), each result cached on disk under (model, recipe, dat
 over size, latency and accuracy is listed and the best candidate within the budget written.
 
 Samples: with calibration data of its own, the budget is checked on all of `data`. Without (or with the same
-source), the first samples of `data` calibrate the passes (CALIBRATION_SAMPLES, at most a quarter) and the budget
-is checked on the rest, so no candidate is judged on the samples it was fitted to.
+source), samples spread evenly over `data` calibrate the passes (CALIBRATION_SAMPLES, at most a quarter) and the
+budget is checked on the others, so no candidate is judged on the samples it was fitted to.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ NOISE_MARGIN = 1.0
 LATENCY_TOLERANCE = 0.10  # a candidate is faster only when its median latency is lower by more than this share
 # Passes that read the pipeline's input model (heal's teacher): they run in one manager run with the original.
 READS_INPUT_MODEL = {"heal"}
-CACHE_VERSION = 2  # 2: candidates carry drop_error
+CACHE_VERSION = 3  # 2: candidates carry drop_error; 3: calibration samples spread over the data
 BUILT_IN_GRID = (
     "fold-constants,fuse-bn,cleanup",
     "deep-compression",
@@ -112,29 +112,53 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Split:
-    """Sample ranges of the evaluation data: `calibration` (None: the separate calibration data) and `budget`."""
+    """Which of the evaluation data's `samples` calibrate and which check the budget. `calibration` samples spread
+    evenly over the data (the first, then every samples/calibration-th) calibrate and the others check the budget;
+    None: the separate calibration data calibrates and every sample checks the budget; all of them: too few to
+    hold any out, both use every sample. Spread, not the first ones: data folders are often in class order
+    (labels.csv of dev500: its first 128 images are fish, birds and reptiles), and the first samples would
+    calibrate on a few classes and check the budget on the others."""
 
-    calibration: tuple[int, int] | None
-    budget: tuple[int, int]
+    samples: int
+    calibration: int | None
+
+    def calibration_indices(self) -> np.ndarray:
+        if self.calibration is None:
+            return np.zeros(0, np.int64)
+        return np.arange(self.calibration, dtype=np.int64) * self.samples // self.calibration
+
+    def budget_indices(self) -> np.ndarray:
+        everything = np.arange(self.samples, dtype=np.int64)
+        if self.calibration is None or self.calibration == self.samples:
+            return everything
+        return np.setdiff1d(everything, self.calibration_indices())
+
+    def budget_set(self, dataset: datasets.Dataset) -> datasets.Dataset:
+        return dataset if self.calibration in (None, self.samples) else dataset.select(self.budget_indices())
+
+    def calibration_set(self, dataset: datasets.Dataset) -> datasets.Dataset | None:
+        """The calibration samples of `dataset`, or None where the separate calibration data calibrates."""
+        if self.calibration is None:
+            return None
+        return dataset if self.calibration == self.samples else dataset.select(self.calibration_indices())
 
     def describe(self) -> str:
-        first, last = self.budget[0], self.budget[1] - 1
-        checked = f"budget checked on data samples {first}..{last} ({last - first + 1})"
+        budget = len(self.budget_indices())
         if self.calibration is None:
-            return checked + ", calibration on the calibration data"
-        start, stop = self.calibration
-        if self.calibration == self.budget:
-            return checked + f"; too few to hold some out: calibration on the same {stop - start} samples"
-        return checked + f", held out from the calibration samples {start}..{stop - 1}"
+            return f"budget checked on all {budget} data samples, calibration on the calibration data"
+        if self.calibration == self.samples:
+            return f"too few data samples to hold some out: calibration and budget on the same {budget}"
+        first = self.calibration_indices()[:3]
+        return (f"budget checked on {budget} of the {self.samples} data samples, held out from the "
+                f"{self.calibration} calibration samples spread over the data (samples {', '.join(map(str, first))}, …)")
 
 
 def split(samples: int, separate_calibration: bool) -> Split:
     if separate_calibration:
-        return Split(None, (0, samples))
+        return Split(samples, None)
     if samples < MIN_SPLIT_SAMPLES:
-        return Split((0, samples), (0, samples))
-    calibration = min(CALIBRATION_SAMPLES, samples // 4)
-    return Split((0, calibration), (calibration, samples))
+        return Split(samples, samples)
+    return Split(samples, min(CALIBRATION_SAMPLES, samples // 4))
 
 
 def same_source(first, second) -> bool:
@@ -572,10 +596,10 @@ def run_candidate(job: Job) -> Candidate:
     started = time.perf_counter()
     original = model_io.load(job.model)
     dataset = datasets.open_data(job.data, original, preprocess=job.preprocess, seed=job.seed)
-    budget = dataset.subset(*job.split.budget)
-    calibration = dataset.subset(*job.split.calibration) if job.split.calibration is not None else \
-        datasets.open_data(job.calib_data, original, preprocess=job.preprocess, seed=job.seed) \
-        if job.calib_data is not None else None
+    budget = job.split.budget_set(dataset)
+    calibration = job.split.calibration_set(dataset)
+    if calibration is None and job.calib_data is not None:
+        calibration = datasets.open_data(job.calib_data, original, preprocess=job.preprocess, seed=job.seed)
     optimized, _ = api.optimize(original, job.recipe, calib_data=calibration, validate_result=False, seed=job.seed)
     candidate = _judge(job, original, budget).measure(optimized, job.recipe)
     candidate.check(job.max_drop)

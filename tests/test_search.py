@@ -21,6 +21,7 @@ import pytest
 
 import onnxcomp
 from helpers import assert_input_error, run_cli, run_model
+from onnxcomp import data as datasets
 from onnxcomp import recipe, search
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import PassContext
@@ -98,11 +99,23 @@ def test_the_smallest_within_budget_is_chosen_or_else_the_least_drop():
     assert search.best_candidate([a], "size") is a
 
 
-def test_split_holds_the_budget_samples_out_of_calibration():
-    assert search.split(360, separate_calibration=False) == search.Split((0, 90), (90, 360))
-    assert search.split(1000, separate_calibration=False) == search.Split((0, 128), (128, 1000))
-    assert search.split(1000, separate_calibration=True) == search.Split(None, (0, 1000))
-    assert search.split(5, separate_calibration=False) == search.Split((0, 5), (0, 5))
+def test_split_holds_the_budget_samples_out_of_calibration_spread_over_the_data():
+    chosen = search.split(1000, separate_calibration=False)
+    calibration, budget = chosen.calibration_indices(), chosen.budget_indices()
+    assert len(calibration) == 128 and len(budget) == 872 and not set(calibration) & set(budget)
+    # spread evenly: data in class order (10 classes of 100 here) calibrates on every class
+    assert np.bincount(calibration // 100).min() >= 12
+    assert len(search.split(360, separate_calibration=False).calibration_indices()) == 90
+    assert list(search.split(1000, separate_calibration=True).budget_indices()) == list(range(1000))
+    assert list(search.split(5, separate_calibration=False).budget_indices()) == list(range(5))
+
+
+def test_split_selects_its_samples_from_a_dataset():
+    dataset = datasets.Dataset("x", 12, [datasets.InputSpec("x", np.dtype(np.int64), ("N",))],
+                               lambda a, b: {"x": np.arange(a, b)}, np.arange(12))
+    chosen = search.split(12, separate_calibration=False)
+    assert list(chosen.calibration_set(dataset).labels) == [0, 4, 8]
+    assert list(chosen.budget_set(dataset).batch(0, 9)["x"]) == [1, 2, 3, 5, 6, 7, 9, 10, 11]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,7 +149,7 @@ def test_budget_search_chooses_the_smallest_model_within_the_budget(tmp_path, di
     assert report.validation.candidate_bytes == output.stat().st_size == chosen["bytes"]
     assert report.validation.accuracy_drop == pytest.approx(chosen["drop"])
     assert report.validation.providers[0].samples == 270
-    assert any("budget checked on data samples 90..359" in note for note in report.validation.notes)
+    assert any("budget checked on 270 of the 360 data samples" in note for note in report.validation.notes)
     # each candidate is its own recipe: written out, it gives the same model
     again, _ = onnxcomp.optimize(digits_model, chosen["recipe"], calib_data={"input": np.load(digits_data)["input"][:90]},
                                  validate_result=False)
