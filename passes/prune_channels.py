@@ -94,17 +94,16 @@ class Reader:
     def columns(self, channels: np.ndarray) -> np.ndarray:
         return (channels[:, None] * self.per_channel + np.arange(self.per_channel)[None, :]).ravel()
 
-    def energy(self, columns: np.ndarray | None = None) -> float:
-        """The output energy w H wᵀ that the weight's `columns` (default all) carry, on all batches."""
+    def energies(self, column_sets: list[np.ndarray]) -> tuple[float, list[float]]:
+        """The output energy w H wᵀ that all of the weight's columns carry, and that each set of columns carries,
+        on all batches."""
         weights = self.layer.rows().astype(np.float64)[0]
         moment = self.stats.moment(centered=self.use_bias)[0]
         if self.layer.diagonal:  # per input channel only: Σ w² E[x²]
-            energy = weights * weights * expand_diagonal(self.layer, moment[None])[0]
-            return float(energy.sum() if columns is None else energy[:, columns].sum())
-        if columns is None:
-            return float(((weights @ moment) * weights).sum())
-        block = weights[:, columns]
-        return float(((block @ moment[np.ix_(columns, columns)]) * block).sum())
+            per_column = (weights * weights * expand_diagonal(self.layer, moment[None])[0]).sum(axis=0)
+            return float(per_column.sum()), [float(per_column[columns].sum()) for columns in column_sets]
+        total = float(((weights @ moment) * weights).sum())
+        return total, [float(((weights[:, c] @ moment[np.ix_(c, c)]) * weights[:, c]).sum()) for c in column_sets]
 
     def refit(self, dropped: np.ndarray, held_out: bool = False,
               ridge: float | None = None) -> tuple[np.ndarray, np.ndarray | None, float]:
@@ -361,9 +360,8 @@ def _order(plan: GroupPlan) -> None:
     """Order the group's components by the relative output energy they carry into their readers."""
     importance = np.zeros(len(plan.order))
     for reader, by_component in plan.readers:
-        total = max(reader.energy(), 1e-30)
-        for index, component in enumerate(plan.order):
-            importance[index] += reader.energy(reader.columns(by_component[int(component)])) / total
+        total, parts = reader.energies([reader.columns(by_component[int(c)]) for c in plan.order])
+        importance += np.array(parts) / max(total, 1e-30)
     plan.order = plan.order[np.argsort(-importance, kind="stable")]
 
 
