@@ -164,9 +164,10 @@ def prune_channels(graph: gs.Graph, ctx, config) -> ChannelResult:
 def _prune_depth_and_width(graph: gs.Graph, ctx, config) -> ChannelResult:
     """Candidates with the 0, 1, 2, … residual blocks that cost least removed, each pruned in width to the
     latency target; the one that reaches it with the least output error on held-out calibration samples is kept.
-    Stops when more blocks reach the target without any channel pruning. The errors do not fall or rise steadily
-    with the count (EfficientNet-Lite0 at latency=0.8: 0.297, 0.442, 0.430, 0.377, 0.261 and 0.419 with 0 to 5
-    blocks removed), so every count before that is tried."""
+    The errors do not fall or rise steadily with the count (EfficientNet-Lite0 at latency=0.8: 0.297, 0.442,
+    0.430, 0.377, 0.261 and 0.419 with 0 to 5 blocks removed), so counts are tried until more blocks reach the
+    target without any channel pruning, or until the blocks' removal alone costs more than the best candidate
+    (width pruning to the same target adds its own error; an OCR detector has 18 blocks to try)."""
     _name_layers(graph)
     shapes = inferred_shapes(graph)
     found = residual_blocks(graph, shapes)
@@ -182,7 +183,10 @@ def _prune_depth_and_width(graph: gs.Graph, ctx, config) -> ChannelResult:
     order = sorted(costs, key=costs.get)
     best, tried = None, []
     for count in progress.each(range(len(order) + 1), "depth search", unit="candidate"):
-        trial = gs.import_onnx(_without_blocks(original, order[:count], shapes))
+        without = _without_blocks(original, order[:count], shapes)
+        if best is not None and best[0] and probe.error(without) >= best[1]:
+            break
+        trial = gs.import_onnx(without)
         result = _prune_width(trial, width_ctx, config, original=original)
         model = gs.export_onnx(trial.cleanup().toposort(mode="nodes"), do_type_check=False)
         if "latency_ratio" not in result.stats:  # no channel removed: time the blocks' removal alone

@@ -749,3 +749,25 @@ def test_the_sequential_re_solve_never_fits_a_layer_and_one_it_reads_from_togeth
     monkeypatch.setattr(prune_channels, "_paired_statistics", recording)
     run_pass(model, "structure=channel,flops=0.8,samples=32")
     assert waves and all(len(wave) == 1 for wave in waves)  # a chain: one layer per wave
+
+
+def test_the_depth_search_stops_where_removing_blocks_alone_costs_more_than_the_best(monkeypatch):
+    """With a stand-in clock whose time is the weight count, width alone reaches the target; blocks whose
+    branches carry most of the output cost more removed than that candidate, so no candidate removes one."""
+    from onnxcomp.bench import Latency
+    from onnxcomp.passes import prune_channels
+
+    monkeypatch.setattr(prune_channels, "_session", lambda model, provider: model)
+
+    def clock(models, feed, runs=50, warmup=5):
+        return [Latency(float(sum(np.prod(i.dims) for i in m.graph.initializer)), 0.0, 0.0, runs) for m in models]
+
+    monkeypatch.setattr(prune_channels, "interleaved_latency", clock)
+    model = small_net(16)
+    for init in model.graph.initializer:  # the branches carry the outputs
+        if init.name.startswith(("b0.c2.", "b1.c2.")):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 4, init.name))
+    _, records = run_pass(model, "structure=channel,latency=0.9,samples=16")
+    stats = records[0].stats
+    assert "unreached" not in stats and stats["blocks"] == 2 and stats["blocks_removed"] == 0
+    assert stats["depth_candidates"].split() == [stats["depth_candidates"].split()[0]]  # block removal not tried
