@@ -359,6 +359,16 @@ def run_pass(model: onnx.ModelProto, options: str):
     return PassManager(parse(f"prune:{options}")).run(model, ctx)
 
 
+def stand_in_clock(monkeypatch, time_of) -> None:
+    """The pass's timings come from `time_of(model)` instead of ONNX Runtime (no noise, no machine load)."""
+    from onnxcomp.bench import Latency
+    from onnxcomp.passes import prune_channels
+
+    monkeypatch.setattr(prune_channels, "_session", lambda model, provider: model)
+    monkeypatch.setattr(prune_channels, "interleaved_latency", lambda models, feed, runs=50, warmup=5:
+                        [Latency(float(time_of(m)), 0.0, 0.0, runs) for m in models])
+
+
 def test_flops_target_is_reached_with_valid_model_and_bounded_error():
     model = small_net()
     pruned, records = run_pass(model, "structure=channel,flops=0.5,samples=32")
@@ -454,15 +464,7 @@ def test_element_pruning_is_unchanged_by_default():
 def test_latency_search_keeps_the_most_flops_that_reach_the_target(monkeypatch):
     """With a stand-in clock whose time is the model's weight count, the search must stop at a candidate
     within the target and not far below it."""
-    from onnxcomp.bench import Latency
-    from onnxcomp.passes import prune_channels
-
-    monkeypatch.setattr(prune_channels, "_session", lambda model, provider: model)
-
-    def clock(models, feed, runs=50, warmup=5):
-        return [Latency(float(_weight_count(m)), 0.0, 0.0, runs) for m in models]
-
-    monkeypatch.setattr(prune_channels, "interleaved_latency", clock)
+    stand_in_clock(monkeypatch, _weight_count)
     model = small_net()
     pruned, records = run_pass(model, "structure=channel,latency=0.5,samples=16,depth=false")
     stats = records[0].stats
@@ -587,15 +589,7 @@ def test_blocks_that_follow_each_other_without_an_activation_are_removed_togethe
 def test_depth_removes_the_block_that_costs_least_where_only_fewer_nodes_reach_the_latency(monkeypatch):
     """With a stand-in clock whose time is the node count (per-node overhead, as at batch 1 on small models),
     no width reaches 0.8: one block must go, the one whose branch adds least to the outputs."""
-    from onnxcomp.bench import Latency
-    from onnxcomp.passes import prune_channels
-
-    monkeypatch.setattr(prune_channels, "_session", lambda model, provider: model)
-
-    def clock(models, feed, runs=50, warmup=5):
-        return [Latency(float(len(m.graph.node)), 0.0, 0.0, runs) for m in models]
-
-    monkeypatch.setattr(prune_channels, "interleaved_latency", clock)
+    stand_in_clock(monkeypatch, lambda m: len(m.graph.node))
     model = small_net(16)
     for init in model.graph.initializer:  # block 0's branch adds almost nothing
         if init.name.startswith("b0.c2."):
@@ -754,15 +748,9 @@ def test_the_sequential_re_solve_never_fits_a_layer_and_one_it_reads_from_togeth
 def test_the_depth_search_stops_at_a_candidate_far_worse_than_the_best(monkeypatch):
     """With a stand-in clock whose time is the weight count, width alone reaches the target; with a block
     whose branch carries most of the output removed, the error is many times that, and no more blocks are tried."""
-    from onnxcomp.bench import Latency
     from onnxcomp.passes import prune_channels
 
-    monkeypatch.setattr(prune_channels, "_session", lambda model, provider: model)
-
-    def clock(models, feed, runs=50, warmup=5):
-        return [Latency(float(sum(np.prod(i.dims) for i in m.graph.initializer)), 0.0, 0.0, runs) for m in models]
-
-    monkeypatch.setattr(prune_channels, "interleaved_latency", clock)
+    stand_in_clock(monkeypatch, _weight_count)
     model = small_net(16)
     for init in model.graph.initializer:  # the branches carry the outputs
         if init.name.startswith(("b0.c2.", "b1.c2.")):
