@@ -330,6 +330,12 @@ class Dataset:
                        None if self.labels is None else self.labels[start:stop], self.is_random)
 
 
+def spread_indices(samples: int, count: int) -> np.ndarray:
+    """`count` sample indices spread evenly over `samples`: the first, then every samples/count-th. Data in
+    class order (an image folder, dev500's labels.csv) is sampled across its classes, not in its first ones."""
+    return np.arange(count, dtype=np.int64) * samples // max(count, 1)
+
+
 def open_data(source, model: onnx.ModelProto, *, preprocess: str | Preprocess | None = None,
               limit: int | None = None, seed: int = 0,
               input_shapes: dict[str, tuple[int, ...]] | None = None, tokenizer=None) -> Dataset:

@@ -125,7 +125,7 @@ class Split:
     def calibration_indices(self) -> np.ndarray:
         if self.calibration is None:
             return np.zeros(0, np.int64)
-        return np.arange(self.calibration, dtype=np.int64) * self.samples // self.calibration
+        return datasets.spread_indices(self.samples, self.calibration)
 
     def budget_indices(self) -> np.ndarray:
         everything = np.arange(self.samples, dtype=np.int64)

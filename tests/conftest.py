@@ -56,9 +56,9 @@ def imagenet(assets):
     calibration on every 5th image (in labels.csv order, which is sorted), evaluation on the other 400."""
     import onnxcomp
     from onnxcomp import data as datasets
+    from onnxcomp.bench import effnet_split
 
     model = onnxcomp.load(assets / "models/efficientnet_lite0_imagenet.onnx")
     dataset = datasets.open_data(assets / "data/imagenet/dev500", model, preprocess=IMAGENET_PREPROCESS)
     images = dataset.batch(0, dataset.num_samples)[model.graph.input[0].name]
-    calibration = np.arange(0, len(images), 5)
-    return images, dataset.labels, calibration, np.setdiff1d(np.arange(len(images)), calibration)
+    return (images, dataset.labels, *effnet_split(len(images)))
