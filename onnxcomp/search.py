@@ -5,8 +5,8 @@ sparsity, or the FLOPs that channel pruning keeps, share's bits, and int8's laye
 recipe.free_strengths) are chosen from SPARSITIES, FLOPS, BITS and FLOAT_LAYERS. Accuracy is taken to
 fall as either strength grows, so one free strength is bisected, and two (prune then share) are walked along the
 edge of the feasible region: for each sparsity, weakest first, the most bits-saving setting still within the
-budget, starting from the previous sparsity's (it cannot be stronger). About rows + columns candidates instead
-of rows × columns. Measurements are reused: the reference model's predictions and latency session are made once,
+budget, walked from the previous sparsity's (usually weaker, but not always). About rows + columns candidates
+instead of rows × columns. Measurements are reused: the reference model's predictions and latency session are made once,
 and the pipeline up to each free pass is run once per setting (the pruned model is shared by every bit width).
 
 Recipe search (`onnxcomp search`): every recipe of a grid is optimized and measured, in parallel (local processes,
@@ -345,7 +345,11 @@ def _strongest_feasible(feasible, count: int, below: int | None = None) -> int:
 
 def _walk_edge(feasible, rows: int, columns: int) -> list[tuple[int, int]]:
     """(row, strongest feasible column) for each row that has one, rows weakest first: bisected in the first row,
-    then walked down from the previous row's (a stronger row cannot take a stronger column)."""
+    then walked from the previous row's column, down while infeasible and up while the next is feasible.
+
+    A stronger row usually takes a weaker column, but not always: on ResNet-20, prune 0.4 + 4 bits measured
+    -0.11 points where 0.3 + 4 bits measured +0.23 (pruning's re-solve undoes some of what it removes, and each
+    drop is measured to about ±0.6), so each row also tries the columns past the previous row's."""
     column = _strongest_feasible(lambda c: feasible(0, c), columns)
     edge = [(0, column)] if column >= 0 else []
     for row in range(1, rows):
@@ -353,6 +357,8 @@ def _walk_edge(feasible, rows: int, columns: int) -> list[tuple[int, int]]:
             column -= 1
         if column < 0:
             break
+        while column + 1 < columns and feasible(row, column + 1):
+            column += 1
         edge.append((row, column))
     return edge
 
