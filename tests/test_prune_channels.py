@@ -760,3 +760,57 @@ def test_the_depth_search_stops_at_a_candidate_far_worse_than_the_best(monkeypat
     assert "unreached" not in stats and stats["blocks"] == 2 and stats["blocks_removed"] == 0
     errors = [float(c.split(":")[1].split("@")[0]) for c in stats["depth_candidates"].split()]
     assert len(errors) == 2 and errors[1] > prune_channels.MAX_ERROR_OVER_BEST * errors[0]
+
+
+def gemm_layer(weights: np.ndarray, name: str):
+    """A Gemm (transB) with `weights` and a zero bias, as a WeightedLayer of its graph, and the graph's Names."""
+    from onnxcomp.passes.layers import WeightedLayer
+    units, size = weights.shape
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", f"{name}.w", f"{name}.b"], ["y"], transB=1, name=name)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, units])],
+        [numpy_helper.from_array(weights.astype(np.float32), f"{name}.w"),
+         numpy_helper.from_array(np.zeros(units, np.float32), f"{name}.b")]))
+    graph = gs.import_onnx(model)
+    node = graph.nodes[0]
+    return WeightedLayer(node, node.inputs[1]), graphs.Names(graph)
+
+
+@pytest.mark.parametrize("vectors, mixed, recovers", [(40, False, False), (4000, True, True)])
+def test_each_layer_of_the_re_solve_is_pulled_as_hard_as_its_held_out_batches_ask(vectors, mixed, recovers):
+    """A layer whose present inputs are the reference's plus noise, seen on fewer vectors than it has inputs,
+    overfits a weak pull: it must not end worse on new inputs than left as it is. A layer whose inputs are a
+    mixing of the reference's, seen on many vectors, is re-solved to give the reference's outputs."""
+    from onnxcomp.passes import prune_channels
+    rng = np.random.default_rng(0)
+    size, units = 48, 16
+    reference_weights = rng.normal(size=(units, size))
+    mixing = np.eye(size) + (0.5 * rng.normal(size=(size, size)) if mixed else 0)
+
+    def inputs(count):
+        x_ref = rng.normal(size=(count, size))
+        return x_ref @ mixing.T + (0 if mixed else 0.7 * rng.normal(size=(count, size))), x_ref
+
+    def sums(count):
+        x, x_ref = inputs(count)
+        stats = prune_channels._paired_sums(size, size)
+        stats.second[0] += x.T @ x
+        stats.reference.second[0] += x_ref.T @ x_ref
+        stats.cross[0] += x.T @ x_ref
+        stats.total[0] += x.sum(axis=0)
+        stats.reference.total[0] += x_ref.sum(axis=0)
+        stats.count = stats.reference.count = count
+        return stats
+
+    before, _ = gemm_layer(reference_weights, "before")
+    now, names = gemm_layer(reference_weights, "now")
+    x, x_ref = inputs(4000)
+    error_as_is = np.mean((x @ reference_weights.T - x_ref @ reference_weights.T) ** 2)
+    changed = prune_channels._resolve(now, before, np.arange(units), (sums(vectors), sums(vectors // 4)), 0.01,
+                                      names)
+    bias = graphs.constant_value(now.node.inputs[2]).reshape(-1)
+    error = np.mean((x @ now.rows()[0].T + bias - x_ref @ reference_weights.T) ** 2)
+    assert error <= error_as_is * 1.05
+    if recovers:
+        assert changed and error < 0.01 * error_as_is
