@@ -55,7 +55,7 @@ from onnxcomp.passes.blocks import remove as remove_block
 from onnxcomp.passes.blocks import residual_blocks
 from onnxcomp.passes.channels import ChannelGraph, ChannelGroup, inferred_shapes
 from onnxcomp.passes.layers import (CHECK_EVERY, WEIGHTED_OPS, InputStatistics, WeightedLayer, expand_diagonal,
-                                    held_out_batch, held_out_indices, held_out_samples, input_statistics, layer_waves,
+                                    held_out_indices, held_out_samples, input_statistics, layer_waves,
                                     relative_error)
 
 VECTORS_PER_SAMPLE = 128  # input vectors per sample and layer in the statistics
@@ -666,7 +666,7 @@ def resolve_sequentially(graph: gs.Graph, unpruned: onnx.ModelProto, channels: C
     """Re-solve every Conv, Gemm and MatMul after the removal, in waves in graph order (no layer of a wave
     reads another's output, directly or through others), so that each gives the unpruned model's outputs (of
     its kept units) from the inputs it now gets: W' = W C(x_ref, x) C(x, x)⁻¹, the bias taking the mean shift.
-    This also undoes the error of the layers before. Returns how many layers changed (_resolve may leave one)."""
+    This also undoes the error of the layers before. Returns the count."""
     reference_nodes = {node.name: node for node in gs.import_onnx(unpruned).nodes}
     layers = [layer for layer in channels.layers if not layer.depthwise and layer.node.op != "ConvTranspose"
               and layer.node.name in reference_nodes and isinstance(layer.node.inputs[1], gs.Constant)
@@ -675,7 +675,6 @@ def resolve_sequentially(graph: gs.Graph, unpruned: onnx.ModelProto, channels: C
         return 0
     waves = layer_waves(graph, layers)  # a layer and one it reads from in one wave would both undo one error
     names = graphs.Names(graph)
-    changed = 0
     for wave in progress.each(waves, "re-solving", unit="wave"):
         chosen = [layers[i] for i in wave]
         model = gs.export_onnx(graph, do_type_check=False)
@@ -683,118 +682,63 @@ def resolve_sequentially(graph: gs.Graph, unpruned: onnx.ModelProto, channels: C
                   WeightedLayer(reference_nodes[layer.node.name], reference_nodes[layer.node.name].inputs[1]))
                  for layer in chosen]
         statistics = _paired_statistics(model, unpruned, pairs, ctx, config, samples)
-        for layer, (now, before), halves in zip(chosen, pairs, statistics):
+        for layer, (now, before), stats in zip(chosen, pairs, statistics):
             units = kept[layer.out.name] if layer.out is not None else np.arange(now.rows().shape[1])
-            changed += _resolve(now, before, units, halves, ridge, names)
-    return changed
+            _resolve(now, before, units, stats, ridge, names)
+    return len(layers)
 
 
 def _paired_statistics(model: onnx.ModelProto, reference: onnx.ModelProto, pairs, ctx, config,
-                       samples: int) -> list[tuple[InputStatistics, InputStatistics | None]]:
+                       samples: int) -> list[InputStatistics]:
     """For each (layer now, layer in the reference), statistics of its inputs here and in the reference at
-    the same positions (Σ x xᵀ, Σ x_ref x_refᵀ, Σ x x_refᵀ and the sums): (fitting batches, held-out batches),
-    every CHECK_EVERY-th batch held out as input_statistics does (None when there are too few batches)."""
+    the same positions: Σ x xᵀ, Σ x x_refᵀ and the sums."""
     inputs = sorted({now.node.inputs[0].name for now, _ in pairs})
     runs = [Runner(m, provider=ctx.provider, outputs=inputs, role="the model for layer statistics").batches(
             ctx.calibration_data, samples, config.batch_size) for m in (model, reference)]
-    batch_count = len(ctx.calibration_data.runs(samples, config.batch_size))
     rng = np.random.default_rng(ctx.seed)
-    halves: list[list[InputStatistics | None]] = [[None, None] for _ in pairs]
+    result: list[InputStatistics | None] = [None] * len(pairs)
     done_before = 0
-    for number, ((done, values), (_, reference_values)) in enumerate(zip(*runs)):
+    for (done, values), (_, reference_values) in zip(*runs):
         limit = RESOLVE_VECTORS_PER_SAMPLE * (done - done_before)
-        half = int(held_out_batch(number, batch_count, CHECK_EVERY))
         for index, (now, before) in enumerate(pairs):
             picks = rng.integers(2 ** 63)  # the same positions in both models
             name = now.node.inputs[0].name
             x = now.input_vectors(values[name], limit, np.random.default_rng(picks))[:, 0].astype(np.float64)
             x_ref = before.input_vectors(reference_values[name], limit,
                                          np.random.default_rng(picks))[:, 0].astype(np.float64)
-            if halves[index][half] is None:
-                halves[index][half] = _paired_sums(x.shape[1], x_ref.shape[1])
-            stats = halves[index][half]
+            if result[index] is None:
+                result[index] = InputStatistics(np.zeros((1, x.shape[1], x.shape[1])), np.zeros((1, x.shape[1])), 0,
+                                                InputStatistics(np.zeros(0), np.zeros((1, x_ref.shape[1]))),
+                                                np.zeros((1, x.shape[1], x_ref.shape[1])))
+            stats = result[index]
             stats.second[0] += x.T @ x
-            stats.reference.second[0] += x_ref.T @ x_ref
             stats.cross[0] += x.T @ x_ref
             stats.total[0] += x.sum(axis=0)
             stats.reference.total[0] += x_ref.sum(axis=0)
             stats.count += x.shape[0]
             stats.reference.count += x.shape[0]
         done_before = done
-    return [(fit, check) for fit, check in halves]
+    return result
 
 
-def _paired_sums(size: int, reference_size: int) -> InputStatistics:
-    return InputStatistics(np.zeros((1, size, size)), np.zeros((1, size)), 0,
-                           InputStatistics(np.zeros((1, reference_size, reference_size)), np.zeros((1, reference_size))),
-                           np.zeros((1, size, reference_size)))
-
-
-def _merged(first: InputStatistics, second: InputStatistics | None) -> InputStatistics:
-    if second is None:
-        return first
-    reference = InputStatistics(first.reference.second + second.reference.second,
-                                first.reference.total + second.reference.total, first.count + second.count)
-    return InputStatistics(first.second + second.second, first.total + second.total, first.count + second.count,
-                           reference, first.cross + second.cross)
-
-
-def _resolve(now: WeightedLayer, before: WeightedLayer, kept_units: np.ndarray,
-             halves: tuple[InputStatistics, InputStatistics | None], ridge: float, names: graphs.Names) -> bool:
+def _resolve(now: WeightedLayer, before: WeightedLayer, kept_units: np.ndarray, stats: InputStatistics,
+             ridge: float, names: graphs.Names) -> None:
     """Set `now`'s weights (and bias) to reproduce `before`'s kept output units from its present inputs,
-    pulled towards the weights it has now (the first re-solve's).
-
-    How hard to pull is chosen per layer on the held-out batches, among RIDGES and leaving the layer as it is:
-    one pull for every layer (EfficientNet-Lite0) let the layers with few samples per input dimension (1152
-    inputs seen at 49 positions per image) overfit, or the others barely move. Without held-out batches the
-    model's `ridge` is used."""
-    fit, check = halves
-    weights_before = before.rows().astype(np.float64)[0][kept_units]
-    bias_before = _bias(before, len(before.rows()[0]))[kept_units]
+    pulled towards the weights it has now (the first re-solve's)."""
+    rows_before = before.rows().astype(np.float64)[0]
+    units = now.rows().shape[1]
+    weights = rows_before[kept_units]
     use_bias = now.can_take_bias and before.can_take_bias
-    present = (now.rows().astype(np.float64)[0], _bias(now, now.rows().shape[1]))
-    if check is None:
-        weights, bias = _refit(weights_before, bias_before, present, fit, ridge, use_bias)
-    else:
-        options = [present] + [_refit(weights_before, bias_before, present, fit, r, use_bias) for r in RIDGES]
-        errors = [_output_error((weights_before, bias_before), option, check) for option in options]
-        best = int(np.argmin(errors))
-        if best == 0:
-            return False
-        weights, bias = _refit(weights_before, bias_before, present, _merged(fit, check), RIDGES[best - 1],
-                               use_bias)
-    now.weight.values = now.from_rows(weights[None]).astype(now.values.dtype)
-    if use_bias:
-        now.shift_bias(bias - present[1], names)
-    return True
-
-
-def _refit(weights_before: np.ndarray, bias_before: np.ndarray, present: tuple[np.ndarray, np.ndarray],
-           stats: InputStatistics, ridge: float, use_bias: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(weights, bias) giving the reference layer's outputs from the present inputs, by ridge least squares
-    pulled towards the `present` weights; the bias takes the mean shift where the layer can take one."""
     own = stats.moment(centered=use_bias)[0]
     cross = stats.cross_moment(centered=use_bias)[0]          # E[x x_refᵀ] (D_now, D_before)
-    weights = ridge_solve(own, weights_before @ cross.T, present[0], ridge)
-    if not use_bias:
-        return weights, present[1]
-    return weights, bias_before + weights_before @ stats.reference.mean[0] - weights @ stats.mean[0]
-
-
-def _output_error(reference: tuple[np.ndarray, np.ndarray], layer: tuple[np.ndarray, np.ndarray],
-                  stats: InputStatistics) -> float:
-    """E‖W_ref x_ref + b_ref − (W x + b)‖² over the vectors of `stats`, from its moments: with x̃ = [x; 1]
-    and W̃ = [W b], tr(W̃_ref S̃_rr W̃_refᵀ) − 2 tr(W̃ S̃_xr W̃_refᵀ) + tr(W̃ S̃_xx W̃ᵀ)."""
-    def augmented(second, mean_left, mean_right):
-        return np.block([[second, mean_left[:, None]], [mean_right[None, :], np.ones((1, 1))]])
-
-    mean, reference_mean = stats.mean[0], stats.reference.mean[0]
-    own = augmented(stats.moment(centered=False)[0], mean, mean)
-    cross = augmented(stats.cross_moment(centered=False)[0], mean, reference_mean)
-    reference_own = augmented(stats.reference.moment(centered=False)[0], reference_mean, reference_mean)
-    ref = np.hstack([reference[0], reference[1][:, None]])
-    new = np.hstack([layer[0], layer[1][:, None]])
-    return float(((ref @ reference_own) * ref).sum() - 2 * ((new @ cross) * ref).sum() + ((new @ own) * new).sum())
+    prior = now.rows().astype(np.float64)[0]
+    new = ridge_solve(own, weights @ cross.T, prior, ridge)   # (units, D_now)
+    now.weight.values = now.from_rows(new[None]).astype(now.values.dtype)
+    if use_bias:
+        bias_before = _bias(before, rows_before.shape[0])[kept_units]
+        bias_now = _bias(now, units)
+        shift = bias_before + weights @ stats.reference.mean[0] - new @ stats.mean[0] - bias_now
+        now.shift_bias(shift, names)
 
 
 def _bias(layer: WeightedLayer, units: int) -> np.ndarray:
