@@ -760,3 +760,39 @@ def test_the_depth_search_stops_at_a_candidate_far_worse_than_the_best(monkeypat
     assert "unreached" not in stats and stats["blocks"] == 2 and stats["blocks_removed"] == 0
     errors = [float(c.split(":")[1].split("@")[0]) for c in stats["depth_candidates"].split()]
     assert len(errors) == 2 and errors[1] > prune_channels.MAX_ERROR_OVER_BEST * errors[0]
+
+
+def gemm_layer(weights: np.ndarray, name: str):
+    """A Gemm (transB) with `weights` and a zero bias, as a WeightedLayer of its graph, and the graph's Names."""
+    from onnxcomp.passes.layers import WeightedLayer
+    units, size = weights.shape
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", f"{name}.w", f"{name}.b"], ["y"], transB=1, name=name)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, units])],
+        [numpy_helper.from_array(weights.astype(np.float32), f"{name}.w"),
+         numpy_helper.from_array(np.zeros(units, np.float32), f"{name}.b")]))
+    graph = gs.import_onnx(model)
+    return WeightedLayer(graph.nodes[0], graph.nodes[0].inputs[1]), graphs.Names(graph)
+
+
+def test_the_sequential_re_solve_gives_each_unit_the_reference_spread():
+    """Inputs that lost information (the reference's plus noise) make least squares shrink each output towards
+    its mean; layer after layer that collapses the spread of a deep model's activations. The re-solved layer
+    keeps the reference layer's spread per unit, and its mean."""
+    from onnxcomp.passes import prune_channels
+    from onnxcomp.passes.layers import InputStatistics
+    rng = np.random.default_rng(0)
+    size, units, count = 24, 8, 4000
+    reference_weights = rng.normal(size=(units, size))
+    x_ref = rng.normal(size=(count, size)) + 1.0
+    x = x_ref + 0.7 * rng.normal(size=(count, size))
+    reference_stats = InputStatistics((x_ref.T @ x_ref)[None], x_ref.sum(axis=0)[None], count)
+    stats = InputStatistics((x.T @ x)[None], x.sum(axis=0)[None], count, reference_stats, (x.T @ x_ref)[None])
+    before, _ = gemm_layer(reference_weights, "before")
+    now, names = gemm_layer(reference_weights, "now")
+    prune_channels._resolve(now, before, np.arange(units), stats, 0.01, names)
+    bias = graphs.constant_value(now.node.inputs[2]).reshape(-1)
+    outputs, reference_outputs = x @ now.rows()[0].T + bias, x_ref @ reference_weights.T
+    np.testing.assert_allclose(outputs.std(axis=0), reference_outputs.std(axis=0), rtol=0.02)
+    np.testing.assert_allclose(outputs.mean(axis=0), reference_outputs.mean(axis=0), atol=0.05)
