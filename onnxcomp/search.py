@@ -6,8 +6,9 @@ recipe.free_strengths) are chosen from SPARSITIES, FLOPS, BITS and FLOAT_LAYERS.
 fall as either strength grows, so one free strength is bisected, and two (prune then share) are walked along the
 edge of the feasible region: for each sparsity, weakest first, the most bits-saving setting still within the
 budget, walked from the previous sparsity's (usually weaker, but not always). About rows + columns candidates
-instead of rows × columns. Measurements are reused: the reference model's predictions and latency session are made once,
-and the pipeline up to each free pass is run once per setting (the pruned model is shared by every bit width).
+instead of rows × columns. Measurements are reused: the reference model's predictions and latency session are
+made once, and the pipeline up to each free pass is run once per setting (the pruned model is shared by every bit
+width).
 
 Recipe search (`onnxcomp search`): every recipe of a grid is optimized and measured, in parallel (local processes,
 or tasks on a Ray cluster), each result cached on disk under (model, recipe, data) digests; the Pareto front

@@ -614,6 +614,17 @@ def unit_energy(layer: WeightedLayer, rows: np.ndarray, moment: np.ndarray) -> n
     return ((rows @ moment) * rows).sum(axis=-1)
 
 
+def spread_scale(layer: WeightedLayer, rows_before: np.ndarray, moment_before: np.ndarray, rows: np.ndarray,
+                 moment: np.ndarray) -> np.ndarray:
+    """Per unit (groups, units), the factor that gives `rows` on inputs of `moment` the output spread of
+    `rows_before` on inputs of `moment_before`, as re-estimating a BatchNormalization would: least squares,
+    pruning and sharing all shrink a unit's outputs. A unit silent on the data keeps its scale: zeroing it would
+    trust the data too far."""
+    spread = unit_energy(layer, rows_before, moment_before)
+    now = unit_energy(layer, rows, moment)
+    return np.sqrt(np.where((now > 0) & (spread > 0), spread / np.maximum(now, 1e-30), 1.0))
+
+
 def expand_diagonal(layer: WeightedLayer, per_channel: np.ndarray) -> np.ndarray:
     """Per-input-channel statistics (groups, Cin/g) repeated over the kernel positions of a ConvTranspose row."""
     if not layer.diagonal:

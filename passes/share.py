@@ -80,7 +80,7 @@ from onnxcomp.passes.kmeans import SortedSlices
 from onnxcomp.passes.allocation import ModelOutputs, choose
 from onnxcomp.passes.layers import (CHECK_EVERY, UNCHECKED_DAMPING, WEIGHTED_OPS, WeightedLayer, damping_errors,
                                     held_out_samples, input_statistics, kept_exact_rows, layer_waves, obs_sweep,
-                                    output_error, prepare, select_layers, snr_db, solved, unit_energy, warn)
+                                    output_error, prepare, select_layers, snr_db, solved, spread_scale, warn)
 from onnxcomp.runner import PrefixRuns
 from onnxcomp.registry import register
 
@@ -557,11 +557,8 @@ def _restored(layer: WeightedLayer, clustered: Clustered, stats) -> tuple[Cluste
     use_bias = layer.can_take_bias
     reference = stats.reference or stats  # the unshared layer's inputs, where they differ from its inputs now
     original, shared = layer.rows().astype(np.float64), layer.rows(clustered.values).astype(np.float64)
-    spread = unit_energy(layer, original, reference.moment(centered=use_bias)).reshape(-1)
-    now = unit_energy(layer, shared, stats.moment(centered=use_bias)).reshape(-1)
-    # a unit silent on the data (spread 0) keeps its scale: zeroing it would trust the data too far
-    factor = np.sqrt(np.where((now > 0) & (spread > 0), spread / np.maximum(now, 1e-30), 1.0))
-    factor = factor.astype(clustered.values.dtype)
+    factor = spread_scale(layer, original, reference.moment(centered=use_bias), shared,
+                          stats.moment(centered=use_bias)).reshape(-1).astype(clustered.values.dtype)
     compact = (lambda table: table) if clustered.exact else encoding.compact_table
     if clustered.scales is not None:
         restored = replace(clustered, scales=compact(clustered.scales * factor))
