@@ -311,7 +311,7 @@ def test_heal_trains_a_channel_pruned_model_with_plain_weights_in_its_graph(digi
     recipe = "fuse-bn,prune:structure=channel,flops=0.3"
     calibration = str(digits_train / "train.npz")
     pruned, _ = onnxcomp.optimize(str(digits_model), recipe, calib_data=calibration, validate_result=False)
-    healed, report = onnxcomp.optimize(str(digits_model), recipe + ",heal:epochs=3,learning-rate=0.01",
+    healed, report = onnxcomp.optimize(str(digits_model), recipe + ",heal:epochs=3,learning-rate=0.003",
                                        calib_data=calibration, validate_result=False)
     (record,) = [r for r in report.passes if r.name == "heal"]
     assert record.stats["tensors_trained"] >= 2
