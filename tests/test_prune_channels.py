@@ -762,17 +762,14 @@ def test_the_depth_search_stops_at_a_candidate_far_worse_than_the_best(monkeypat
     assert len(errors) == 2 and errors[1] > prune_channels.MAX_ERROR_OVER_BEST * errors[0]
 
 
-def gemm_layer(weights: np.ndarray, name: str):
+def gemm_layer(weights: np.ndarray):
     """A Gemm (transB) with `weights` and a zero bias, as a WeightedLayer of its graph, and the graph's Names."""
     from onnxcomp.passes.layers import WeightedLayer
+    b = Builder()
     units, size = weights.shape
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("Gemm", ["x", f"{name}.w", f"{name}.b"], ["y"], transB=1, name=name)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, units])],
-        [numpy_helper.from_array(weights.astype(np.float32), f"{name}.w"),
-         numpy_helper.from_array(np.zeros(units, np.float32), f"{name}.b")]))
-    graph = gs.import_onnx(model)
+    b.node("Gemm", ["x", b.constant("w", weights.astype(np.float32)), b.constant("b", np.zeros(units, np.float32))],
+           "y", transB=1)
+    graph = gs.import_onnx(b.model({"x": ["N", size]}, ["y"]))
     return WeightedLayer(graph.nodes[0], graph.nodes[0].inputs[1]), graphs.Names(graph)
 
 
@@ -789,8 +786,8 @@ def test_the_sequential_re_solve_gives_each_unit_the_reference_spread():
     x = x_ref + 0.7 * rng.normal(size=(count, size))
     reference_stats = InputStatistics((x_ref.T @ x_ref)[None], x_ref.sum(axis=0)[None], count)
     stats = InputStatistics((x.T @ x)[None], x.sum(axis=0)[None], count, reference_stats, (x.T @ x_ref)[None])
-    before, _ = gemm_layer(reference_weights, "before")
-    now, names = gemm_layer(reference_weights, "now")
+    before, _ = gemm_layer(reference_weights)
+    now, names = gemm_layer(reference_weights)
     prune_channels._resolve(now, before, np.arange(units), stats, 0.01, names)
     bias = graphs.constant_value(now.node.inputs[2]).reshape(-1)
     outputs, reference_outputs = x @ now.rows()[0].T + bias, x_ref @ reference_weights.T
