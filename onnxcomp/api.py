@@ -63,7 +63,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list[Pass
     With `max_accuracy_drop` and `data`, the strengths the recipe leaves free (prune's sparsity, share's bits:
     named alone, or from a named recipe such as deep-compression) are searched for the smallest model
     (`optimize_for="size"`) or the fastest ("latency") within the budget on `data` (onnxcomp.search); without
-    calibration data of its own, the first samples of `data` calibrate and the budget is checked on the rest.
+    calibration data of its own, samples spread evenly over `data` calibrate and the budget is checked on the others.
     The report lists the candidates tried, and its validation is on the samples the budget was checked on.
 
     `return_model=False` (with `output`) lets the optimized model go once it is saved and returns None in its

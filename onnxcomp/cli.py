@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(size, latency, accuracy) and write the best within the budget")
     grid.add_argument("model", help="input .onnx model (never modified)")
     grid.add_argument("--data", required=True, help="labelled evaluation data (or unlabelled: agreement); "
-                                                    "without --calib-data, its first samples calibrate")
+                                                    "without --calib-data, samples spread over it calibrate")
     grid.add_argument("--calib-data", help="calibration data for the passes that need it")
     grid.add_argument("--max-accuracy-drop", type=float, required=True, help="the budget, in points")
     grid.add_argument("--grid", help="TOML file of [[candidate]] tables, each with recipe = \"...\" "
