@@ -22,6 +22,24 @@ OPTIMIZATION_LEVELS = {
 }
 
 
+def channel_block() -> int:
+    """The channel block of ONNX Runtime's CPU convolution kernels on this machine: 16 floats where the CPU has
+    AVX-512F, else 8 (AVX2). MLAS runs convolutions in NCHWc layout, each layer's channels padded to whole blocks,
+    so channel counts between two multiples of the block run at the upper one's speed. Measured on an AVX-512
+    machine (1×1, depthwise 3×3 and 1×1 convolutions at 56×56, batch 1): 1308 µs at 72 channels, 1306 at 80,
+    1444 at 88, 1449 at 96."""
+    return 16 if _cpu_features().get("AVX512F") else 8
+
+
+def _cpu_features() -> dict[str, bool]:
+    """numpy's reading of the CPU's features (the instruction sets the OS enables), or none where it has none."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        return {}
+    return dict(__cpu_features__)
+
+
 def parse_providers(text: str | list[str] | tuple[str, ...]) -> list[str]:
     names = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
     for name in names:

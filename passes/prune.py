@@ -103,7 +103,8 @@ class PruneConfig:
     flops: float | None = None      # structure=channel: share of the MACs to keep, in (0, 1]
     latency: float | None = None    # structure=channel: ORT latency ratio to reach, measured at `batch`
     batch: int = 1                  # batch size at which latency is measured
-    multiple: int = 8               # kept channel counts are multiples of this in groups wider than it
+    multiple: int | None = None     # kept channel counts are multiples of this in groups wider than it; None:
+                                    # the CPU kernels' channel block (runtime.channel_block: 8 or 16)
     depth: bool | None = None       # structure=channel: remove whole residual blocks too; None: with `latency`
 
     def __post_init__(self):
@@ -121,7 +122,7 @@ class PruneConfig:
         if self.depth and self.latency is None:
             raise ValueError("depth=true needs latency= (the blocks to remove are chosen against measured "
                              "latency)")
-        if self.batch < 1 or self.multiple < 1:
+        if self.batch < 1 or (self.multiple is not None and self.multiple < 1):
             raise ValueError("batch and multiple must be at least 1")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), not {self.sparsity}")

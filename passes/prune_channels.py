@@ -13,7 +13,9 @@ The channels that must go together come from passes/channels.py (dependency grou
   ridge least squares, W' = W H[:, K] (H[K, K] + λ)⁻¹ (the bias absorbs the mean shift), at each allowed count;
   and the group's gain is the model's relative output error, measured with half the group removed, over that
   predicted error (as `prune` weights its layers);
-- counts stay on multiples of `multiple` (8: the AVX2 kernels' block) in groups wider than it;
+- counts stay on multiples of `multiple` in groups wider than it: by default the channel block of ORT's CPU
+  convolutions on this machine (runtime.channel_block: 16 with AVX-512, 8 with AVX2), as counts between two
+  multiples run at the upper one's speed;
 - the allocation removes, step by step, the group step with the least gain-weighted error per MAC saved,
   until the MACs of Conv/ConvTranspose/Gemm/MatMul are at most `flops` of the original's;
 - with `latency=R`, the allocation saves time instead of MACs: each layer's time is measured in ONNX Runtime's
@@ -270,7 +272,9 @@ def _prune_width(graph: gs.Graph, ctx, config, original: onnx.ModelProto | None 
     groups = channels.groups()
     stats: dict = {"structure": "channel", "groups": len(groups)}
     stats.update({f"fixed:{k}": v for k, v in sorted(channels.fixed_reasons.items())})
-    plans = [_plan(channels, group, config.multiple) for group in groups]
+    multiple = config.multiple or runtime.channel_block()
+    stats["multiple"] = multiple
+    plans = [_plan(channels, group, multiple) for group in groups]
     plans = [plan for plan in plans if len(plan.counts) > 1]
     readers = _readers(channels, plans)
     unmeasured = [plan for plan in plans if not plan.readers]

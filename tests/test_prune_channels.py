@@ -12,13 +12,20 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxcomp
 from helpers import run_cli, run_model
 from onnxcomp import data as datasets
-from onnxcomp import search
+from onnxcomp import runtime, search
 from onnxcomp import graph as graphs
 from onnxcomp.errors import InputError, OnnxcompError
 from onnxcomp.manager import PassManager
 from onnxcomp.pass_base import PassContext
 from onnxcomp.passes.channels import ChannelGraph
 from onnxcomp.recipe import parse
+
+
+@pytest.fixture(autouse=True)
+def avx2_channel_block(monkeypatch):
+    """The graphs here have groups of 16 to 64 channels, and the tests count steps of 8: they run with the AVX2
+    block whatever this machine's (test_counts_follow_the_machine_s_channel_block checks the default)."""
+    monkeypatch.setattr(runtime, "channel_block", lambda: 8)
 
 
 class Builder:
@@ -385,6 +392,29 @@ def test_flops_target_is_reached_with_valid_model_and_bounded_error():
     output, = run_model(pruned, feed)
     error = np.sum((output - reference) ** 2) / np.sum((reference - reference.mean()) ** 2)
     assert error < 0.5, error  # the re-solved readers keep the outputs close on calibration-like data
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_counts_follow_the_machine_s_channel_block(monkeypatch, block):
+    """ORT's CPU convolutions pad channels to whole blocks (16 floats with AVX-512): 72 channels run as slowly as
+    80, so a count between two multiples of the block would cost accuracy and save no time."""
+    monkeypatch.setattr(runtime, "channel_block", lambda: block)
+    pruned, records = run_pass(small_net(), "structure=channel,flops=0.5,samples=32")
+    assert records[0].modified and records[0].stats["multiple"] == block
+    counts = [init.dims[0] for init in pruned.graph.initializer
+              if init.name.startswith(("stem.w", "b0.c1.w", "b1.c1.w"))]
+    assert counts and all(count % block == 0 for count in counts), counts
+    assert any(count % 16 for count in counts) == (block == 8)  # with 8, some count lies between multiples of 16
+    explicit, records = run_pass(small_net(), "structure=channel,flops=0.5,samples=32,multiple=4")
+    assert records[0].stats["multiple"] == 4
+
+
+@pytest.mark.parametrize("features, block", [({"AVX512F": True, "AVX2": True}, 16),
+                                             ({"AVX512F": False, "AVX2": True}, 8), ({}, 8)])
+def test_channel_block_is_16_only_with_avx512(monkeypatch, features, block):
+    monkeypatch.undo()  # the module's own function, not the fixture's stand-in
+    monkeypatch.setattr(runtime, "_cpu_features", lambda: features)
+    assert runtime.channel_block() == block
 
 
 def test_flops_one_keeps_the_model():
