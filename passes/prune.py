@@ -104,7 +104,7 @@ class PruneConfig:
     latency: float | None = None    # structure=channel: ORT latency ratio to reach, measured at `batch`
     batch: int = 1                  # batch size at which latency is measured
     multiple: int | None = None     # kept channel counts are multiples of this in groups wider than it; None:
-                                    # the CPU kernels' channel block (runtime.channel_block: 8 or 16)
+                                    # with latency, the CPU kernels' channel block (8 or 16); with flops, 8
     depth: bool | None = None       # structure=channel: remove whole residual blocks too; None: with `latency`
 
     def __post_init__(self):

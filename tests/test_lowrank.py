@@ -11,10 +11,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
 from helpers import assert_input_error, run_cli, run_model
+from onnxcomp import runtime
 from onnxcomp.passes.lowrank import Plan, _whitened_svd
 
 OPSET = [helper.make_opsetid("", 17)]
 
+
+
+@pytest.fixture(autouse=True)
+def avx2_channel_block(monkeypatch):
+    """The tests count ranks in steps of 8 (the AVX2 block), whatever this machine's; the default's own test is
+    test_ranks_follow_the_machine_s_channel_block."""
+    monkeypatch.setattr(runtime, "channel_block", lambda: 8)
 
 def _model(nodes, inputs, output, initializers, rank: int = 2) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT, [f"d{i}" for i in range(rank)])]
@@ -146,6 +154,20 @@ def test_flops_target_is_met_with_ranks_on_multiples_of_8():
     assert ops(result).count("MatMul") == 4
     (expected,), (got,) = run_model(model, {"x": fresh}), run_model(result, {"x": fresh})
     assert relative_error(got, expected) < 0.01
+
+
+@pytest.mark.parametrize("block, options", [(16, "lowrank:flops=0.5"), (8, "lowrank:flops=0.5"),
+                                            (4, "lowrank:flops=0.5,multiple=4")])
+def test_ranks_follow_the_machine_s_channel_block(monkeypatch, block, options):
+    """ORT's CPU kernels run widths in blocks (16 floats with AVX-512): rank 120 costs what 128 does, so the ranks
+    tried are multiples of the machine's block, or of `multiple=`."""
+    monkeypatch.setattr(runtime, "channel_block", lambda: 16 if block == 4 else block)
+    rng = np.random.default_rng(3)
+    model = two_layers(rng.standard_normal((64, 128)) / 8, rng.standard_normal((128, 64)) / 11)
+    _, stats, layers = lowrank(model, options, correlated(rng, 256, 64))
+    ranks = [row["rank"] for row in layers]
+    assert stats["factorized"] == 2 and all(rank % block == 0 for rank in ranks), ranks
+    assert any(rank % (2 * block) for rank in ranks) or block == 16, ranks  # the finer steps are used
 
 
 def test_layer_left_where_factors_would_not_be_cheaper():

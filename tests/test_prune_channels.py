@@ -395,17 +395,21 @@ def test_flops_target_is_reached_with_valid_model_and_bounded_error():
 
 
 @pytest.mark.parametrize("block", [8, 16])
-def test_counts_follow_the_machine_s_channel_block(monkeypatch, block):
+def test_latency_counts_follow_the_machine_s_channel_block(monkeypatch, block):
     """ORT's CPU convolutions pad channels to whole blocks (16 floats with AVX-512): 72 channels run as slowly as
-    80, so a count between two multiples of the block would cost accuracy and save no time."""
+    80, so under a latency target a count between two multiples of the block would cost accuracy and save no
+    time. A FLOPs target keeps steps of 8, and `multiple=` overrides both."""
     monkeypatch.setattr(runtime, "channel_block", lambda: block)
-    pruned, records = run_pass(small_net(), "structure=channel,flops=0.5,samples=32")
+    stand_in_clock(monkeypatch, _weight_count)
+    pruned, records = run_pass(small_net(48), "structure=channel,latency=0.5,samples=16,depth=false")
     assert records[0].modified and records[0].stats["multiple"] == block
     counts = [init.dims[0] for init in pruned.graph.initializer
               if init.name.startswith(("stem.w", "b0.c1.w", "b1.c1.w"))]
     assert counts and all(count % block == 0 for count in counts), counts
-    assert any(count % 16 for count in counts) == (block == 8)  # with 8, some count lies between multiples of 16
-    explicit, records = run_pass(small_net(), "structure=channel,flops=0.5,samples=32,multiple=4")
+    assert any(count % 16 for count in counts) == (block == 8), counts  # steps of 8 use the counts between
+    _, records = run_pass(small_net(48), "structure=channel,flops=0.5,samples=16")
+    assert records[0].stats["multiple"] == 8
+    _, records = run_pass(small_net(48), "structure=channel,latency=0.5,samples=16,depth=false,multiple=4")
     assert records[0].stats["multiple"] == 4
 
 
