@@ -17,11 +17,7 @@ from onnxcomp.passes.lowrank import Plan, _whitened_svd
 OPSET = [helper.make_opsetid("", 17)]
 
 
-@pytest.fixture(autouse=True)
-def avx2_channel_block(monkeypatch):
-    """The tests count ranks in steps of 8 (the AVX2 block), whatever this machine's; the default's own test is
-    test_ranks_follow_the_machine_s_channel_block."""
-    monkeypatch.setattr(runtime, "channel_block", lambda: 8)
+pytestmark = pytest.mark.usefixtures("avx2_channel_block")  # ranks in steps of 8 on every CPU
 
 
 def _model(nodes, inputs, output, initializers, rank: int = 2) -> onnx.ModelProto:

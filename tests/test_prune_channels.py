@@ -21,11 +21,7 @@ from onnxcomp.passes.channels import ChannelGraph
 from onnxcomp.recipe import parse
 
 
-@pytest.fixture(autouse=True)
-def avx2_channel_block(monkeypatch):
-    """The graphs here have groups of 16 to 64 channels, and the tests count steps of 8: they run with the AVX2
-    block whatever this machine's (test_counts_follow_the_machine_s_channel_block checks the default)."""
-    monkeypatch.setattr(runtime, "channel_block", lambda: 8)
+pytestmark = pytest.mark.usefixtures("avx2_channel_block")  # counts in steps of 8 on every CPU
 
 
 class Builder:
